@@ -1,0 +1,12 @@
+"""dist_cautious: CautiousAdamW, CAME and CautiousLion, exact under every sharding.
+
+Single process, DDP, FSDP2 / HSDP and DeepSpeed ZeRO-1/2/3 (with CPU offload) all hand the
+optimizer pieces of tensors; the optimizers reduce the few whole-tensor statistics they need
+(mask counts, CAME's row/column means, the RMS clip) in one batched all-reduce per phase, so a
+sharded run computes what a single process computes on the global batch.
+"""
+
+from dist_cautious.optim import CAME, CautiousAdamW, CautiousLion
+
+__version__ = "0.1.0"
+__all__ = ["CAME", "CautiousAdamW", "CautiousLion", "__version__"]

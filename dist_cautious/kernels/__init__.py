@@ -1,0 +1,58 @@
+"""One entry per fused op, chosen by device: native CPU SIMD / CUDA kernels, or the torch reference.
+
+``ops_for(device)`` returns a namespace with the functions of ``kernels.reference``. The native
+modules (``cpu_ops`` for CPU tensors, ``cuda_ops`` for CUDA tensors) expose ``load()``, which
+JIT-builds and returns such a namespace or raises. ``DIST_CAUTIOUS_KERNELS`` chooses:
+``auto`` (default: native where it builds, else the reference path with one warning),
+``reference`` (always the torch reference path), ``native`` (fail loudly if it cannot build).
+Unsupported work never falls back silently to different math: both paths compute the same.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from dist_cautious.kernels import reference
+
+logger = logging.getLogger("dist_cautious")
+
+_NATIVE_MODULES = {"cpu": "dist_cautious.kernels.cpu_ops", "cuda": "dist_cautious.kernels.cuda_ops"}
+_loaded: dict[str, Any] = {}
+MODES = ("auto", "reference", "native")
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("DIST_CAUTIOUS_KERNELS", "auto").lower()
+    if mode not in MODES:
+        raise ValueError(f"DIST_CAUTIOUS_KERNELS={mode!r}: expected one of {MODES}")
+    return mode
+
+
+def _load_native(device_type: str) -> Any | None:
+    if device_type in _loaded:
+        return _loaded[device_type]
+    ops = None
+    try:
+        module = importlib.import_module(_NATIVE_MODULES[device_type])
+        ops = module.load()
+    except Exception as error:  # a missing compiler or a failed build
+        if kernel_mode() == "native":
+            raise RuntimeError(f"dist_cautious: native {device_type} kernels unavailable: {error}") from error
+        logger.warning("dist_cautious: native %s kernels unavailable (%s); using the torch reference path", device_type, error)
+    _loaded[device_type] = ops
+    return ops
+
+
+def ops_for(device: torch.device) -> ModuleType | Any:
+    """The kernel namespace for tensors on ``device``."""
+    mode = kernel_mode()
+    if mode == "reference" or device.type not in _NATIVE_MODULES:
+        return reference
+    native = _load_native(device.type)
+    return reference if native is None else native

@@ -1,0 +1,207 @@
+"""The torch reference path: plain tensor ops in fp32, the executable statement of ALGORITHMS.md.
+
+Every function takes lists of flat 1-D local tensors (fragments of larger tensors, possibly
+empty): params of any float dtype (the math runs in fp32 and is written back), gradients of
+any float dtype, fp32 state. The fused CPU and CUDA kernels implement these same signatures
+and are tested against them element for element.
+
+The cautious mask needs the count of agreeing entries over the WHOLE tensor before its scale
+is known, so the cautious optimizers run in two phases with one reduction between:
+``*_mask_counts`` (read-only) then ``*_apply`` (the fused update). Both phases compute the new
+momentum with the same op, so they agree bit for bit on which entries are masked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from dist_cautious.kernels.layout import FactoredLayout
+
+
+def _fp32(tensor: Tensor) -> Tensor:
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
+def _store(param: Tensor, param_fp32: Tensor) -> None:
+    if param_fp32 is not param:
+        param.copy_(param_fp32)
+
+
+def _count_agreeing(update: Tensor, grad: Tensor) -> Tensor:
+    """phi = 1[update * grad > 0]: the product form, so an underflow to 0 masks the entry."""
+    return (update * grad > 0).sum(dtype=torch.float32)
+
+
+def mask_scales(counts: Tensor, numels: Sequence[int]) -> Tensor:
+    """scale = 1 / max(mean(phi), 1e-3) per tensor, from global counts and global sizes."""
+    sizes = torch.tensor(numels, dtype=torch.float32, device=counts.device)
+    return 1.0 / (counts / sizes).clamp(min=1e-3)
+
+
+def adamw_mask_counts(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
+    """Local count of ``m_new * g > 0`` per tensor, ``m_new = lerp(m, g, 1 - beta1)``; reads only."""
+    counts = [_count_agreeing(torch.lerp(m, _fp32(g), 1 - beta1), _fp32(g)) for g, m in zip(grads, exp_avgs)]
+    return torch.stack(counts) if counts else torch.zeros(0)
+
+
+def adamw_apply(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scales: Optional[Tensor] = None,
+) -> None:
+    """One AdamW step in the op order of ``torch.optim.AdamW``; with ``scales`` (one per tensor)
+    the update is masked where ``m * g <= 0`` and multiplied by the tensor's scale."""
+    for index, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
+        p, g = _fp32(param), _fp32(grad)
+        p.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step_size = lr / (1 - beta1**step)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+        numerator = exp_avg
+        if scales is not None:
+            numerator = exp_avg * (exp_avg * g > 0).float().mul_(scales[index])
+        p.addcdiv_(numerator, denom, value=-step_size)
+        _store(param, p)
+
+
+def lion_mask_counts(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
+    """Local count of ``sign(lerp(m, g, 1 - beta1)) * g > 0`` per tensor; reads only."""
+    counts = [_count_agreeing(torch.lerp(m, _fp32(g), 1 - beta1).sign_(), _fp32(g)) for g, m in zip(grads, exp_avgs)]
+    return torch.stack(counts) if counts else torch.zeros(0)
+
+
+def lion_apply(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    scales: Optional[Tensor] = None,
+) -> None:
+    """One Lion step; the momentum is never masked."""
+    for index, (param, grad, exp_avg) in enumerate(zip(params, grads, exp_avgs)):
+        p, g = _fp32(param), _fp32(grad)
+        p.mul_(1 - lr * weight_decay)
+        update = torch.lerp(exp_avg, g, 1 - beta1).sign_()
+        if scales is not None:
+            update.mul_((update * g > 0).float().mul_(scales[index]))
+        p.add_(update, alpha=-lr)
+        exp_avg.lerp_(g, 1 - beta2)
+        _store(param, p)
+
+
+# --- CAME -------------------------------------------------------------------------------------
+# A factored fragment's preconditioner is the outer product of a row and a column factor over its
+# FactoredLayout; a 1-D / 0-D fragment's is elementwise. The four phases below are separated by
+# the three reductions of the design: (g^2 + eps1) row/col sums; the sum of squares of the
+# preconditioned update for the RMS clip; residual row/col sums together with mask counts.
+
+
+@dataclass(frozen=True)
+class CameFactors:
+    """What multiplies a fragment's input in a CAME phase.
+
+    Factored: ``row[row(i)] * col[col(i)]`` over ``layout`` (``row`` already divided by its
+    per-matrix mean and rsqrt-ed, ``col`` rsqrt-ed). Elementwise: ``rsqrt(elementwise)``
+    (the 1-D second moment); ``None`` everywhere means the identity (CAME's 1-D confidence step).
+    """
+
+    layout: Optional[FactoredLayout] = None
+    row: Optional[Tensor] = None
+    col: Optional[Tensor] = None
+    elementwise: Optional[Tensor] = None
+
+    def apply_to(self, tensor: Tensor) -> Tensor:
+        if self.layout is not None:
+            return self.layout.outer(self.row, self.col).mul_(tensor)
+        if self.elementwise is not None:
+            return self.elementwise.rsqrt().mul_(tensor)
+        return tensor.clone()
+
+
+def came_factored_sq_sums(
+    grads: Sequence[Tensor], layouts: Sequence[FactoredLayout], eps1: float, row_sums: Sequence[Tensor], col_sums: Sequence[Tensor]
+) -> None:
+    """Add each fragment's partial row and column sums of ``g^2 + eps1`` into full-size buffers."""
+    for grad, layout, rows, cols in zip(grads, layouts, row_sums, col_sums):
+        g = _fp32(grad)
+        layout.add_row_col_sums(g * g + eps1, rows, cols)
+
+
+def came_vector_second_moment(grads: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], beta2: float, eps1: float) -> None:
+    """1-D / 0-D tensors: ``v = beta2 v + (1 - beta2)(g^2 + eps1)``, elementwise and local."""
+    for grad, exp_avg_sq in zip(grads, exp_avg_sqs):
+        g = _fp32(grad)
+        exp_avg_sq.mul_(beta2).add_(g * g + eps1, alpha=1 - beta2)
+
+
+def came_update_sumsq(grads: Sequence[Tensor], factors: Sequence[CameFactors]) -> Tensor:
+    """Local sum of squares of the preconditioned update ``uh = g * factors`` per tensor."""
+    sums = [factor.apply_to(_fp32(grad)).square().sum() for grad, factor in zip(grads, factors)]
+    return torch.stack(sums) if sums else torch.zeros(0)
+
+
+def came_momentum(
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    factors: Sequence[CameFactors],
+    clip_divisors: Tensor,
+    *,
+    beta1: float,
+    eps2: float,
+    res_row_sums: Sequence[Optional[Tensor]],
+    res_col_sums: Sequence[Optional[Tensor]],
+) -> Tensor:
+    """``uh = g * factors / clip``, ``m = beta1 m + (1 - beta1) uh``; for factored fragments add
+    partial row/col sums of ``(uh - m)^2 + eps2``. Returns local counts of ``m * g > 0`` (the
+    confidence factor is positive, so this is the sign of the final update)."""
+    counts = []
+    for index, (grad, exp_avg, factor) in enumerate(zip(grads, exp_avgs, factors)):
+        g = _fp32(grad)
+        update = factor.apply_to(g).div_(clip_divisors[index])
+        exp_avg.mul_(beta1).add_(update, alpha=1 - beta1)
+        if factor.layout is not None:
+            residual = (update - exp_avg).square_().add_(eps2)
+            factor.layout.add_row_col_sums(residual, res_row_sums[index], res_col_sums[index])
+        counts.append(_count_agreeing(exp_avg, g))
+    return torch.stack(counts) if counts else torch.zeros(0)
+
+
+def came_apply(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    confidence: Sequence[CameFactors],
+    *,
+    lr: float,
+    weight_decay: float,
+    scales: Optional[Tensor] = None,
+) -> None:
+    """``u = m * confidence``; ``p *= 1 - lr wd``; ``p -= lr u`` (masked where ``m * g <= 0``)."""
+    for index, (param, grad, exp_avg, factor) in enumerate(zip(params, grads, exp_avgs, confidence)):
+        p = _fp32(param)
+        update = factor.apply_to(exp_avg)
+        if scales is not None:
+            update.mul_((exp_avg * _fp32(grad) > 0).float().mul_(scales[index]))
+        p.mul_(1 - lr * weight_decay)
+        p.add_(update, alpha=-lr)
+        _store(param, p)

@@ -1,0 +1,202 @@
+"""CAME (arXiv 2307.02047), optionally cautious; ``cautious=False`` is exactly came-pytorch 0.1.3.
+
+Factored second moments for tensors with ``ndim >= 2`` (over the last two dims; leading dims are
+a batch of matrices), a confidence term from the residual ``(uh - m)^2``, an RMS clip of the
+preconditioned update, no bias correction. Every mean is over the WHOLE original tensor, so a
+step runs in four phases around three batched reductions (one all-reduce per process group
+each): (1) row/col sums of ``g^2 + eps1``; (2) the update's sum of squares for the RMS clip;
+(3) residual row/col sums and, if cautious, mask counts. Row/column state is small and kept
+replicated on every rank that holds a piece of the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from dist_cautious.kernels.reference import CameFactors, mask_scales
+from dist_cautious.optim.base import FragmentOptimizer, Work, by_group, check_betas, check_lr, check_nonnegative, kernels_for, step_count
+from dist_cautious.shard.fragment import Fragment
+from dist_cautious.shard.reducer import BatchedReducer
+
+
+def _factor_shapes(shape: torch.Size) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Row state ``S[:-1]`` and column state ``S[:-2] + S[-1:]``, as came-pytorch stores them."""
+    return tuple(shape[:-1]), tuple(shape[:-2]) + tuple(shape[-1:])
+
+
+def _normalised_rsqrt(rows: Tensor, cols: Tensor, rows_per_matrix: int) -> tuple[Tensor, Tensor]:
+    """CAME's ``rsqrt(r / mean(r))`` (mean over each matrix's rows) and ``rsqrt(c)``."""
+    by_matrix = rows.view(-1, rows_per_matrix)
+    row_factor = (by_matrix / by_matrix.mean(dim=-1, keepdim=True)).rsqrt().view(-1)
+    return row_factor, cols.rsqrt()
+
+
+def _ema_(state: Tensor, beta: float, sums: Tensor, count: int) -> None:
+    """``state = beta state + (1 - beta) mean``, the mean being ``sums / count``."""
+    state.mul_(beta).add_(sums / count, alpha=1 - beta)
+
+
+class CAME(FragmentOptimizer):
+    """Confidence-guided Adaptive Memory Efficient optimizer, exact under any sharding.
+
+    State: ``exp_avg`` (like the param); factored tensors ``exp_avg_sq_row`` (``S[:-1]``),
+    ``exp_avg_sq_col`` (``S[:-2] + S[-1:]``), ``exp_avg_res_row``, ``exp_avg_res_col``; 1-D and
+    0-D tensors ``exp_avg_sq``; and ``step``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Optional[float] = None,
+        eps: tuple[float, float] = (1e-30, 1e-16),
+        clip_threshold: float = 1.0,
+        betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+        weight_decay: float = 0.0,
+        cautious: bool = False,
+    ) -> None:
+        if lr is None:
+            raise ValueError("CAME: lr is required (there is no default; 2e-4 is typical)")
+        defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay, cautious=cautious)
+        super().__init__(params, defaults)
+
+    def check_hyperparameters(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"], self._owner)
+        group["betas"] = check_betas(group["betas"], 3, self._owner)
+        eps = group["eps"]
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise ValueError(f"{self._owner}: eps must be two numbers (eps1, eps2), got {eps!r}")
+        for index, value in enumerate(eps):
+            check_nonnegative(value, f"eps[{index}]", self._owner)
+        group["eps"] = tuple(float(value) for value in eps)
+        check_nonnegative(group["weight_decay"], "weight_decay", self._owner)
+        threshold = group["clip_threshold"]
+        if not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 0:
+            raise ValueError(f"{self._owner}: clip_threshold must be a finite number > 0, got {threshold!r}")
+
+    def step_fragments(self, work: Work) -> None:
+        batches = by_group(work)
+        for _, fragments in batches:
+            for fragment in fragments:
+                step_count(fragment.state)
+        factors = self._second_moment_factors(batches)
+        clip_divisors = self._rms_clip_divisors(batches, factors)
+        confidence, scales = self._momentum_and_confidence(batches, factors, clip_divisors)
+        for (group, fragments), batch_confidence, batch_scales in zip(batches, confidence, scales):
+            kernels_for(fragments).came_apply(
+                [f.param for f in fragments],
+                [f.grad for f in fragments],
+                [f.elementwise_state("exp_avg") for f in fragments],
+                batch_confidence,
+                lr=float(group["lr"]),
+                weight_decay=group["weight_decay"],
+                scales=batch_scales,
+            )
+
+    def _second_moment_factors(self, batches: list[tuple[dict[str, Any], list[Fragment]]]) -> list[list[CameFactors]]:
+        """Phase 1 + reduction 1: update the second moments, return each fragment's preconditioner."""
+        reducer = BatchedReducer()
+        pending = []
+        for group, fragments in batches:
+            eps1, beta2 = group["eps"][0], group["betas"][1]
+            factored = [f for f in fragments if f.factored]
+            sums = [self._new_factor_sums(f, reducer) for f in factored]
+            ops = kernels_for(fragments)
+            ops.came_factored_sq_sums([f.grad for f in factored], [f.layout() for f in factored], eps1, [s[0] for s in sums], [s[1] for s in sums])
+            vectors = [f for f in fragments if not f.factored]
+            ops.came_vector_second_moment([f.grad for f in vectors], [f.elementwise_state("exp_avg_sq") for f in vectors], beta2, eps1)
+            pending.append(dict(zip(map(id, factored), sums)))
+        reducer.all_reduce()
+        factors = []
+        for (group, fragments), sums in zip(batches, pending):
+            beta2 = group["betas"][1]
+            batch_factors = []
+            for fragment in fragments:
+                if not fragment.factored:
+                    batch_factors.append(CameFactors(elementwise=fragment.elementwise_state("exp_avg_sq")))
+                    continue
+                row_sums, col_sums = sums[id(fragment)]
+                rows, cols = self._factor_states(fragment, "exp_avg_sq")
+                _ema_(rows, beta2, row_sums, fragment.global_shape[-1])
+                _ema_(cols, beta2, col_sums, fragment.global_shape[-2])
+                batch_factors.append(CameFactors(fragment.layout(), *_normalised_rsqrt(rows, cols, fragment.global_shape[-2])))
+            factors.append(batch_factors)
+        return factors
+
+    def _rms_clip_divisors(self, batches: list[tuple[dict[str, Any], list[Fragment]]], factors: list[list[CameFactors]]) -> list[Tensor]:
+        """Phase 2 + reduction 2: ``max(1, RMS(uh) / d)`` per tensor, RMS over the whole tensor."""
+        reducer = BatchedReducer()
+        sumsqs = []
+        for (group, fragments), batch_factors in zip(batches, factors):
+            batch_sumsq = kernels_for(fragments).came_update_sumsq([f.grad for f in fragments], batch_factors)
+            for index, fragment in enumerate(fragments):
+                reducer.add(fragment.group, batch_sumsq[index : index + 1])
+            sumsqs.append(batch_sumsq)
+        reducer.all_reduce()
+        divisors = []
+        for (group, fragments), batch_sumsq in zip(batches, sumsqs):
+            sizes = torch.tensor([f.numel for f in fragments], dtype=torch.float32, device=batch_sumsq.device)
+            rms = batch_sumsq.sqrt() / sizes.sqrt()
+            divisors.append((rms / group["clip_threshold"]).clamp(min=1.0))
+        return divisors
+
+    def _momentum_and_confidence(
+        self,
+        batches: list[tuple[dict[str, Any], list[Fragment]]],
+        factors: list[list[CameFactors]],
+        clip_divisors: list[Tensor],
+    ) -> tuple[list[list[CameFactors]], list[Optional[Tensor]]]:
+        """Phase 3 + reduction 3: momentum, residual sums and mask counts; return the confidence
+        factors of the final update and the mask scales (``None`` where not cautious)."""
+        reducer = BatchedReducer()
+        pending = []
+        for (group, fragments), batch_factors, divisors in zip(batches, factors, clip_divisors):
+            res_sums = [self._new_factor_sums(f, reducer) if f.factored else (None, None) for f in fragments]
+            counts = kernels_for(fragments).came_momentum(
+                [f.grad for f in fragments],
+                [f.elementwise_state("exp_avg") for f in fragments],
+                batch_factors,
+                divisors,
+                beta1=group["betas"][0],
+                eps2=group["eps"][1],
+                res_row_sums=[s[0] for s in res_sums],
+                res_col_sums=[s[1] for s in res_sums],
+            )
+            if group["cautious"]:
+                for index, fragment in enumerate(fragments):
+                    reducer.add(fragment.group, counts[index : index + 1])
+            pending.append((res_sums, counts))
+        reducer.all_reduce()
+        confidence, scales = [], []
+        for (group, fragments), (res_sums, counts) in zip(batches, pending):
+            beta3 = group["betas"][2]
+            batch_confidence = []
+            for fragment, (row_sums, col_sums) in zip(fragments, res_sums):
+                if not fragment.factored:
+                    batch_confidence.append(CameFactors())
+                    continue
+                rows, cols = self._factor_states(fragment, "exp_avg_res")
+                _ema_(rows, beta3, row_sums, fragment.global_shape[-1])
+                _ema_(cols, beta3, col_sums, fragment.global_shape[-2])
+                batch_confidence.append(CameFactors(fragment.layout(), *_normalised_rsqrt(rows, cols, fragment.global_shape[-2])))
+            confidence.append(batch_confidence)
+            scales.append(mask_scales(counts, [f.numel for f in fragments]) if group["cautious"] else None)
+        return confidence, scales
+
+    @staticmethod
+    def _new_factor_sums(fragment: Fragment, reducer: BatchedReducer) -> tuple[Tensor, Tensor]:
+        """Zeroed full-size row and column partial-sum buffers, registered for reduction."""
+        row_shape, col_shape = _factor_shapes(fragment.global_shape)
+        device = fragment.param.device
+        rows = torch.zeros(math.prod(row_shape), dtype=torch.float32, device=device)
+        cols = torch.zeros(math.prod(col_shape), dtype=torch.float32, device=device)
+        return reducer.add(fragment.group, rows), reducer.add(fragment.group, cols)
+
+    @staticmethod
+    def _factor_states(fragment: Fragment, prefix: str) -> tuple[Tensor, Tensor]:
+        row_shape, col_shape = _factor_shapes(fragment.global_shape)
+        return fragment.factor_state(f"{prefix}_row", row_shape), fragment.factor_state(f"{prefix}_col", col_shape)

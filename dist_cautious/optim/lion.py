@@ -1,0 +1,54 @@
+"""CautiousLion: Lion (arXiv 2302.06675) with the cautious mask; ``cautious=False`` is exactly Lion."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from dist_cautious.optim.base import FragmentOptimizer, Work, by_group, check_betas, global_mask_scales, check_lr, check_nonnegative, kernels_for, step_count
+
+
+class CautiousLion(FragmentOptimizer):
+    """Lion (sign of interpolated momentum, one state tensor) whose update is zeroed where it
+    disagrees in sign with the gradient and rescaled by ``1 / max(mean(mask), 1e-3)``.
+
+    State per param: ``exp_avg`` (fp32, never masked) and ``step``. One sum all-reduce of mask
+    counts per step and process group, none when nothing is sharded.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        cautious: bool = True,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, cautious=cautious))
+
+    def check_hyperparameters(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"], self._owner)
+        group["betas"] = check_betas(group["betas"], 2, self._owner)
+        check_nonnegative(group["weight_decay"], "weight_decay", self._owner)
+
+    def step_fragments(self, work: Work) -> None:
+        batches = by_group(work)
+        scales = global_mask_scales(
+            batches,
+            lambda group, fragments: kernels_for(fragments).lion_mask_counts(
+                [f.grad for f in fragments], [f.elementwise_state("exp_avg") for f in fragments], group["betas"][0]
+            ),
+        )
+        for (group, fragments), scale in zip(batches, scales):
+            for fragment in fragments:
+                step_count(fragment.state)
+            kernels_for(fragments).lion_apply(
+                [f.param for f in fragments],
+                [f.grad for f in fragments],
+                [f.elementwise_state("exp_avg") for f in fragments],
+                lr=float(group["lr"]),
+                beta1=group["betas"][0],
+                beta2=group["betas"][1],
+                weight_decay=group["weight_decay"],
+                scales=scale,
+            )

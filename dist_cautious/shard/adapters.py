@@ -1,0 +1,62 @@
+"""Turn the params an optimizer is handed into fragments.
+
+Plain tensors (single process, DDP) become one fragment covering the whole tensor, with no
+process group: the optimizers then communicate nothing. DTensors (FSDP2 / HSDP) are handled by
+``dist_cautious.shard.dtensor``. DeepSpeed ZeRO installs its own fragment source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from dist_cautious.shard.fragment import Fragment
+
+
+class FragmentSource(Protocol):
+    """Yields the fragments of the params of one param group that have a gradient."""
+
+    def __call__(self, params: Iterable[Tensor], state: dict[Tensor, dict[str, Any]]) -> Iterator[Fragment]: ...
+
+
+def _flat_contiguous(tensor: Tensor) -> Tensor:
+    return tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1)
+
+
+def whole_tensor_fragment(param: Tensor, state: dict[str, Any], name: str = "<param>") -> Fragment:
+    """The whole of a plain tensor as one fragment. A non-contiguous param (channels_last)
+    is stepped on a contiguous copy that ``writeback`` copies back."""
+    flat = _flat_contiguous(param.data)
+    writeback: Callable[[], None] | None = None
+    if flat.data_ptr() != param.data.data_ptr() or not param.is_contiguous():
+        writeback = lambda: param.data.copy_(flat.view(param.shape))  # noqa: E731
+    return Fragment(
+        param=flat,
+        grad=_flat_contiguous(param.grad),
+        state=state,
+        global_shape=param.shape,
+        start=0,
+        end=param.numel(),
+        group=None,
+        new_elementwise_state=lambda: torch.zeros(param.shape, dtype=torch.float32, device=param.device),
+        local_view=lambda t: t.view(-1),
+        name=name,
+        writeback=writeback,
+    )
+
+
+def default_fragments(params: Iterable[Tensor], state: dict[Tensor, dict[str, Any]]) -> Iterator[Fragment]:
+    """Fragments of plain tensors and DTensors, skipping params without a gradient."""
+    from dist_cautious.shard import dtensor  # DTensor support is optional at import time
+
+    for index, param in enumerate(params):
+        if param.grad is None:
+            continue
+        name = getattr(param, "_dist_cautious_name", f"param[{index}]")
+        if dtensor.is_dtensor(param):
+            yield dtensor.dtensor_fragment(param, state[param], name)
+        else:
+            yield whole_tensor_fragment(param, state[param], name)

@@ -1,0 +1,82 @@
+"""The one idea of the package: every backend hands the optimizer pieces of original tensors.
+
+A single process owns whole tensors; FSDP2 owns rows of them (``Shard(0)`` DTensors);
+DeepSpeed ZeRO owns arbitrary flat ranges. All are a ``Fragment``: which tensor, its global
+shape, the flat range ``[start, end)`` held here, flat local views of param / grad / state, and
+the process group of the ranks that hold the other pieces. The optimizers are written once
+against fragments and never ask which backend they run under.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from dist_cautious.kernels.layout import FactoredLayout
+
+ElementwiseStateFactory = Callable[[], Tensor]
+
+
+@dataclass
+class Fragment:
+    """One process's piece ``[start, end)`` of one original tensor of ``global_shape``.
+
+    ``param`` and ``grad`` are flat 1-D views of the local elements (any float dtype; the
+    optimizer computes in fp32 and writes back). ``state`` is the optimizer state of the whole
+    tensor on this rank: per-element entries hold only the local range, factored entries (CAME
+    rows/columns) are full-size and identical on every rank of ``group``. ``group`` is ``None``
+    when the whole tensor is local (single process, DDP): then nothing is ever communicated.
+    """
+
+    param: Tensor
+    grad: Tensor
+    state: dict[str, Any]
+    global_shape: torch.Size
+    start: int
+    end: int
+    group: Optional[dist.ProcessGroup]
+    new_elementwise_state: ElementwiseStateFactory
+    local_view: Callable[[Tensor], Tensor]
+    name: str = "<param>"
+    writeback: Optional[Callable[[], None]] = None
+
+    @property
+    def numel(self) -> int:
+        """Elements of the whole original tensor, wherever they live."""
+        return math.prod(self.global_shape)
+
+    @property
+    def local_numel(self) -> int:
+        return self.end - self.start
+
+    @property
+    def factored(self) -> bool:
+        """CAME factors tensors with two or more dims over their last two."""
+        return len(self.global_shape) >= 2
+
+    def layout(self) -> FactoredLayout:
+        return FactoredLayout(tuple(self.global_shape), self.start, self.end)
+
+    def commit(self) -> None:
+        """Copy the stepped local values back where the adapter had to work on a copy."""
+        if self.writeback is not None:
+            self.writeback()
+
+    def elementwise_state(self, key: str) -> Tensor:
+        """Flat fp32 view of the local range of per-element state ``key``, created as zeros."""
+        if key not in self.state:
+            self.state[key] = self.new_elementwise_state()
+        return self.local_view(self.state[key])
+
+    def factor_state(self, key: str, shape: tuple[int, ...]) -> Tensor:
+        """Flat view of full-size replicated fp32 state (CAME row / column factors of ``shape``),
+        created as zeros on the fragment's device; identical on every rank of ``group``."""
+        if key not in self.state:
+            self.state[key] = torch.zeros(shape, dtype=torch.float32, device=self.param.device)
+        return self.state[key].view(-1)
