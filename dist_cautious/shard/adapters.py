@@ -55,7 +55,7 @@ def default_fragments(params: Iterable[Tensor], state: dict[Tensor, dict[str, An
     for index, param in enumerate(params):
         if param.grad is None:
             continue
-        name = getattr(param, "_dist_cautious_name", f"param[{index}]")
+        name = getattr(param, "_dist_cautious_name", f"params[{index}] of shape {tuple(param.shape)}")
         if dtensor.is_dtensor(param):
             yield dtensor.dtensor_fragment(param, state[param], name)
         else:

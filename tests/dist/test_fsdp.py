@@ -1,0 +1,108 @@
+"""FSDP2 / HSDP: sharded runs give the single-process weights, with a constant collective count.
+
+Each world size is launched once (spawned CPU ranks, gloo) and runs every case; the tests below
+read those results. The single-process reference trains plain tensors on the global batch in
+the test process. Tolerance: rtol 1e-4, atol 1e-6 (ALGORITHMS.md): sharded gradients are
+averaged in a different order (a few fp32 ulps), which the optimizers carry for 8 steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from typing import Any
+
+import pytest
+import torch
+
+from tests.dist.fsdp_worker import run_cases, train
+from tests.dist.launcher import run_ranks
+from tests.dist.optimizer_cases import CASES
+
+STEPS = 8
+RTOL, ATOL = 1e-4, 1e-6
+WORLD_SIZES = (1, 2, 3, 4)
+
+
+def plain_cases(**extra: Any) -> list[dict[str, Any]]:
+    return [dict(optimizer=name, cautious=cautious, steps=STEPS, **extra) for name, cautious in CASES]
+
+
+def cases_for(world_size: int) -> list[dict[str, Any]]:
+    cases = plain_cases()
+    if world_size in (2, 4):
+        cases += plain_cases(mesh="hsdp")
+    if world_size == 2:
+        cases += plain_cases(model="deep")
+        cases += [dict(optimizer="adamw", cautious=True, steps=STEPS, offload=True), dict(optimizer="came", cautious=True, steps=STEPS, offload=True)]
+        cases += [dict(optimizer=name, cautious=True, steps=STEPS, mixed_precision=True) for name in ("adamw", "came", "lion")]
+    return cases
+
+
+@functools.lru_cache(maxsize=None)
+def launched(world_size: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(case, rank-0 result) for every case of one launch at ``world_size``."""
+    cases = cases_for(world_size)
+    return list(zip(cases, run_ranks(run_cases, world_size, cases)[0]))
+
+
+@functools.lru_cache(maxsize=None)
+def single_process(optimizer: str, cautious: bool, model: str = "awkward", steps: int = STEPS) -> dict[str, torch.Tensor]:
+    return train(dict(optimizer=optimizer, cautious=cautious, steps=steps, model=model), rank=0, world_size=0)["weights"]
+
+
+def reference_for(case: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return single_process(case["optimizer"], case["cautious"], case.get("model", "awkward"))
+
+
+def assert_same_weights(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], label: str, rtol: float = RTOL, atol: float = ATOL) -> None:
+    assert ours.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=rtol, atol=atol, msg=lambda m: f"{label} {name}: {m}")
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_fsdp_and_hsdp_match_single_process(world_size: int) -> None:
+    initial = train(dict(optimizer="adamw", cautious=True, steps=0), rank=0, world_size=0)["weights"]
+    checked = 0
+    for case, result in launched(world_size):
+        if case.get("mixed_precision"):
+            continue
+        reference = reference_for(case)
+        assert_same_weights(result["weights"], reference, f"world {world_size} {case}")
+        if case.get("model", "awkward") == "awkward":
+            assert not torch.equal(reference["wide.weight"], initial["wide.weight"]), "the reference did not train"
+            assert torch.equal(result["weights"]["frozen"], initial["frozen"])
+            assert torch.equal(result["weights"]["unused"], initial["unused"]), "a param without grad was stepped"
+        checked += 1
+    assert checked >= len(CASES)
+
+
+def test_all_reduces_per_step_do_not_grow_with_the_number_of_tensors() -> None:
+    """One all-reduce per step for cautious AdamW / Lion, none without the mask, three for CAME,
+    whether the model has 10 tensors or 16."""
+    expected = {("adamw", True): 1, ("adamw", False): 0, ("lion", True): 1, ("lion", False): 0, ("came", True): 3, ("came", False): 3}
+    seen = {}
+    for case, result in launched(2):
+        if case.get("mesh", "fsdp") == "fsdp" and not case.get("mixed_precision") and not case.get("offload"):
+            key = (case["optimizer"], case["cautious"])
+            assert result["all_reduces"] == [expected[key]] * STEPS, (case, result["all_reduces"])
+            seen.setdefault(key, set()).add(case.get("model", "awkward"))
+    assert all(models == {"awkward", "deep"} for models in seen.values()) and len(seen) == len(expected)
+
+
+def test_mixed_precision_keeps_fp32_state_and_tracks_the_fp32_run() -> None:
+    """bf16 compute, fp32 sharded params and reduction: state stays fp32, and the weights stay
+    within bf16 compute error (2^-8 relative on gradients) of the fp32 single-process run."""
+    mixed = [(case, result) for case, result in launched(2) if case.get("mixed_precision")]
+    assert len(mixed) == 3
+    for case, result in mixed:
+        assert result["state_dtypes"] == {torch.float32}
+        assert_same_weights(result["weights"], reference_for(case), f"bf16 {case}", rtol=2e-2, atol=2e-2)
+
+
+def test_cpu_offload_policy_is_exact() -> None:
+    offloaded = [(case, result) for case, result in launched(2) if case.get("offload")]
+    assert len(offloaded) == 2
+    for case, result in offloaded:
+        assert_same_weights(result["weights"], reference_for(case), f"offload {case}")
