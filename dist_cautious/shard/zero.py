@@ -1,0 +1,213 @@
+"""DeepSpeed ZeRO: fragments of the original tensors inside DeepSpeed's flat fp32 partitions.
+
+DeepSpeed hands its basic optimizer one flat fp32 tensor per param group (ZeRO-1/2, and its
+bf16 optimizer wrapper) or per sub-group (ZeRO-3), with ``.grad`` set to the matching flat
+gradient. The optimizer state DeepSpeed checkpoints, converts to universal checkpoints and reads
+back through ``safe_get_full_optimizer_state`` is keyed by that flat tensor and shaped like it.
+So per-element state (``exp_avg``, ``exp_avg_sq``) stays flat, partition-shaped, in
+``state[flat]``; what belongs to one original tensor (the step count, CAME's replicated row and
+column factors) lives in ``state[flat]["per_tensor"][index]``, ``index`` being the tensor's
+position in DeepSpeed's list of params for that flat tensor (the same on every rank).
+
+Where the pieces come from:
+
+- ZeRO-1/2 and the bf16 wrapper: each original ("lp") param's ``_hp_mapping`` gives the range
+  in the flat partition (``hp_fragment_address``) and the range in the tensor
+  (``lp_fragment_address``); partitions cut tensors anywhere, mid-row included. A param with no
+  element on this rank has ``_hp_mapping is None``.
+- ZeRO-3: rank ``r`` of the param's partition group holds elements
+  ``[r * partition_numel, min((r + 1) * partition_numel, ds_numel))`` of every param; the
+  sub-group's flat fp32 tensor holds the params' (padded) partitions back to back, at the
+  offsets of ``grad_position``.
+
+Every rank yields a fragment for every tensor of the flat tensor being stepped, in DeepSpeed's
+order, an empty one where it holds nothing: the optimizers then register the same reductions in
+the same order on every rank of the group (the reducer relies on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from dist_cautious.shard.fragment import Fragment
+
+#: key of the per-tensor state dicts inside the state of a flat partition
+PER_TENSOR = "per_tensor"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where one original tensor's local elements sit in a flat fp32 partition.
+
+    ``flat_offset`` is the position in the flat partition, ``start`` the flat index in the
+    original tensor, ``numel`` the local element count (0 when this rank holds none).
+    """
+
+    index: int
+    name: str
+    param: Tensor  # the original (lp) param, kept for shape and for full-state access
+    global_shape: torch.Size
+    flat_offset: int
+    start: int
+    numel: int
+    group: Optional[dist.ProcessGroup]
+
+
+@dataclass
+class PartitionFragment(Fragment):
+    """A fragment whose per-element state lives in the flat partition's state (shaped like the
+    partition, as DeepSpeed's checkpoints expect) rather than in the per-tensor dict."""
+
+    partition_state: dict[str, Any] = field(default_factory=dict)
+    partition: Optional[Tensor] = None
+    flat_offset: int = 0
+
+    def elementwise_state(self, key: str) -> Tensor:
+        if key not in self.partition_state:
+            assert self.partition is not None
+            self.partition_state[key] = torch.zeros(self.partition.numel(), dtype=torch.float32, device=self.partition.device)
+        return self.partition_state[key].view(-1).narrow(0, self.flat_offset, self.local_numel)
+
+
+def tensor_state(partition_state: dict[str, Any], index: int) -> dict[str, Any]:
+    """The per-tensor state dict of tensor ``index``, created on first use. A partition-level
+    ``step`` (what a DeepSpeed universal checkpoint restores) seeds a missing per-tensor step."""
+    per_tensor = partition_state.setdefault(PER_TENSOR, {})
+    if index not in per_tensor:
+        per_tensor[index] = {}
+        if "step" in partition_state:
+            per_tensor[index]["step"] = torch.as_tensor(partition_state["step"], dtype=torch.float32).clone()
+    return per_tensor[index]
+
+
+def _sync_partition_step(partition_state: dict[str, Any], state: dict[str, Any]) -> Callable[[], None]:
+    """After a step, mirror the per-tensor step into ``state[flat]["step"]``: every tensor of
+    a flat partition steps together under DeepSpeed, and its universal checkpoint reads it."""
+
+    def sync() -> None:
+        if "step" in state:
+            partition_state["step"] = state["step"].clone()
+
+    return sync
+
+
+def fragment_of(piece: Piece, partition: Tensor, partition_state: dict[str, Any]) -> PartitionFragment:
+    """The fragment of ``piece`` (possibly empty) in the flat ``partition`` being stepped."""
+    state = tensor_state(partition_state, piece.index)
+    flat_param = partition.data.view(-1)
+    flat_grad = partition.grad.view(-1)
+    lo, n = (piece.flat_offset, piece.numel) if piece.numel else (0, 0)
+    return PartitionFragment(
+        param=flat_param.narrow(0, lo, n),
+        grad=flat_grad.narrow(0, lo, n),
+        state=state,
+        global_shape=piece.global_shape,
+        start=piece.start,
+        end=piece.start + n,
+        group=piece.group,
+        new_elementwise_state=_unused_factory,
+        local_view=_unused_view,
+        name=piece.name,
+        writeback=_sync_partition_step(partition_state, state),
+        partition_state=partition_state,
+        partition=partition,
+        flat_offset=lo,
+    )
+
+
+def _unused_factory() -> Tensor:
+    raise AssertionError("PartitionFragment keeps per-element state in the partition state")
+
+
+def _unused_view(tensor: Tensor) -> Tensor:
+    raise AssertionError("PartitionFragment keeps per-element state in the partition state")
+
+
+Layout = dict[int, tuple[Tensor, list[Piece]]]
+
+
+class ZeroFragmentSource:
+    """The fragment source installed on a DeepSpeed basic optimizer (``optimizer.fragment_source``).
+
+    ``build_layout`` maps ``id(flat partition)`` to ``(flat partition, pieces)``; it is rebuilt
+    once if DeepSpeed hands over a flat tensor it has not seen (a reload that replaced it).
+    """
+
+    def __init__(self, build_layout: Callable[[], Layout]) -> None:
+        self._build_layout = build_layout
+        self.layout: Layout = build_layout()
+
+    def pieces(self, flat: Tensor) -> list[Piece]:
+        entry = self.layout.get(id(flat))
+        if entry is None or entry[0] is not flat:
+            self.layout = self._build_layout()
+            entry = self.layout.get(id(flat))
+        if entry is None or entry[0] is not flat:
+            raise RuntimeError(
+                "dist_cautious: the optimizer was handed a tensor that is not one of DeepSpeed's flat "
+                f"fp32 partitions (shape {tuple(flat.shape)}); was it re-wrapped after deepspeed.initialize?"
+            )
+        return entry[1]
+
+    def __call__(self, params: Iterable[Tensor], state: dict[Tensor, dict[str, Any]]) -> Iterator[Fragment]:
+        for flat in params:
+            if flat.grad is None:
+                continue
+            partition_state = state[flat]
+            for piece in self.pieces(flat):
+                yield fragment_of(piece, flat, partition_state)
+
+
+def _name(names: dict[Tensor, str], param: Tensor, fallback: str) -> str:
+    return names.get(param, fallback)
+
+
+def zero12_layout(zero_optimizer: Any, names: dict[Tensor, str]) -> Layout:
+    """Pieces of ZeRO-1/2 (``DeepSpeedZeroOptimizer``) and bf16-wrapper (``BF16_Optimizer``)
+    partitions, read from each lp param's ``_hp_mapping``."""
+    if hasattr(zero_optimizer, "single_partition_of_fp32_groups"):
+        flats, lp_groups = zero_optimizer.single_partition_of_fp32_groups, zero_optimizer.bit16_groups
+    else:
+        flats, lp_groups = zero_optimizer.fp32_groups_flat_partition, zero_optimizer.bf16_groups
+    layout: Layout = {}
+    for group_index, (flat, lp_params) in enumerate(zip(flats, lp_groups)):
+        group = zero_optimizer.real_dp_process_group[group_index]
+        pieces = []
+        for index, lp in enumerate(lp_params):
+            mapping = getattr(lp, "_hp_mapping", None)
+            name = _name(names, lp, f"group{group_index}.param{index}")
+            if mapping is None:
+                pieces.append(Piece(index, name, lp, lp.shape, 0, 0, 0, group))
+                continue
+            hp, lp_address = mapping.hp_fragment_address, mapping.lp_fragment_address
+            pieces.append(Piece(index, name, lp, lp.shape, hp.start, lp_address.start, hp.numel, group))
+        layout[id(flat)] = (flat, pieces)
+    return layout
+
+
+def zero3_local_range(param: Tensor, rank: int) -> tuple[int, int]:
+    """Flat range ``[start, end)`` of ``param`` held by partition rank ``rank`` under ZeRO-3."""
+    per_rank = param.partition_numel()
+    start = min(rank * per_rank, param.ds_numel)
+    return start, min(start + per_rank, param.ds_numel)
+
+
+def zero3_layout(zero_optimizer: Any, names: dict[Tensor, str]) -> Layout:
+    """Pieces of ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``) sub-group partitions."""
+    layout: Layout = {}
+    for sub_group, (flat, params) in enumerate(zip(zero_optimizer.fp32_partitioned_groups_flat, zero_optimizer.fp16_groups)):
+        pieces = []
+        for index, param in enumerate(params):
+            group = zero_optimizer._get_param_partition_group(param)
+            start, end = zero3_local_range(param, dist.get_rank(group=group))
+            _, flat_offset, _ = zero_optimizer.grad_position[zero_optimizer.get_param_id(param)]
+            name = _name(names, param, f"subgroup{sub_group}.param{index}")
+            pieces.append(Piece(index, name, param, torch.Size(param.ds_shape), flat_offset, start, end - start, group))
+        layout[id(flat)] = (flat, pieces)
+    return layout
