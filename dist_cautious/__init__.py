@@ -7,6 +7,10 @@ sharded run computes what a single process computes on the global batch.
 """
 
 from dist_cautious.optim import CAME, CautiousAdamW, CautiousLion
+from dist_cautious.integrations import deepspeed as _deepspeed_integration
+
+# DeepSpeed configs may name the optimizers ("type": "CAME"); cheap when DeepSpeed is not imported
+_deepspeed_integration.register()
 
 __version__ = "0.1.0"
 __all__ = ["CAME", "CautiousAdamW", "CautiousLion", "__version__"]
