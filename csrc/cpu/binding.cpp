@@ -1,0 +1,481 @@
+// The torch binding of the CPU kernels: checks tensors, picks the instruction set once (AVX-512,
+// AVX2 or scalar, by what the CPU reports; `set_isa` forces one for tests), splits each tensor
+// into fixed tiles run with OpenMP, and reduces per-tile partial sums in tile order (so counts
+// and sums do not depend on the thread count). The Python wrapper (dist_cautious/kernels/
+// cpu_ops.py) turns the reference signatures into these calls.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <functional>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+#include "kernels_api.h"
+
+namespace dc = dist_cautious_cpu;
+using at::Tensor;
+using OptTensor = c10::optional<Tensor>;
+
+namespace {
+
+constexpr int64_t kTile = 1 << 15;         // elements per work item (128 KiB of each fp32 stream)
+constexpr int64_t kMaxBlocksPerMatrix = 64;  // column-sum partial buffers per large matrix
+
+bool cpu_supports(const std::string& isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (isa == "avx512") return dc::avx512_compiled() && __builtin_cpu_supports("avx512f");
+  if (isa == "avx2") return dc::avx2_compiled() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+  return isa == "scalar";
+}
+
+const dc::KernelTable* table_for(const std::string& isa) {
+  if (isa == "avx512") return &dc::avx512_table;
+  if (isa == "avx2") return &dc::avx2_table;
+  return &dc::scalar_table;
+}
+
+const dc::KernelTable* best_table() {
+  for (const char* isa : {"avx512", "avx2"})
+    if (cpu_supports(isa)) return table_for(isa);
+  return &dc::scalar_table;
+}
+
+const dc::KernelTable*& active() {
+  static const dc::KernelTable* table = best_table();
+  return table;
+}
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  for (const char* isa : {"avx512", "avx2", "scalar"})
+    if (cpu_supports(isa)) out.emplace_back(isa);
+  return out;
+}
+
+void set_isa(const std::string& isa) {
+  if (isa == "auto") {
+    active() = best_table();
+    return;
+  }
+  TORCH_CHECK(isa == "avx512" || isa == "avx2" || isa == "scalar", "unknown ISA '", isa, "': expected auto, avx512, avx2 or scalar");
+  TORCH_CHECK(cpu_supports(isa), "ISA '", isa, "' is not supported by this CPU or build");
+  active() = table_for(isa);
+}
+
+std::string current_isa() { return active()->name; }
+
+int dtype_code(const Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return dc::kF32;
+    case at::kBFloat16: return dc::kBF16;
+    case at::kHalf: return dc::kF16;
+    default: TORCH_CHECK(false, what, ": expected float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+  return dc::kF32;
+}
+
+void check_flat(const Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
+  TORCH_CHECK(t.numel() == n, what, " has ", t.numel(), " elements, expected ", n);
+}
+
+float* state_ptr(const Tensor& t, int64_t n, const char* what) {
+  check_flat(t, n, what);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, what, " (optimizer state) must be float32");
+  return t.data_ptr<float>();
+}
+
+void check_lists(size_t n, std::initializer_list<size_t> sizes) {
+  for (size_t s : sizes) TORCH_CHECK(s == n, "tensor lists differ in length: ", s, " vs ", n);
+}
+
+dc::Lerp lerp_weight(double weight) {
+  float w = static_cast<float>(weight);
+  bool small = std::fabs(w) < 0.5f;
+  return dc::Lerp{small ? w : w - 1.0f, small};
+}
+
+float scale_at(const OptTensor& scales, size_t index) {
+  if (!scales.has_value()) return 1.0f;
+  const Tensor& s = *scales;
+  TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.dim() == 1 && static_cast<size_t>(s.numel()) > index,
+              "scales must be a float32 CPU vector with one entry per tensor");
+  return s.contiguous().data_ptr<float>()[index];
+}
+
+int threads() { return std::max(1, at::get_num_threads()); }
+
+// Run f(tile, lo, hi) over fixed tiles of [0, n); parallel when there is more than one tile.
+template <class F>
+void for_tiles(int64_t n, F&& f) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  if (tiles <= 1) {
+    if (n > 0) f(0, 0, n);
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(threads())
+  for (int64_t t = 0; t < tiles; ++t) f(t, t * kTile, std::min(n, (t + 1) * kTile));
+}
+
+int64_t count_tiles(int64_t n, const std::function<int64_t(int64_t, int64_t)>& f) {
+  std::vector<int64_t> partial(std::max<int64_t>(1, (n + kTile - 1) / kTile), 0);
+  for_tiles(n, [&](int64_t t, int64_t lo, int64_t hi) { partial[t] = f(lo, hi); });
+  int64_t total = 0;
+  for (int64_t c : partial) total += c;
+  return total;
+}
+
+double sum_tiles(int64_t n, const std::function<double(int64_t, int64_t)>& f) {
+  std::vector<double> partial(std::max<int64_t>(1, (n + kTile - 1) / kTile), 0.0);
+  for_tiles(n, [&](int64_t t, int64_t lo, int64_t hi) { partial[t] = f(lo, hi); });
+  double total = 0.0;
+  for (double c : partial) total += c;
+  return total;
+}
+
+// Where the local range [0, n) of a flat range starting at global element `start` of a
+// (*batch, R, C) tensor meets its rows.
+struct Layout {
+  int64_t start, rows, cols;  // rows = R (per matrix), cols = C
+};
+
+// Visit the row segments of local [lo, hi): f(global row, first column, local offset, length).
+template <class F>
+void for_segments(const Layout& l, int64_t lo, int64_t hi, F&& f) {
+  for (int64_t a = lo; a < hi;) {
+    const int64_t k = l.start + a;
+    const int64_t row = k / l.cols, c0 = k % l.cols;
+    const int64_t len = std::min(hi - a, l.cols - c0);
+    f(row, c0, a, len);
+    a += len;
+  }
+}
+
+// Partial row and column sums over a factored fragment. seg(row, c0, off, len, col_acc, count)
+// processes one row segment, adds into col_acc[0..len) (double, starting at column c0) and
+// returns the segment's row sum. Rows are never split between blocks; columns are accumulated
+// per block in double and added in block order, so the result is independent of the thread
+// count. Returns the sum of the per-block counts.
+template <class Seg>
+int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sums, Seg&& seg) {
+  if (n == 0) return 0;
+  const int64_t R = l.rows, C = l.cols;
+  const int64_t g0 = l.start / C, g1 = (l.start + n - 1) / C;  // global rows, inclusive
+  const int64_t m0 = g0 / R, m1 = g1 / R;                      // matrices, inclusive
+  auto run_rows = [&](int64_t ra, int64_t rb, int64_t first_matrix, double* col_acc, int64_t* count) {
+    for (int64_t row = ra; row <= rb; ++row) {
+      const int64_t a = std::max(l.start, row * C), b = std::min(l.start + n, (row + 1) * C);
+      const int64_t c0 = a - row * C;
+      const double rs = seg(row, c0, a - l.start, b - a, col_acc + (row / R - first_matrix) * C + c0, count);
+      row_sums[row] = static_cast<float>(static_cast<double>(row_sums[row]) + rs);
+    }
+  };
+  auto flush_cols = [&](int64_t first_matrix, int64_t matrices, const double* acc) {
+    float* out = col_sums + first_matrix * C;
+    for (int64_t c = 0; c < matrices * C; ++c) out[c] = static_cast<float>(static_cast<double>(out[c]) + acc[c]);
+  };
+  if (R * C <= kTile) {
+    // Small matrices: each block owns whole matrices, so no two blocks share a column sum.
+    const int64_t per_block = std::max<int64_t>(1, kTile / (R * C));
+    const int64_t blocks = (m1 - m0 + per_block) / per_block;
+    std::vector<int64_t> counts(blocks, 0);
+#pragma omp parallel for schedule(static) num_threads(threads()) if (blocks > 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t ma = m0 + b * per_block, mb = std::min(m1, ma + per_block - 1);
+      std::vector<double> acc((mb - ma + 1) * C, 0.0);
+      run_rows(std::max(g0, ma * R), std::min(g1, mb * R + R - 1), ma, acc.data(), &counts[b]);
+      flush_cols(ma, mb - ma + 1, acc.data());
+    }
+    int64_t total = 0;
+    for (int64_t c : counts) total += c;
+    return total;
+  }
+  // Large matrices: split each matrix's rows into blocks with private column accumulators.
+  int64_t total = 0;
+  for (int64_t mat = m0; mat <= m1; ++mat) {
+    const int64_t ra = std::max(g0, mat * R), rb = std::min(g1, mat * R + R - 1);
+    const int64_t nr = rb - ra + 1;
+    const int64_t blocks = std::min(nr, kMaxBlocksPerMatrix);
+    std::vector<double> acc(blocks * C, 0.0);
+    std::vector<int64_t> counts(blocks, 0);
+#pragma omp parallel for schedule(static) num_threads(threads()) if (blocks > 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t lo = ra + nr * b / blocks, hi = ra + nr * (b + 1) / blocks - 1;
+      run_rows(lo, hi, mat, acc.data() + b * C, &counts[b]);
+    }
+    float* out = col_sums + mat * C;
+#pragma omp parallel for schedule(static) num_threads(threads()) if (C >= kTile)
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0.0;
+      for (int64_t b = 0; b < blocks; ++b) s += acc[b * C + c];
+      out[c] = static_cast<float>(static_cast<double>(out[c]) + s);
+    }
+    for (int64_t c : counts) total += c;
+  }
+  return total;
+}
+
+Tensor as_counts(const std::vector<int64_t>& counts) {
+  Tensor out = torch::empty({static_cast<int64_t>(counts.size())}, torch::kFloat32);
+  float* o = out.data_ptr<float>();
+  for (size_t i = 0; i < counts.size(); ++i) o[i] = static_cast<float>(counts[i]);
+  return out;
+}
+
+// ---------------------------------------------------------------- AdamW / Lion ----------------
+
+Tensor elementwise_counts(bool lion, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, double weight) {
+  check_lists(grads.size(), {exp_avgs.size()});
+  const auto* k = active();
+  const dc::Lerp w = lerp_weight(weight);
+  std::vector<int64_t> counts(grads.size(), 0);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const int64_t n = grads[i].numel();
+    check_flat(grads[i], n, "grad");
+    const int gt = dtype_code(grads[i], "grad");
+    const void* g = grads[i].data_ptr();
+    const float* m = state_ptr(exp_avgs[i], n, "exp_avg");
+    auto fn = lion ? k->lion_count : k->adamw_count;
+    counts[i] = count_tiles(n, [&](int64_t lo, int64_t hi) { return fn(g, gt, m, lo, hi, w); });
+  }
+  return as_counts(counts);
+}
+
+Tensor adamw_mask_counts(const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, double weight) {
+  return elementwise_counts(false, grads, exp_avgs, weight);
+}
+
+Tensor lion_mask_counts(const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, double weight) {
+  return elementwise_counts(true, grads, exp_avgs, weight);
+}
+
+void adamw_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
+                 const std::vector<Tensor>& exp_avg_sqs, const std::vector<double>& neg_step_sizes, const std::vector<double>& sqrt_bc2s,
+                 double decay, double m_weight, double beta2, double one_minus_beta2, double eps, const OptTensor& scales) {
+  check_lists(params.size(), {grads.size(), exp_avgs.size(), exp_avg_sqs.size(), neg_step_sizes.size(), sqrt_bc2s.size()});
+  const auto* k = active();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    check_flat(params[i], n, "param");
+    check_flat(grads[i], n, "grad");
+    dc::AdamParams a{static_cast<float>(decay),
+                     lerp_weight(m_weight),
+                     static_cast<float>(beta2),
+                     static_cast<float>(one_minus_beta2),
+                     static_cast<float>(sqrt_bc2s[i]),
+                     static_cast<float>(eps),
+                     static_cast<float>(neg_step_sizes[i]),
+                     scales.has_value(),
+                     scale_at(scales, i)};
+    void* p = params[i].data_ptr();
+    const int pt = dtype_code(params[i], "param"), gt = dtype_code(grads[i], "grad");
+    const void* g = grads[i].data_ptr();
+    float* m = state_ptr(exp_avgs[i], n, "exp_avg");
+    float* v = state_ptr(exp_avg_sqs[i], n, "exp_avg_sq");
+    for_tiles(n, [&](int64_t, int64_t lo, int64_t hi) { k->adamw_apply(p, pt, g, gt, m, v, lo, hi, a); });
+  }
+}
+
+void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, double decay,
+                double update_weight, double m_weight, double neg_lr, const OptTensor& scales) {
+  check_lists(params.size(), {grads.size(), exp_avgs.size()});
+  const auto* k = active();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    check_flat(params[i], n, "param");
+    check_flat(grads[i], n, "grad");
+    dc::LionParams a{static_cast<float>(decay), lerp_weight(update_weight), lerp_weight(m_weight), static_cast<float>(neg_lr),
+                     scales.has_value(), scale_at(scales, i)};
+    void* p = params[i].data_ptr();
+    const int pt = dtype_code(params[i], "param"), gt = dtype_code(grads[i], "grad");
+    const void* g = grads[i].data_ptr();
+    float* m = state_ptr(exp_avgs[i], n, "exp_avg");
+    for_tiles(n, [&](int64_t, int64_t lo, int64_t hi) { k->lion_apply(p, pt, g, gt, m, lo, hi, a); });
+  }
+}
+
+// ---------------------------------------------------------------- CAME --------------------------
+// A fragment's factors arrive as (kind, start, R, C, row, col, elementwise): kind 0 = identity,
+// 1 = elementwise rsqrt(v), 2 = factored row[row(i)] * col[col(i)] over the layout.
+enum Kind : int64_t { kIdentity = 0, kElementwise = 1, kFactored = 2 };
+
+struct Factors {
+  int64_t kind;
+  Layout layout;
+  const float* row;
+  const float* col;
+  const float* elem;
+};
+
+Factors factors_at(size_t i, int64_t n, const std::vector<int64_t>& kinds, const std::vector<int64_t>& starts, const std::vector<int64_t>& rows,
+                   const std::vector<int64_t>& cols, const std::vector<OptTensor>& row_f, const std::vector<OptTensor>& col_f,
+                   const std::vector<OptTensor>& elem_f) {
+  Factors f{kinds[i], Layout{starts[i], rows[i], cols[i]}, nullptr, nullptr, nullptr};
+  if (f.kind == kFactored) {
+    TORCH_CHECK(rows[i] > 0 && cols[i] > 0 && starts[i] >= 0, "factored layout needs R, C > 0");
+    TORCH_CHECK(row_f[i].has_value() && col_f[i].has_value(), "factored fragment without row/col factors");
+    const int64_t nrow = (starts[i] + n + cols[i] - 1) / cols[i];  // rows the range reaches
+    TORCH_CHECK(row_f[i]->numel() >= nrow, "row factor too short for the layout");
+    TORCH_CHECK(col_f[i]->numel() >= ((nrow + rows[i] - 1) / rows[i]) * cols[i], "column factor too short for the layout");
+    f.row = state_ptr(*row_f[i], row_f[i]->numel(), "row factor");
+    f.col = state_ptr(*col_f[i], col_f[i]->numel(), "column factor");
+  } else if (f.kind == kElementwise) {
+    TORCH_CHECK(elem_f[i].has_value(), "elementwise factor missing");
+    f.elem = state_ptr(*elem_f[i], n, "elementwise factor");
+  } else {
+    TORCH_CHECK(f.kind == kIdentity, "unknown factor kind ", f.kind);
+  }
+  return f;
+}
+
+void came_factored_sq_sums(const std::vector<Tensor>& grads, const std::vector<int64_t>& starts, const std::vector<int64_t>& rows,
+                           const std::vector<int64_t>& cols, double eps1, const std::vector<Tensor>& row_sums, const std::vector<Tensor>& col_sums) {
+  check_lists(grads.size(), {starts.size(), rows.size(), cols.size(), row_sums.size(), col_sums.size()});
+  const auto* k = active();
+  const float e1 = static_cast<float>(eps1);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const int64_t n = grads[i].numel();
+    check_flat(grads[i], n, "grad");
+    const int gt = dtype_code(grads[i], "grad");
+    const void* g = grads[i].data_ptr();
+    const Layout l{starts[i], rows[i], cols[i]};
+    float* rs = state_ptr(row_sums[i], row_sums[i].numel(), "row sums");
+    float* cs = state_ptr(col_sums[i], col_sums[i].numel(), "column sums");
+    TORCH_CHECK(n == 0 || row_sums[i].numel() >= (l.start + n + l.cols - 1) / l.cols, "row sums too short for the layout");
+    row_col_sums(l, n, rs, cs, [&](int64_t, int64_t, int64_t off, int64_t len, double* acc, int64_t*) {
+      return k->came_sq_segment(g, gt, off, len, e1, acc);
+    });
+  }
+}
+
+void came_vector_second_moment(const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avg_sqs, double beta2, double one_minus_beta2,
+                               double eps1) {
+  check_lists(grads.size(), {exp_avg_sqs.size()});
+  const auto* k = active();
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const int64_t n = grads[i].numel();
+    check_flat(grads[i], n, "grad");
+    const int gt = dtype_code(grads[i], "grad");
+    const void* g = grads[i].data_ptr();
+    float* v = state_ptr(exp_avg_sqs[i], n, "exp_avg_sq");
+    for_tiles(n, [&](int64_t, int64_t lo, int64_t hi) {
+      k->came_vector_moment(g, gt, v, lo, hi, static_cast<float>(beta2), static_cast<float>(one_minus_beta2), static_cast<float>(eps1));
+    });
+  }
+}
+
+Tensor came_update_sumsq(const std::vector<Tensor>& grads, const std::vector<int64_t>& kinds, const std::vector<int64_t>& starts,
+                         const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, const std::vector<OptTensor>& row_f,
+                         const std::vector<OptTensor>& col_f, const std::vector<OptTensor>& elem_f) {
+  check_lists(grads.size(), {kinds.size(), starts.size(), rows.size(), cols.size(), row_f.size(), col_f.size(), elem_f.size()});
+  const auto* k = active();
+  Tensor out = torch::empty({static_cast<int64_t>(grads.size())}, torch::kFloat32);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const int64_t n = grads[i].numel();
+    check_flat(grads[i], n, "grad");
+    const int gt = dtype_code(grads[i], "grad");
+    const void* g = grads[i].data_ptr();
+    const Factors f = factors_at(i, n, kinds, starts, rows, cols, row_f, col_f, elem_f);
+    double s;
+    if (f.kind == kFactored) {
+      s = sum_tiles(n, [&](int64_t lo, int64_t hi) {
+        double acc = 0.0;
+        for_segments(f.layout, lo, hi, [&](int64_t row, int64_t c0, int64_t off, int64_t len) {
+          acc += k->came_sumsq_segment(g, gt, off, len, f.row[row], f.col + (row / f.layout.rows) * f.layout.cols + c0);
+        });
+        return acc;
+      });
+    } else {
+      s = sum_tiles(n, [&](int64_t lo, int64_t hi) { return k->came_sumsq_elem(g, gt, f.elem, lo, hi); });
+    }
+    out.data_ptr<float>()[i] = static_cast<float>(s);
+  }
+  return out;
+}
+
+Tensor came_momentum(const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, const std::vector<int64_t>& kinds,
+                     const std::vector<int64_t>& starts, const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
+                     const std::vector<OptTensor>& row_f, const std::vector<OptTensor>& col_f, const std::vector<OptTensor>& elem_f,
+                     const std::vector<double>& clips, double beta1, double one_minus_beta1, double eps2, const std::vector<OptTensor>& res_rows,
+                     const std::vector<OptTensor>& res_cols) {
+  check_lists(grads.size(), {exp_avgs.size(), kinds.size(), starts.size(), rows.size(), cols.size(), row_f.size(), col_f.size(),
+                             elem_f.size(), clips.size(), res_rows.size(), res_cols.size()});
+  const auto* k = active();
+  std::vector<int64_t> counts(grads.size(), 0);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const int64_t n = grads[i].numel();
+    check_flat(grads[i], n, "grad");
+    const int gt = dtype_code(grads[i], "grad");
+    const void* g = grads[i].data_ptr();
+    float* m = state_ptr(exp_avgs[i], n, "exp_avg");
+    const Factors f = factors_at(i, n, kinds, starts, rows, cols, row_f, col_f, elem_f);
+    const dc::CameMomentumParams a{static_cast<float>(clips[i]), static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
+                                   static_cast<float>(eps2)};
+    if (f.kind == kFactored) {
+      TORCH_CHECK(res_rows[i].has_value() && res_cols[i].has_value(), "factored fragment without residual sum buffers");
+      float* rs = state_ptr(*res_rows[i], res_rows[i]->numel(), "residual row sums");
+      float* cs = state_ptr(*res_cols[i], res_cols[i]->numel(), "residual column sums");
+      TORCH_CHECK(res_rows[i]->numel() >= f.layout.start / f.layout.cols + 1 || n == 0, "residual row sums too short");
+      counts[i] = row_col_sums(f.layout, n, rs, cs, [&](int64_t row, int64_t c0, int64_t off, int64_t len, double* acc, int64_t* count) {
+        return k->came_momentum_segment(g, gt, m, off, len, f.row[row], f.col + (row / f.layout.rows) * f.layout.cols + c0, a, acc, count);
+      });
+    } else {
+      counts[i] = count_tiles(n, [&](int64_t lo, int64_t hi) { return k->came_momentum_elem(g, gt, m, f.elem, lo, hi, a); });
+    }
+  }
+  return as_counts(counts);
+}
+
+void came_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
+                const std::vector<int64_t>& kinds, const std::vector<int64_t>& starts, const std::vector<int64_t>& rows,
+                const std::vector<int64_t>& cols, const std::vector<OptTensor>& row_f, const std::vector<OptTensor>& col_f,
+                const std::vector<OptTensor>& elem_f, double decay, double neg_lr, const OptTensor& scales) {
+  check_lists(params.size(), {grads.size(), exp_avgs.size(), kinds.size(), starts.size(), rows.size(), cols.size(), row_f.size(), col_f.size(),
+                              elem_f.size()});
+  const auto* k = active();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    check_flat(params[i], n, "param");
+    check_flat(grads[i], n, "grad");
+    void* p = params[i].data_ptr();
+    const int pt = dtype_code(params[i], "param"), gt = dtype_code(grads[i], "grad");
+    const void* g = grads[i].data_ptr();
+    const float* m = state_ptr(exp_avgs[i], n, "exp_avg");
+    const Factors f = factors_at(i, n, kinds, starts, rows, cols, row_f, col_f, elem_f);
+    const dc::CameApplyParams a{static_cast<float>(decay), static_cast<float>(neg_lr), scales.has_value(), scale_at(scales, i)};
+    for_tiles(n, [&](int64_t, int64_t lo, int64_t hi) {
+      if (f.kind == kFactored) {
+        for_segments(f.layout, lo, hi, [&](int64_t row, int64_t c0, int64_t off, int64_t len) {
+          k->came_apply_segment(p, pt, g, gt, m, off, len, f.row[row], f.col + (row / f.layout.rows) * f.layout.cols + c0, a);
+        });
+      } else {
+        k->came_apply_elem(p, pt, g, gt, m, f.elem, lo, hi, a);
+      }
+    });
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dist_cautious CPU kernels (AVX-512 / AVX2 / scalar, OpenMP over tiles)";
+  m.def("available_isas", &available_isas, "instruction sets this CPU and build support, best first");
+  m.def("current_isa", &current_isa);
+  m.def("set_isa", &set_isa, "force 'avx512', 'avx2' or 'scalar' (tests), or 'auto'");
+  m.def("tile_size", []() { return kTile; });
+  m.def("adamw_mask_counts", &adamw_mask_counts);
+  m.def("adamw_apply", &adamw_apply);
+  m.def("lion_mask_counts", &lion_mask_counts);
+  m.def("lion_apply", &lion_apply);
+  m.def("came_factored_sq_sums", &came_factored_sq_sums);
+  m.def("came_vector_second_moment", &came_vector_second_moment);
+  m.def("came_update_sumsq", &came_update_sumsq);
+  m.def("came_momentum", &came_momentum);
+  m.def("came_apply", &came_apply);
+}

@@ -1,0 +1,322 @@
+// The fused optimizer kernels, written once over the SIMD traits of simd.h and instantiated per
+// ISA (the including translation unit defines DC_ISA, the vector traits `V`, and the target
+// pragma). Each kernel runs a vector loop and a scalar tail with the SAME element formula (a
+// generic lambda called with `V` and with `Scalar`), so results never depend on where a tile
+// or a vector boundary falls.
+//
+// The element formulas reproduce kernels/reference.py op by op (see simd.h for torch's op
+// sequence): fp32 math, params/grads converted on load, params rounded to nearest even on store.
+//
+// Memory traffic per element (fp32 params and grads; a bf16/fp16 param or grad costs 2 bytes
+// instead of 4 for each of its reads and writes) is stated on each kernel. The minimum for one
+// AdamW step is 28 B (read p, g, m, v; write p, m, v); the cautious mask needs the whole tensor's
+// count before any param can move, which costs one extra read of g and m (8 B).
+#pragma once
+
+#ifndef DC_ISA
+#error "define DC_ISA before including kernels.h"
+#endif
+
+#include "kernels_api.h"
+#include "simd.h"
+
+namespace dist_cautious_cpu {
+namespace DC_ISA {
+
+// Run body(traits, i) over [lo, hi): vector steps of V::W, then a scalar tail.
+template <class V, class F>
+static inline void for_each(int64_t lo, int64_t hi, F&& body) {
+  int64_t i = lo;
+  for (; i + V::W <= hi; i += V::W) body(V{}, i);
+  for (; i < hi; ++i) body(Scalar{}, i);
+}
+
+// Sum over [lo, hi) of body(traits, i) (an fp32 vector), accumulated in double.
+template <class V, class F>
+static inline double sum_each(int64_t lo, int64_t hi, F&& body) {
+  typename V::D acc = V::dzero();
+  int64_t i = lo;
+  for (; i + V::W <= hi; i += V::W) acc = V::dadd(acc, body(V{}, i));
+  double tail = 0.0;
+  for (; i < hi; ++i) tail += static_cast<double>(body(Scalar{}, i));
+  return V::dsum(acc) + tail;
+}
+
+// Count over [lo, hi) of the lanes where body(traits, i) (a mask) is set.
+template <class V, class F>
+static inline int64_t count_each(int64_t lo, int64_t hi, F&& body) {
+  int64_t count = 0;
+  int64_t i = lo;
+  for (; i + V::W <= hi; i += V::W) count += V::count(body(V{}, i));
+  for (; i < hi; ++i) count += Scalar::count(body(Scalar{}, i));
+  return count;
+}
+
+template <class T>
+static inline typename T::R lerp(typename T::R a, typename T::R b, Lerp w) {
+  // torch.lerp: fma(w, b - a, a) for |w| < 0.5, else fma(w - 1, b - a, b)
+  return T::fma(T::set1(w.coeff), T::sub(b, a), w.small ? a : b);
+}
+
+template <class T>
+static inline typename T::R sign(typename T::R x) {
+  return T::select(T::gt0(x), T::set1(1.0f), T::select(T::lt0(x), T::set1(-1.0f), T::set1(0.0f)));
+}
+
+// x * (phi ? scale : 0): the cautious mask as the reference multiplies it (keeps -0 / +0 exact).
+template <class T>
+static inline typename T::R masked(typename T::R x, typename T::M phi, float scale) {
+  return T::mul(x, T::select(phi, T::set1(scale), T::set1(0.0f)));
+}
+
+template <class T, class PT>
+static inline void store_param(PT* p, int64_t i, typename T::R x) {
+  T::store(p + i, x);
+}
+
+// ---------------------------------------------------------------- AdamW ----------------------
+// Mask count: read g, m (8 B/element), no writes.
+template <class V, class GT>
+static int64_t adamw_count_t(const GT* g, const float* m, int64_t lo, int64_t hi, Lerp w) {
+  return count_each<V>(lo, hi, [&](auto t, int64_t i) {
+    using T = decltype(t);
+    auto gf = T::load(g + i);
+    auto m1 = lerp<T>(T::load(m + i), gf, w);
+    return T::gt0(T::mul(m1, gf));
+  });
+}
+
+// Fused step: read p, g, m, v; write p, m, v (28 B/element fp32; 20 B with bf16 p and g).
+template <class V, class PT, class GT>
+static void adamw_apply_t(PT* p, const GT* g, float* m, float* v, int64_t lo, int64_t hi, const AdamParams& a) {
+  for_each<V>(lo, hi, [&](auto t, int64_t i) {
+    using T = decltype(t);
+    auto gf = T::load(g + i);
+    auto pf = T::mul(T::load(p + i), T::set1(a.decay));
+    auto m1 = lerp<T>(T::load(m + i), gf, a.m);
+    auto v1 = T::fma(T::mul(T::set1(a.one_minus_beta2), gf), gf, T::mul(T::load(v + i), T::set1(a.beta2)));
+    auto den = T::add(T::div(T::sqrt(v1), T::set1(a.sqrt_bc2)), T::set1(a.eps));
+    auto num = a.cautious ? masked<T>(m1, T::gt0(T::mul(m1, gf)), a.scale) : m1;
+    T::store(m + i, m1);
+    T::store(v + i, v1);
+    store_param<T>(p, i, T::add(pf, T::div(T::mul(T::set1(a.neg_step_size), num), den)));
+  });
+}
+
+// ---------------------------------------------------------------- Lion -----------------------
+// Mask count: read g, m (8 B/element), no writes.
+template <class V, class GT>
+static int64_t lion_count_t(const GT* g, const float* m, int64_t lo, int64_t hi, Lerp w) {
+  return count_each<V>(lo, hi, [&](auto t, int64_t i) {
+    using T = decltype(t);
+    auto gf = T::load(g + i);
+    auto u = sign<T>(lerp<T>(T::load(m + i), gf, w));
+    return T::gt0(T::mul(u, gf));
+  });
+}
+
+// Fused step: read p, g, m; write p, m (20 B/element fp32).
+template <class V, class PT, class GT>
+static void lion_apply_t(PT* p, const GT* g, float* m, int64_t lo, int64_t hi, const LionParams& a) {
+  for_each<V>(lo, hi, [&](auto t, int64_t i) {
+    using T = decltype(t);
+    auto gf = T::load(g + i);
+    auto mo = T::load(m + i);
+    auto pf = T::mul(T::load(p + i), T::set1(a.decay));
+    auto u = sign<T>(lerp<T>(mo, gf, a.update));
+    if (a.cautious) u = masked<T>(u, T::gt0(T::mul(u, gf)), a.scale);
+    T::store(m + i, lerp<T>(mo, gf, a.m));
+    store_param<T>(p, i, T::fma(u, T::set1(a.neg_lr), pf));
+  });
+}
+
+// ---------------------------------------------------------------- CAME -----------------------
+// Phase 1, factored: q = g^2 + eps1 summed into the row (returned) and the columns (col_acc,
+// double). Read g (4 B/element); the column accumulator is per tile and stays in cache.
+template <class V, class GT>
+static double came_sq_segment_t(const GT* g, int64_t off, int64_t len, float eps1, double* col_acc) {
+  return sum_each<V>(0, len, [&](auto t, int64_t j) {
+    using T = decltype(t);
+    auto gf = T::load(g + off + j);
+    auto q = T::add(T::mul(gf, gf), T::set1(eps1));
+    T::dacc(col_acc + j, q);
+    return q;
+  });
+}
+
+// Phase 1, 1-D / 0-D: v = beta2 v + (1 - beta2)(g^2 + eps1). Read g, v; write v (12 B/element).
+template <class V, class GT>
+static void came_vector_moment_t(const GT* g, float* v, int64_t lo, int64_t hi, float beta2, float one_minus_beta2, float eps1) {
+  for_each<V>(lo, hi, [&](auto t, int64_t i) {
+    using T = decltype(t);
+    auto gf = T::load(g + i);
+    auto q = T::add(T::mul(gf, gf), T::set1(eps1));
+    T::store(v + i, T::fma(q, T::set1(one_minus_beta2), T::mul(T::load(v + i), T::set1(beta2))));
+  });
+}
+
+// Phase 2, factored: sum of uh^2, uh = (row * col) * g. Read g (4 B/element; the column
+// factors are O(C) and cached).
+template <class V, class GT>
+static double came_sumsq_segment_t(const GT* g, int64_t off, int64_t len, float rowf, const float* colf) {
+  return sum_each<V>(0, len, [&](auto t, int64_t j) {
+    using T = decltype(t);
+    auto uh = T::mul(T::mul(T::set1(rowf), T::load(colf + j)), T::load(g + off + j));
+    return T::mul(uh, uh);
+  });
+}
+
+template <class T>
+static inline typename T::R rsqrt_times(const float* v, int64_t i, typename T::R x) {
+  // reference: v.rsqrt().mul_(x), torch's rsqrt being 1 / sqrt(v)
+  return v == nullptr ? x : T::mul(T::div(T::set1(1.0f), T::sqrt(T::load(v + i))), x);
+}
+
+// Phase 2, 1-D / 0-D: sum of uh^2, uh = rsqrt(v) * g. Read g, v (8 B/element).
+template <class V, class GT>
+static double came_sumsq_elem_t(const GT* g, const float* v, int64_t lo, int64_t hi) {
+  return sum_each<V>(lo, hi, [&](auto t, int64_t i) {
+    using T = decltype(t);
+    auto uh = rsqrt_times<T>(v, i, T::load(g + i));
+    return T::mul(uh, uh);
+  });
+}
+
+// Phase 3, factored: uh = (row * col) * g / clip; m = beta1 m + (1 - beta1) uh; residual
+// (uh - m)^2 + eps2 into row (returned) and column (col_acc) sums; count m * g > 0.
+// Read g, m; write m (12 B/element).
+template <class V, class GT>
+static double came_momentum_segment_t(const GT* g, float* m, int64_t off, int64_t len, float rowf, const float* colf,
+                                      const CameMomentumParams& a, double* col_acc, int64_t* count) {
+  int64_t agree = 0;
+  double row = sum_each<V>(0, len, [&](auto t, int64_t j) {
+    using T = decltype(t);
+    auto gf = T::load(g + off + j);
+    auto uh = T::div(T::mul(T::mul(T::set1(rowf), T::load(colf + j)), gf), T::set1(a.clip));
+    auto m1 = T::fma(uh, T::set1(a.one_minus_beta1), T::mul(T::load(m + off + j), T::set1(a.beta1)));
+    T::store(m + off + j, m1);
+    auto d = T::sub(uh, m1);
+    auto res = T::add(T::mul(d, d), T::set1(a.eps2));
+    T::dacc(col_acc + j, res);
+    agree += T::count(T::gt0(T::mul(m1, gf)));
+    return res;
+  });
+  *count += agree;
+  return row;
+}
+
+// Phase 3, 1-D / 0-D: uh = rsqrt(v) * g / clip; m update; count m * g > 0.
+// Read g, v, m; write m (16 B/element).
+template <class V, class GT>
+static int64_t came_momentum_elem_t(const GT* g, float* m, const float* v, int64_t lo, int64_t hi, const CameMomentumParams& a) {
+  return count_each<V>(lo, hi, [&](auto t, int64_t i) {
+    using T = decltype(t);
+    auto gf = T::load(g + i);
+    auto uh = T::div(rsqrt_times<T>(v, i, gf), T::set1(a.clip));
+    auto m1 = T::fma(uh, T::set1(a.one_minus_beta1), T::mul(T::load(m + i), T::set1(a.beta1)));
+    T::store(m + i, m1);
+    return T::gt0(T::mul(m1, gf));
+  });
+}
+
+// Phase 4, factored: u = (row * col) * m, masked where m * g <= 0; p = p (1 - lr wd) - lr u.
+// Read p, m (+ g when cautious); write p (12 B/element, 16 B cautious).
+template <class V, class PT, class GT>
+static void came_apply_segment_t(PT* p, const GT* g, const float* m, int64_t off, int64_t len, float rowf, const float* colf,
+                                 const CameApplyParams& a) {
+  for_each<V>(0, len, [&](auto t, int64_t j) {
+    using T = decltype(t);
+    auto mf = T::load(m + off + j);
+    auto u = T::mul(T::mul(T::set1(rowf), T::load(colf + j)), mf);
+    if (a.cautious) u = masked<T>(u, T::gt0(T::mul(mf, T::load(g + off + j))), a.scale);
+    auto pf = T::mul(T::load(p + off + j), T::set1(a.decay));
+    store_param<T>(p, off + j, T::fma(u, T::set1(a.neg_lr), pf));
+  });
+}
+
+// Phase 4, 1-D / 0-D: u = m (or rsqrt(v) * m), same mask and update. 12 B/element (16 cautious).
+template <class V, class PT, class GT>
+static void came_apply_elem_t(PT* p, const GT* g, const float* m, const float* v, int64_t lo, int64_t hi, const CameApplyParams& a) {
+  for_each<V>(lo, hi, [&](auto t, int64_t i) {
+    using T = decltype(t);
+    auto mf = T::load(m + i);
+    auto u = rsqrt_times<T>(v, i, mf);
+    if (a.cautious) u = masked<T>(u, T::gt0(T::mul(mf, T::load(g + i))), a.scale);
+    auto pf = T::mul(T::load(p + i), T::set1(a.decay));
+    store_param<T>(p, i, T::fma(u, T::set1(a.neg_lr), pf));
+  });
+}
+
+// ---------------------------------------------------------------- dtype dispatch -------------
+template <class F>
+static inline auto with_dtype(int code, const void* ptr, F&& f) {
+  switch (code) {
+    case kBF16: return f(static_cast<const bf16*>(ptr));
+    case kF16: return f(static_cast<const fp16*>(ptr));
+    default: return f(static_cast<const float*>(ptr));
+  }
+}
+
+template <class F>
+static inline auto with_mut_dtype(int code, void* ptr, F&& f) {
+  switch (code) {
+    case kBF16: return f(static_cast<bf16*>(ptr));
+    case kF16: return f(static_cast<fp16*>(ptr));
+    default: return f(static_cast<float*>(ptr));
+  }
+}
+
+template <class V>
+struct Entry {
+  static constexpr int W = V::W;
+  static int64_t adamw_count(const void* g, int gt, const float* m, int64_t lo, int64_t hi, Lerp w) {
+    return with_dtype(gt, g, [&](auto gp) { return adamw_count_t<V>(gp, m, lo, hi, w); });
+  }
+  static void adamw_apply(void* p, int pt, const void* g, int gt, float* m, float* v, int64_t lo, int64_t hi, const AdamParams& a) {
+    with_mut_dtype(pt, p, [&](auto pp) { with_dtype(gt, g, [&](auto gp) { adamw_apply_t<V>(pp, gp, m, v, lo, hi, a); }); });
+  }
+  static int64_t lion_count(const void* g, int gt, const float* m, int64_t lo, int64_t hi, Lerp w) {
+    return with_dtype(gt, g, [&](auto gp) { return lion_count_t<V>(gp, m, lo, hi, w); });
+  }
+  static void lion_apply(void* p, int pt, const void* g, int gt, float* m, int64_t lo, int64_t hi, const LionParams& a) {
+    with_mut_dtype(pt, p, [&](auto pp) { with_dtype(gt, g, [&](auto gp) { lion_apply_t<V>(pp, gp, m, lo, hi, a); }); });
+  }
+  static double came_sq_segment(const void* g, int gt, int64_t off, int64_t len, float eps1, double* col_acc) {
+    return with_dtype(gt, g, [&](auto gp) { return came_sq_segment_t<V>(gp, off, len, eps1, col_acc); });
+  }
+  static void came_vector_moment(const void* g, int gt, float* v, int64_t lo, int64_t hi, float b2, float omb2, float eps1) {
+    with_dtype(gt, g, [&](auto gp) { came_vector_moment_t<V>(gp, v, lo, hi, b2, omb2, eps1); });
+  }
+  static double came_sumsq_segment(const void* g, int gt, int64_t off, int64_t len, float rowf, const float* colf) {
+    return with_dtype(gt, g, [&](auto gp) { return came_sumsq_segment_t<V>(gp, off, len, rowf, colf); });
+  }
+  static double came_sumsq_elem(const void* g, int gt, const float* v, int64_t lo, int64_t hi) {
+    return with_dtype(gt, g, [&](auto gp) { return came_sumsq_elem_t<V>(gp, v, lo, hi); });
+  }
+  static double came_momentum_segment(const void* g, int gt, float* m, int64_t off, int64_t len, float rowf, const float* colf,
+                                      const CameMomentumParams& a, double* col_acc, int64_t* count) {
+    return with_dtype(gt, g, [&](auto gp) { return came_momentum_segment_t<V>(gp, m, off, len, rowf, colf, a, col_acc, count); });
+  }
+  static int64_t came_momentum_elem(const void* g, int gt, float* m, const float* v, int64_t lo, int64_t hi, const CameMomentumParams& a) {
+    return with_dtype(gt, g, [&](auto gp) { return came_momentum_elem_t<V>(gp, m, v, lo, hi, a); });
+  }
+  static void came_apply_segment(void* p, int pt, const void* g, int gt, const float* m, int64_t off, int64_t len, float rowf,
+                                 const float* colf, const CameApplyParams& a) {
+    with_mut_dtype(pt, p, [&](auto pp) { with_dtype(gt, g, [&](auto gp) { came_apply_segment_t<V>(pp, gp, m, off, len, rowf, colf, a); }); });
+  }
+  static void came_apply_elem(void* p, int pt, const void* g, int gt, const float* m, const float* v, int64_t lo, int64_t hi,
+                              const CameApplyParams& a) {
+    with_mut_dtype(pt, p, [&](auto pp) { with_dtype(gt, g, [&](auto gp) { came_apply_elem_t<V>(pp, gp, m, v, lo, hi, a); }); });
+  }
+};
+
+}  // namespace DC_ISA
+}  // namespace dist_cautious_cpu
+
+// A KernelTable of Entry<V>'s functions: constant-initialised (no code of the target ISA runs
+// when the library loads, so importing on an older CPU is safe).
+#define DIST_CAUTIOUS_KERNEL_TABLE(E, NAME)                                                         \
+  KernelTable{NAME,                 E::W,                  &E::adamw_count,          &E::adamw_apply, \
+              &E::lion_count,       &E::lion_apply,        &E::came_sq_segment,      &E::came_vector_moment, \
+              &E::came_sumsq_segment, &E::came_sumsq_elem, &E::came_momentum_segment, &E::came_momentum_elem, \
+              &E::came_apply_segment, &E::came_apply_elem}

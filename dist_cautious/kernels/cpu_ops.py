@@ -1,0 +1,241 @@
+"""The native CPU kernels behind the reference signatures.
+
+``load()`` builds (or imports) the ``dist_cautious_cpu_kernels`` extension from ``csrc/cpu`` and
+returns a ``CpuOps`` namespace with the functions of ``kernels/reference.py``, same names, same
+arguments, same results to fp32 rounding (most outputs bit for bit; sums differ only in the order
+of additions, see docs/cpu_kernels.md). ``kernels.ops_for`` picks it for CPU tensors.
+
+The extension handles CPU, contiguous, 1-D tensors with fp32 state and fp32 / bf16 / fp16 params
+and grads. A call whose tensors fall outside that (an fp64 param, a strided view) runs the
+reference function instead: the same math, only slower, never different results.
+
+Python computes every per-tensor scalar exactly as the reference does (in double, e.g.
+``lr / (1 - beta1**step)``) and the extension rounds it to fp32 once, as torch does when a
+Python number meets an fp32 tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from dist_cautious.kernels import reference
+from dist_cautious.kernels.layout import FactoredLayout
+from dist_cautious.kernels.reference import CameFactors, mask_scales
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_IDENTITY, _ELEMENTWISE, _FACTORED = 0, 1, 2
+
+
+def _native_ok(values: Sequence[Optional[Tensor]], state: Sequence[Optional[Tensor]] = ()) -> bool:
+    """True when every tensor is one the extension takes: CPU, contiguous, a supported dtype
+    (state: fp32)."""
+    for tensor in values:
+        if tensor is not None and (tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.dtype not in _NATIVE_DTYPES):
+            return False
+    for tensor in state:
+        if tensor is not None and (tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.dtype != torch.float32):
+            return False
+    return True
+
+
+def _scales_ok(scales: Optional[Tensor]) -> bool:
+    return scales is None or (scales.device.type == "cpu" and scales.dtype == torch.float32)
+
+
+class _FactorArgs:
+    """CameFactors flattened into the parallel lists the extension takes."""
+
+    def __init__(self, factors: Sequence[CameFactors]) -> None:
+        self.kinds: list[int] = []
+        self.starts: list[int] = []
+        self.rows: list[int] = []
+        self.cols: list[int] = []
+        self.row: list[Optional[Tensor]] = []
+        self.col: list[Optional[Tensor]] = []
+        self.elem: list[Optional[Tensor]] = []
+        for factor in factors:
+            layout: Optional[FactoredLayout] = factor.layout
+            if layout is not None:
+                self.kinds.append(_FACTORED)
+                self.starts.append(layout.start)
+                self.rows.append(layout.rows)
+                self.cols.append(layout.cols)
+                self.row.append(factor.row)
+                self.col.append(factor.col)
+                self.elem.append(None)
+            else:
+                self.kinds.append(_ELEMENTWISE if factor.elementwise is not None else _IDENTITY)
+                self.starts.append(0)
+                self.rows.append(1)
+                self.cols.append(1)
+                self.row.append(None)
+                self.col.append(None)
+                self.elem.append(factor.elementwise)
+
+    def tensors(self) -> list[Optional[Tensor]]:
+        return [*self.row, *self.col, *self.elem]
+
+    def args(self) -> tuple[Any, ...]:
+        return (self.kinds, self.starts, self.rows, self.cols, self.row, self.col, self.elem)
+
+
+class CpuOps:
+    """The reference functions, run by the compiled extension ``module``."""
+
+    mask_scales = staticmethod(mask_scales)
+    CameFactors = CameFactors
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    @property
+    def isa(self) -> str:
+        """The instruction set in use: 'avx512', 'avx2' or 'scalar'."""
+        return self.module.current_isa()
+
+    # --- AdamW ---------------------------------------------------------------------------
+    def adamw_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
+        if not _native_ok(grads, exp_avgs):
+            return reference.adamw_mask_counts(grads, exp_avgs, beta1)
+        return self.module.adamw_mask_counts(list(grads), list(exp_avgs), 1 - beta1)
+
+    def adamw_apply(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        exp_avg_sqs: Sequence[Tensor],
+        steps: Sequence[int],
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        scales: Optional[Tensor] = None,
+    ) -> None:
+        if not (_native_ok([*params, *grads], [*exp_avgs, *exp_avg_sqs]) and _scales_ok(scales)):
+            reference.adamw_apply(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scales=scales)
+            return
+        neg_step_sizes = [-(lr / (1 - beta1**step)) for step in steps]
+        sqrt_bc2s = [math.sqrt(1 - beta2**step) for step in steps]
+        self.module.adamw_apply(
+            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), neg_step_sizes, sqrt_bc2s,
+            1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, scales,
+        )  # fmt: skip
+
+    # --- Lion ----------------------------------------------------------------------------
+    def lion_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
+        if not _native_ok(grads, exp_avgs):
+            return reference.lion_mask_counts(grads, exp_avgs, beta1)
+        return self.module.lion_mask_counts(list(grads), list(exp_avgs), 1 - beta1)
+
+    def lion_apply(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        weight_decay: float,
+        scales: Optional[Tensor] = None,
+    ) -> None:
+        if not (_native_ok([*params, *grads], exp_avgs) and _scales_ok(scales)):
+            reference.lion_apply(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales)
+            return
+        self.module.lion_apply(list(params), list(grads), list(exp_avgs), 1 - lr * weight_decay, 1 - beta1, 1 - beta2, -lr, scales)
+
+    # --- CAME ----------------------------------------------------------------------------
+    def came_factored_sq_sums(
+        self, grads: Sequence[Tensor], layouts: Sequence[FactoredLayout], eps1: float, row_sums: Sequence[Tensor], col_sums: Sequence[Tensor]
+    ) -> None:
+        if not _native_ok(grads, [*row_sums, *col_sums]):
+            reference.came_factored_sq_sums(grads, layouts, eps1, row_sums, col_sums)
+            return
+        self._check_layouts(grads, layouts)
+        self.module.came_factored_sq_sums(
+            list(grads), [l.start for l in layouts], [l.rows for l in layouts], [l.cols for l in layouts], eps1, list(row_sums), list(col_sums)
+        )
+
+    def came_vector_second_moment(self, grads: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], beta2: float, eps1: float) -> None:
+        if not _native_ok(grads, exp_avg_sqs):
+            reference.came_vector_second_moment(grads, exp_avg_sqs, beta2, eps1)
+            return
+        self.module.came_vector_second_moment(list(grads), list(exp_avg_sqs), beta2, 1 - beta2, eps1)
+
+    def came_update_sumsq(self, grads: Sequence[Tensor], factors: Sequence[CameFactors]) -> Tensor:
+        packed = _FactorArgs(factors)
+        if not _native_ok(grads, packed.tensors()):
+            return reference.came_update_sumsq(grads, factors)
+        self._check_factors(grads, factors)
+        return self.module.came_update_sumsq(list(grads), *packed.args())
+
+    def came_momentum(
+        self,
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        factors: Sequence[CameFactors],
+        clip_divisors: Tensor,
+        *,
+        beta1: float,
+        eps2: float,
+        res_row_sums: Sequence[Optional[Tensor]],
+        res_col_sums: Sequence[Optional[Tensor]],
+    ) -> Tensor:
+        packed = _FactorArgs(factors)
+        if not _native_ok(grads, [*exp_avgs, *packed.tensors(), *res_row_sums, *res_col_sums]):
+            return reference.came_momentum(grads, exp_avgs, factors, clip_divisors, beta1=beta1, eps2=eps2, res_row_sums=res_row_sums, res_col_sums=res_col_sums)
+        self._check_factors(grads, factors)
+        clips = clip_divisors.detach().to(device="cpu", dtype=torch.float32).tolist()
+        return self.module.came_momentum(
+            list(grads), list(exp_avgs), *packed.args(), clips, beta1, 1 - beta1, eps2, list(res_row_sums), list(res_col_sums)
+        )
+
+    def came_apply(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        confidence: Sequence[CameFactors],
+        *,
+        lr: float,
+        weight_decay: float,
+        scales: Optional[Tensor] = None,
+    ) -> None:
+        packed = _FactorArgs(confidence)
+        if not (_native_ok([*params, *grads], [*exp_avgs, *packed.tensors()]) and _scales_ok(scales)):
+            reference.came_apply(params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales)
+            return
+        self._check_factors(grads, confidence)
+        self.module.came_apply(list(params), list(grads), list(exp_avgs), *packed.args(), 1 - lr * weight_decay, -lr, scales)
+
+    # --- argument checks -----------------------------------------------------------------
+    @staticmethod
+    def _check_layouts(grads: Sequence[Tensor], layouts: Sequence[FactoredLayout]) -> None:
+        if len(grads) != len(layouts):
+            raise ValueError(f"{len(grads)} grads but {len(layouts)} layouts")
+        for grad, layout in zip(grads, layouts):
+            if grad.numel() != layout.end - layout.start:
+                raise ValueError(f"grad of {grad.numel()} elements for a layout range of {layout.end - layout.start}")
+
+    @staticmethod
+    def _check_factors(grads: Sequence[Tensor], factors: Sequence[CameFactors]) -> None:
+        if len(grads) != len(factors):
+            raise ValueError(f"{len(grads)} grads but {len(factors)} factors")
+        for grad, factor in zip(grads, factors):
+            if factor.layout is not None and grad.numel() != factor.layout.end - factor.layout.start:
+                raise ValueError(f"grad of {grad.numel()} elements for a layout range of {factor.layout.end - factor.layout.start}")
+
+
+def load() -> CpuOps:
+    """Build (first use, cached) or import the extension; raises if it cannot be built."""
+    from dist_cautious.kernels import build
+
+    return CpuOps(build.load("cpu"))
