@@ -1,0 +1,332 @@
+"""The native CPU kernels against the torch reference path (kernels/reference.py), element for element.
+
+Every instruction set the CPU supports (AVX-512, AVX2, scalar) is tested, over sizes that hit
+empty tensors, tensors smaller than one vector, vector tails and tile boundaries, with fp32,
+bf16 and fp16 params and grads, and over factored layouts cut mid-row, batched and large.
+
+What "equal" means here, derived from fp32 rounding:
+- Mask counts, momentum and second-moment state, Lion and CAME params: bit for bit (the kernels
+  run torch's op sequence: lerp and add(alpha) as fmadd, addcmul as fmadd(value*t1, t2, self)).
+- AdamW params: torch's ``sqrt`` on CPU may come from MKL's vector math, which is not correctly
+  rounded (measured up to 1.5 ulp off here); the kernel uses the IEEE sqrt. The denominator may
+  then differ by up to 2 ulp, the update term by up to 4 ulp (2^-21 relative), and the sum with
+  the param by one more rounding: |p - p_ref| <= 2^-21 |update| + ulp(p_ref) in the param's dtype.
+- Sums (row/col sums, sum of squares): the reference sums in fp32 in its own order, the kernel
+  in double; for n positive terms the reference's error is at most n * 2^-24 * sum (recursive
+  summation bound, which also covers pairwise), so |s - s_ref| <= (n + 1) * 2^-24 * s_ref.
+
+With DIST_CAUTIOUS_KERNELS=native a failed build fails this file; otherwise it is skipped with
+the build error as the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import pytest
+import torch
+
+from dist_cautious import kernels
+from dist_cautious.kernels import reference as ref
+from dist_cautious.kernels.layout import FactoredLayout
+from dist_cautious.kernels.reference import CameFactors
+
+EPS32 = 2.0**-24  # unit roundoff of fp32
+
+
+def _load_ops():
+    from dist_cautious.kernels import cpu_ops
+
+    try:
+        return cpu_ops.load(), None
+    except Exception as error:  # a missing compiler or a failed build
+        return None, error
+
+
+OPS, BUILD_ERROR = _load_ops()
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if OPS is None:
+        message = f"native CPU kernels could not be built: {BUILD_ERROR}"
+        if os.environ.get("DIST_CAUTIOUS_KERNELS", "auto").lower() == "native":
+            pytest.fail(message)
+        pytest.skip(message)
+    return OPS
+
+
+ISAS = OPS.module.available_isas() if OPS is not None else ["unbuilt"]
+
+
+@pytest.fixture(params=ISAS)
+def isa_ops(request, ops):
+    ops.module.set_isa(request.param)
+    yield ops
+    ops.module.set_isa("auto")
+
+
+def _tile() -> int:
+    return OPS.module.tile_size() if OPS is not None else 1 << 15
+
+
+# empty, one element, below/at/above one AVX2 (8) and AVX-512 (16) vector, odd, and across tiles
+SIZES = [0, 1, 7, 8, 9, 15, 16, 17, 33, 1000, None]  # None: two tiles and a tail
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32), (torch.float32, torch.float16)]
+
+
+def _size(n):
+    return 2 * _tile() + 5 if n is None else n
+
+
+def _data(n: int, param_dtype: torch.dtype, grad_dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed + n)
+    p = torch.randn(n, generator=gen).to(param_dtype)
+    g = torch.randn(n, generator=gen).to(grad_dtype)
+    m = torch.randn(n, generator=gen) * 0.1
+    v = torch.rand(n, generator=gen) * 0.01
+    return p, g, m, v
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` values at |x| (at least the smallest normal's spacing)."""
+    info = torch.finfo(dtype)
+    mag = x.float().abs().clamp(min=info.tiny)
+    return torch.exp2(torch.floor(torch.log2(mag))) * info.eps
+
+
+def _assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.dtype == expected.dtype, what
+    diff = (actual.float() != expected.float()) & ~(actual.float().isnan() & expected.float().isnan())
+    assert not diff.any(), f"{what}: {int(diff.sum())} of {actual.numel()} differ, max {float((actual.float() - expected.float()).abs().max())}"
+
+
+def _assert_sum_close(actual: torch.Tensor, expected: torch.Tensor, terms: int, what: str) -> None:
+    bound = (terms + 1) * EPS32 * expected.abs() + torch.finfo(torch.float32).tiny
+    excess = (actual - expected).abs() - bound
+    assert (excess <= 0).all(), f"{what}: off by {float((actual - expected).abs().max())} > bound for {terms} terms"
+
+
+# ------------------------------------------------------------------------- AdamW / Lion ------
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("param_dtype,grad_dtype", DTYPES)
+@pytest.mark.parametrize("cautious", [False, True])
+def test_adamw_matches_reference(isa_ops, n, param_dtype, grad_dtype, cautious):
+    n = _size(n)
+    p, g, m, v = _data(n, param_dtype, grad_dtype)
+    counts = isa_ops.adamw_mask_counts([g], [m], 0.9)
+    _assert_equal(counts, ref.adamw_mask_counts([g], [m], 0.9), "mask counts")
+    scales = ref.mask_scales(counts, [max(n, 1)]) if cautious else None
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, scales=scales)
+    p_ref, m_ref, v_ref = p.clone(), m.clone(), v.clone()
+    ref.adamw_apply([p_ref], [g], [m_ref], [v_ref], [3], **hyper)
+    isa_ops.adamw_apply([p], [g], [m], [v], [3], **hyper)
+    _assert_equal(m, m_ref, "exp_avg")
+    _assert_equal(v, v_ref, "exp_avg_sq")
+    decayed = _data(n, param_dtype, grad_dtype)[0].float() * (1 - 1e-3 * 0.01)
+    update = (p_ref.float() - decayed).abs()
+    bound = 2.0**-21 * update + _ulp(p_ref, param_dtype)
+    err = (p.float() - p_ref.float()).abs()
+    assert (err <= bound).all(), f"param off by {float(err.max())}"
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("param_dtype,grad_dtype", DTYPES)
+@pytest.mark.parametrize("cautious", [False, True])
+def test_lion_matches_reference_bitwise(isa_ops, n, param_dtype, grad_dtype, cautious):
+    n = _size(n)
+    p, g, m, _ = _data(n, param_dtype, grad_dtype)
+    counts = isa_ops.lion_mask_counts([g], [m], 0.9)
+    _assert_equal(counts, ref.lion_mask_counts([g], [m], 0.9), "mask counts")
+    scales = ref.mask_scales(counts, [max(n, 1)]) if cautious else None
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, scales=scales)
+    p_ref, m_ref = p.clone(), m.clone()
+    ref.lion_apply([p_ref], [g], [m_ref], **hyper)
+    isa_ops.lion_apply([p], [g], [m], **hyper)
+    _assert_equal(m, m_ref, "exp_avg")
+    _assert_equal(p, p_ref, "param")
+
+
+def test_several_tensors_per_call_and_zero_entries(isa_ops):
+    """Lists mixing sizes and dtypes; exact zeros in m and g (masked: product not > 0)."""
+    sizes = [0, 5, 17, 1000]
+    params = [torch.randn(n).to(dt) for n, dt in zip(sizes, [torch.float32, torch.bfloat16, torch.float16, torch.float32])]
+    grads = [torch.randn(n) for n in sizes]
+    grads[3][::3] = 0.0
+    exp_avgs = [torch.zeros(n) for n in sizes]
+    counts = isa_ops.lion_mask_counts(grads, exp_avgs, 0.9)
+    _assert_equal(counts, ref.lion_mask_counts(grads, exp_avgs, 0.9), "counts")
+    scales = ref.mask_scales(counts, [max(n, 1) for n in sizes])
+    expected = [p.clone() for p in params]
+    m_ref = [m.clone() for m in exp_avgs]
+    ref.lion_apply(expected, grads, m_ref, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, scales=scales)
+    isa_ops.lion_apply(params, grads, exp_avgs, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, scales=scales)
+    for actual, wanted in zip(params, expected):
+        _assert_equal(actual, wanted, "param")
+
+
+# ------------------------------------------------------------------------- CAME -------------
+
+LAYOUTS = [
+    ((5, 3), 0, 15),  # whole small matrix
+    ((5, 3), 4, 13),  # starts and ends mid-row
+    ((7, 37), 40, 45),  # inside one row
+    ((3, 4, 5, 9), 17, 170),  # batched (conv-like), partial rows at both ends
+    ((4, 3, 2, 2), 1, 47),  # conv weight factored over 2x2
+    ((300, 200), 123, 59999),  # one large matrix (R*C > tile), mid-row cuts
+    ((2, 100, 700), 5000, 139993),  # two large matrices
+    ((2000, 3), 0, 6000),  # many rows narrower than a vector
+]
+
+
+def _sum_terms(layout: FactoredLayout) -> tuple[int, int]:
+    """Most terms in one row sum (C) and in one column sum (R)."""
+    return layout.cols, layout.rows
+
+
+@pytest.mark.parametrize("shape,start,end", LAYOUTS)
+@pytest.mark.parametrize("param_dtype,grad_dtype", DTYPES[:3])
+def test_came_factored_phases(isa_ops, shape, start, end, param_dtype, grad_dtype):
+    layout = FactoredLayout(shape, start, end)
+    n = end - start
+    p, g, m, _ = _data(n, param_dtype, grad_dtype)
+    rows, cols = layout.num_row_factors, layout.num_col_factors
+    row_c, col_c = _sum_terms(layout)
+
+    row_sums, col_sums = torch.zeros(rows), torch.zeros(cols)
+    row_ref, col_ref = torch.zeros(rows), torch.zeros(cols)
+    isa_ops.came_factored_sq_sums([g], [layout], 1e-30, [row_sums], [col_sums])
+    ref.came_factored_sq_sums([g], [layout], 1e-30, [row_ref], [col_ref])
+    _assert_sum_close(row_sums, row_ref, row_c, "row sums")
+    _assert_sum_close(col_sums, col_ref, col_c, "col sums")
+
+    gen = torch.Generator().manual_seed(7)
+    factors = CameFactors(layout, torch.rand(rows, generator=gen) + 0.5, torch.rand(cols, generator=gen) + 0.5)
+    _assert_sum_close(isa_ops.came_update_sumsq([g], [factors]), ref.came_update_sumsq([g], [factors]), n, "update sumsq")
+
+    clip = torch.tensor([1.7])
+    m_ref = m.clone()
+    res = (torch.zeros(rows), torch.zeros(cols))
+    res_ref = (torch.zeros(rows), torch.zeros(cols))
+    counts = isa_ops.came_momentum([g], [m], [factors], clip, beta1=0.9, eps2=1e-16, res_row_sums=[res[0]], res_col_sums=[res[1]])
+    counts_ref = ref.came_momentum([g], [m_ref], [factors], clip, beta1=0.9, eps2=1e-16, res_row_sums=[res_ref[0]], res_col_sums=[res_ref[1]])
+    _assert_equal(counts, counts_ref, "mask counts")
+    _assert_equal(m, m_ref, "exp_avg")
+    _assert_sum_close(res[0], res_ref[0], row_c, "residual row sums")
+    _assert_sum_close(res[1], res_ref[1], col_c, "residual col sums")
+
+    for scales in (None, ref.mask_scales(counts, [math.prod(shape)])):
+        p_native, p_ref = p.clone(), p.clone()
+        isa_ops.came_apply([p_native], [g], [m], [factors], lr=1e-3, weight_decay=0.1, scales=scales)
+        ref.came_apply([p_ref], [g], [m_ref], [factors], lr=1e-3, weight_decay=0.1, scales=scales)
+        _assert_equal(p_native, p_ref, "param")
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("param_dtype,grad_dtype", DTYPES)
+def test_came_vector_phases(isa_ops, n, param_dtype, grad_dtype):
+    n = _size(n)
+    p, g, m, v = _data(n, param_dtype, grad_dtype)
+    v_ref = v.clone()
+    isa_ops.came_vector_second_moment([g], [v], 0.999, 1e-30)
+    ref.came_vector_second_moment([g], [v_ref], 0.999, 1e-30)
+    _assert_equal(v, v_ref, "exp_avg_sq")
+    factors = CameFactors(elementwise=v)
+    _assert_sum_close(isa_ops.came_update_sumsq([g], [factors]), ref.came_update_sumsq([g], [factors]), n, "update sumsq")
+    clip = torch.tensor([1.3])
+    m_ref = m.clone()
+    counts = isa_ops.came_momentum([g], [m], [factors], clip, beta1=0.9, eps2=1e-16, res_row_sums=[None], res_col_sums=[None])
+    counts_ref = ref.came_momentum([g], [m_ref], [factors], clip, beta1=0.9, eps2=1e-16, res_row_sums=[None], res_col_sums=[None])
+    _assert_equal(counts, counts_ref, "mask counts")
+    _assert_equal(m, m_ref, "exp_avg")
+    for confidence in (CameFactors(), factors):
+        for scales in (None, torch.tensor([2.5])):
+            p_native, p_ref = p.clone(), p.clone()
+            isa_ops.came_apply([p_native], [g], [m], [confidence], lr=1e-3, weight_decay=0.1, scales=scales)
+            ref.came_apply([p_ref], [g], [m_ref], [confidence], lr=1e-3, weight_decay=0.1, scales=scales)
+            _assert_equal(p_native, p_ref, "param")
+
+
+def test_came_sums_add_into_existing_buffers(ops):
+    """Two fragments of one tensor add their partial sums into the same full-size buffers."""
+    shape = (9, 11)
+    g = torch.randn(99)
+    pieces = [(0, 40), (40, 99)]
+    rows, cols = torch.zeros(9), torch.zeros(11)
+    for start, end in pieces:
+        ops.came_factored_sq_sums([g[start:end]], [FactoredLayout(shape, start, end)], 1e-30, [rows], [cols])
+    whole_rows, whole_cols = torch.zeros(9), torch.zeros(11)
+    ref.came_factored_sq_sums([g], [FactoredLayout(shape, 0, 99)], 1e-30, [whole_rows], [whole_cols])
+    _assert_sum_close(rows, whole_rows, 11, "row sums")
+    _assert_sum_close(cols, whole_cols, 9, "col sums")
+
+
+# ------------------------------------------------------------------------- dispatch ----------
+
+
+def test_fp64_and_strided_inputs_fall_back_to_the_reference(ops):
+    p = torch.randn(20, dtype=torch.float64)
+    g = torch.randn(40)[::2]  # not contiguous
+    m, v = torch.zeros(20), torch.zeros(20)
+    p_ref, m_ref, v_ref = p.clone(), m.clone(), v.clone()
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    ops.adamw_apply([p], [g], [m], [v], [1], **hyper)
+    ref.adamw_apply([p_ref], [g], [m_ref], [v_ref], [1], **hyper)
+    _assert_equal(p, p_ref, "fp64 param via the reference")
+
+
+def test_bad_arguments_raise(ops):
+    with pytest.raises(ValueError, match="layout range"):
+        ops.came_factored_sq_sums([torch.randn(5)], [FactoredLayout((3, 3), 0, 9)], 1e-30, [torch.zeros(3)], [torch.zeros(3)])
+    with pytest.raises(RuntimeError, match="lists differ in length"):
+        ops.module.adamw_mask_counts([torch.randn(3)], [], 0.1)
+    with pytest.raises(RuntimeError, match="not supported|unknown ISA"):
+        ops.module.set_isa("sse9")
+
+
+def test_ops_for_picks_native_and_falls_back_once(ops, monkeypatch, caplog):
+    monkeypatch.setenv("DIST_CAUTIOUS_KERNELS", "auto")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    assert type(kernels.ops_for(torch.device("cpu"))).__name__ == "CpuOps"
+
+    from dist_cautious.kernels import build
+
+    def broken(kind, verbose=False):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(build, "load", broken)
+    monkeypatch.setattr(kernels, "_loaded", {})
+    with caplog.at_level(logging.WARNING, logger="dist_cautious"):
+        assert kernels.ops_for(torch.device("cpu")) is ref
+        assert kernels.ops_for(torch.device("cpu")) is ref
+    assert len([r for r in caplog.records if "no compiler" in r.getMessage()]) == 1
+    monkeypatch.setenv("DIST_CAUTIOUS_KERNELS", "native")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    with pytest.raises(RuntimeError, match="no compiler"):
+        kernels.ops_for(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["CautiousAdamW", "CautiousLion", "CAME"])
+def test_optimizer_steps_native_vs_reference(ops, monkeypatch, name):
+    """Three steps of each optimizer on awkward shapes: native kernels vs the reference path."""
+    import dist_cautious.optim as optim
+
+    shapes = [(), (1,), (7,), (5, 3), (4, 3, 2, 2), (33, 17)]
+    kwargs = {"CAME": dict(lr=2e-4, cautious=True)}.get(name, dict(lr=1e-3))
+    results = []
+    for mode in ("reference", "native"):
+        monkeypatch.setenv("DIST_CAUTIOUS_KERNELS", mode)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = getattr(optim, name)(params, **kwargs)
+        for _ in range(3):
+            for param in params:
+                param.grad = torch.randn(param.shape)
+            opt.step()
+        results.append([param.detach().clone() for param in params])
+    for native, wanted in zip(results[1], results[0]):
+        torch.testing.assert_close(native, wanted, rtol=1e-5, atol=1e-6)
