@@ -1,0 +1,508 @@
+// The only torch-aware file of the CUDA kernels: checks tensors, packs their raw pointers and
+// sizes into descriptors, uploads the descriptors in one pinned host-to-device copy on the
+// current stream, and calls the launchers of csrc/cuda/*.cu with that stream. No call here
+// synchronises with the host: counts and sums stay on the device.
+//
+// dist_cautious/kernels/cuda_ops.py wraps these functions into the signatures of
+// dist_cautious/kernels/reference.py; it computes every host-side scalar (bias corrections,
+// 1 - beta) in Python double precision exactly as the reference does, and this file rounds them
+// to fp32 as torch's CUDA kernels round a Python scalar.
+
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "dc_kernels.h"
+
+namespace dc = dist_cautious;
+using at::Tensor;
+
+namespace {
+
+int32_t dtype_code(const Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return dc::kF32;
+    case at::kBFloat16: return dc::kBF16;
+    case at::kHalf: return dc::kF16;
+    default: TORCH_CHECK(false, "dist_cautious CUDA kernels: ", what, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+  return dc::kF32;
+}
+
+void check_flat(const Tensor& t, const char* what, const at::Device& device, int64_t numel) {
+  TORCH_CHECK(t.is_cuda() && t.device() == device, "dist_cautious CUDA kernels: ", what, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), "dist_cautious CUDA kernels: ", what, " must be contiguous");
+  TORCH_CHECK(numel < 0 || t.numel() == numel, "dist_cautious CUDA kernels: ", what, " has ", t.numel(), " elements, expected ", numel);
+}
+
+void check_state(const Tensor& t, const char* what, const at::Device& device, int64_t numel) {
+  check_flat(t, what, device, numel);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "dist_cautious CUDA kernels: ", what, " must be float32, got ", t.scalar_type());
+}
+
+// One pinned host buffer copied to the device on the current stream; the caching host allocator
+// keeps the pinned block alive until the copy has run.
+template <typename Desc>
+Tensor upload(const std::vector<Desc>& descs, const at::Device& device) {
+  const int64_t bytes = static_cast<int64_t>(descs.size() * sizeof(Desc));
+  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), descs.data(), static_cast<size_t>(bytes));
+  return host.to(device, /*non_blocking=*/true);
+}
+
+void check_launch(cudaError_t error, const char* what) {
+  TORCH_CHECK(error == cudaSuccess, "dist_cautious CUDA kernel ", what, " failed: ", cudaGetErrorString(error));
+}
+
+// Elementwise descriptors from parallel lists; an empty list means "not used by this op".
+struct ElemLists {
+  const std::vector<Tensor>* params = nullptr;
+  const std::vector<Tensor>* grads = nullptr;
+  const std::vector<Tensor>* exp_avgs = nullptr;
+  const std::vector<Tensor>* exp_avg_sqs = nullptr;  // AdamW v, CAME 1-D v or preconditioner
+  const std::vector<bool>* has_exp_avg_sq = nullptr;  // CAME: false = identity preconditioner
+  const std::vector<int64_t>* out_index = nullptr;    // default: position in the list
+};
+
+std::vector<dc::ElemDesc> elem_descs(const ElemLists& lists, at::Device& device) {
+  const auto& grads = *lists.grads;
+  std::vector<dc::ElemDesc> descs;
+  if (grads.empty()) return descs;
+  device = grads[0].device();
+  const size_t count = grads.size();
+  auto used = [count](const std::vector<Tensor>* list, const char* what) {
+    if (list == nullptr || list->empty()) return false;
+    TORCH_CHECK(list->size() == count, "dist_cautious CUDA kernels: ", what, " has ", list->size(), " tensors, grads has ", count);
+    return true;
+  };
+  const bool with_params = used(lists.params, "params");
+  const bool with_m = used(lists.exp_avgs, "exp_avgs");
+  const bool with_v = used(lists.exp_avg_sqs, "exp_avg_sqs");
+  TORCH_CHECK(lists.out_index == nullptr || lists.out_index->size() == count, "dist_cautious CUDA kernels: out_index length");
+  TORCH_CHECK(lists.has_exp_avg_sq == nullptr || lists.has_exp_avg_sq->size() == count, "dist_cautious CUDA kernels: has_exp_avg_sq length");
+  for (size_t t = 0; t < count; ++t) {
+    const Tensor& g = grads[t];
+    const int64_t n = g.numel();
+    check_flat(g, "grad", device, -1);
+    dc::ElemDesc d{};
+    d.grad = g.data_ptr();
+    d.grad_dtype = dtype_code(g, "grad");
+    d.param_dtype = dc::kF32;
+    d.n = n;
+    d.out_index = static_cast<int32_t>(lists.out_index ? (*lists.out_index)[t] : static_cast<int64_t>(t));
+    if (with_params) {
+      const Tensor& p = (*lists.params)[t];
+      check_flat(p, "param", device, n);
+      d.param = p.data_ptr();
+      d.param_dtype = dtype_code(p, "param");
+    }
+    if (with_m) {
+      check_state((*lists.exp_avgs)[t], "exp_avg", device, n);
+      d.exp_avg = (*lists.exp_avgs)[t].data_ptr<float>();
+    }
+    if (with_v && (lists.has_exp_avg_sq == nullptr || (*lists.has_exp_avg_sq)[t])) {
+      check_state((*lists.exp_avg_sqs)[t], "exp_avg_sq", device, n);
+      d.exp_avg_sq = (*lists.exp_avg_sqs)[t].data_ptr<float>();
+    }
+    if (n > 0) descs.push_back(d);  // empty tensors own no block
+  }
+  return descs;
+}
+
+const float* optional_scales(const std::optional<Tensor>& scales, const at::Device& device, int64_t count) {
+  if (!scales.has_value() || !scales->defined()) return nullptr;
+  check_state(*scales, "scales", device, count);
+  return scales->data_ptr<float>();
+}
+
+Tensor lerp_mask_counts(const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, double weight, bool lion) {
+  TORCH_CHECK(!grads.empty(), "dist_cautious CUDA kernels: empty list");
+  at::Device device = grads[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  ElemLists lists;
+  lists.grads = &grads;
+  lists.exp_avgs = &exp_avgs;
+  TORCH_CHECK(exp_avgs.size() == grads.size(), "dist_cautious CUDA kernels: exp_avgs length");
+  auto descs = elem_descs(lists, device);
+  Tensor counts = at::zeros({static_cast<int64_t>(grads.size())}, at::TensorOptions().dtype(at::kLong).device(device));
+  if (descs.empty()) return counts;
+  const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
+  Tensor meta = upload(descs, device);
+  auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_launch(dc::launch_lerp_mask_counts(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
+                                           static_cast<float>(weight), lion, reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), stream),
+               "lerp_mask_counts");
+  return counts;
+}
+
+void adamw_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
+                 const std::vector<Tensor>& exp_avg_sqs, const std::vector<double>& alphas, const std::vector<double>& bc2_sqrts,
+                 double decay, double lerp_weight, double beta2, double one_minus_beta2, double eps, const std::optional<Tensor>& scales) {
+  if (grads.empty()) return;
+  TORCH_CHECK(params.size() == grads.size() && exp_avgs.size() == grads.size() && exp_avg_sqs.size() == grads.size() &&
+                  alphas.size() == grads.size() && bc2_sqrts.size() == grads.size(),
+              "dist_cautious CUDA kernels: adamw_apply lists differ in length");
+  at::Device device = grads[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  ElemLists lists;
+  lists.params = &params;
+  lists.grads = &grads;
+  lists.exp_avgs = &exp_avgs;
+  lists.exp_avg_sqs = &exp_avg_sqs;
+  auto descs = elem_descs(lists, device);
+  for (auto& d : descs) {
+    // torch divides a tensor by a Python scalar on CUDA as x * (1 / fp32(s)).
+    d.alpha = static_cast<float>(alphas[d.out_index]);
+    d.inv_bc2_sqrt = 1.0f / static_cast<float>(bc2_sqrts[d.out_index]);
+  }
+  const float* scale_ptr = optional_scales(scales, device, static_cast<int64_t>(grads.size()));
+  if (descs.empty()) return;
+  const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
+  Tensor meta = upload(descs, device);
+  auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_launch(dc::launch_adamw_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
+                                      static_cast<float>(decay), static_cast<float>(lerp_weight), static_cast<float>(beta2),
+                                      static_cast<float>(one_minus_beta2), static_cast<float>(eps), scale_ptr, stream),
+               "adamw_apply");
+}
+
+void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, double decay,
+                double weight1, double weight2, double neg_lr, const std::optional<Tensor>& scales) {
+  if (grads.empty()) return;
+  TORCH_CHECK(params.size() == grads.size() && exp_avgs.size() == grads.size(), "dist_cautious CUDA kernels: lion_apply lists differ in length");
+  at::Device device = grads[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  ElemLists lists;
+  lists.params = &params;
+  lists.grads = &grads;
+  lists.exp_avgs = &exp_avgs;
+  auto descs = elem_descs(lists, device);
+  const float* scale_ptr = optional_scales(scales, device, static_cast<int64_t>(grads.size()));
+  if (descs.empty()) return;
+  const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
+  Tensor meta = upload(descs, device);
+  auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_launch(dc::launch_lion_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
+                                     static_cast<float>(decay), static_cast<float>(weight1), static_cast<float>(weight2),
+                                     static_cast<float>(neg_lr), scale_ptr, stream),
+               "lion_apply");
+}
+
+void came_vector_second_moment(const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avg_sqs, double beta2,
+                               double one_minus_beta2, double eps1) {
+  if (grads.empty()) return;
+  TORCH_CHECK(exp_avg_sqs.size() == grads.size(), "dist_cautious CUDA kernels: exp_avg_sqs length");
+  at::Device device = grads[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  ElemLists lists;
+  lists.grads = &grads;
+  lists.exp_avg_sqs = &exp_avg_sqs;
+  auto descs = elem_descs(lists, device);
+  if (descs.empty()) return;
+  const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
+  Tensor meta = upload(descs, device);
+  auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_launch(dc::launch_came_vector_second_moment(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()),
+                                                    blocks, static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
+                                                    static_cast<float>(eps1), stream),
+               "came_vector_second_moment");
+}
+
+// The CAME 1-D ops share their lists: preconditioner v (rsqrt(v) multiplies) where has_v, else identity.
+void came_vector_sumsq(const std::vector<Tensor>& grads, const std::vector<Tensor>& preconds, const std::vector<bool>& has_precond,
+                       const std::vector<int64_t>& out_index, Tensor sums) {
+  if (grads.empty()) return;
+  at::Device device = grads[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  TORCH_CHECK(sums.is_cuda() && sums.scalar_type() == at::kDouble && sums.is_contiguous(), "dist_cautious CUDA kernels: sums must be a contiguous float64 CUDA tensor");
+  ElemLists lists;
+  lists.grads = &grads;
+  lists.exp_avg_sqs = &preconds;
+  lists.has_exp_avg_sq = &has_precond;
+  lists.out_index = &out_index;
+  auto descs = elem_descs(lists, device);
+  if (descs.empty()) return;
+  const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
+  Tensor meta = upload(descs, device);
+  auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_launch(dc::launch_came_vector_sumsq(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
+                                            sums.data_ptr<double>(), stream),
+               "came_vector_sumsq");
+}
+
+void came_vector_momentum(const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& preconds,
+                          const std::vector<bool>& has_precond, const std::vector<int64_t>& out_index, Tensor divisors, double beta1,
+                          double one_minus_beta1, Tensor counts) {
+  if (grads.empty()) return;
+  at::Device device = grads[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  check_state(divisors, "clip divisors", device, -1);
+  TORCH_CHECK(counts.is_cuda() && counts.scalar_type() == at::kLong && counts.is_contiguous(), "dist_cautious CUDA kernels: counts must be a contiguous int64 CUDA tensor");
+  ElemLists lists;
+  lists.grads = &grads;
+  lists.exp_avgs = &exp_avgs;
+  lists.exp_avg_sqs = &preconds;
+  lists.has_exp_avg_sq = &has_precond;
+  lists.out_index = &out_index;
+  auto descs = elem_descs(lists, device);
+  if (descs.empty()) return;
+  const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
+  Tensor meta = upload(descs, device);
+  auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_launch(dc::launch_came_vector_momentum(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
+                                               divisors.data_ptr<float>(), static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
+                                               reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), stream),
+               "came_vector_momentum");
+}
+
+void came_vector_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
+                       const std::vector<Tensor>& preconds, const std::vector<bool>& has_precond, const std::vector<int64_t>& out_index,
+                       double decay, double neg_lr, const std::optional<Tensor>& scales, int64_t num_scales) {
+  if (grads.empty()) return;
+  at::Device device = grads[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  ElemLists lists;
+  lists.params = &params;
+  lists.grads = &grads;
+  lists.exp_avgs = &exp_avgs;
+  lists.exp_avg_sqs = &preconds;
+  lists.has_exp_avg_sq = &has_precond;
+  lists.out_index = &out_index;
+  auto descs = elem_descs(lists, device);
+  const float* scale_ptr = optional_scales(scales, device, num_scales);
+  if (descs.empty()) return;
+  const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
+  Tensor meta = upload(descs, device);
+  auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_launch(dc::launch_came_vector_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
+                                            static_cast<float>(decay), static_cast<float>(neg_lr), scale_ptr, stream),
+               "came_vector_apply");
+}
+
+// Factored descriptors: one per (grad, start, R, C); optional lists are empty when unused.
+struct FactoredLists {
+  const std::vector<Tensor>* params = nullptr;
+  const std::vector<Tensor>* grads = nullptr;
+  const std::vector<Tensor>* exp_avgs = nullptr;
+  const std::vector<Tensor>* row_out = nullptr;
+  const std::vector<Tensor>* col_out = nullptr;
+  const std::vector<Tensor>* row_factor = nullptr;
+  const std::vector<Tensor>* col_factor = nullptr;
+  const std::vector<int64_t>* starts = nullptr;
+  const std::vector<int64_t>* rows = nullptr;    // R per tensor
+  const std::vector<int64_t>* cols = nullptr;    // C per tensor
+  const std::vector<int64_t>* batches = nullptr; // B per tensor
+  const std::vector<int64_t>* out_index = nullptr;
+};
+
+std::vector<dc::FactoredDesc> factored_descs(const FactoredLists& lists, at::Device& device) {
+  const auto& grads = *lists.grads;
+  std::vector<dc::FactoredDesc> descs;
+  if (grads.empty()) return descs;
+  device = grads[0].device();
+  const size_t count = grads.size();
+  auto used = [count](const std::vector<Tensor>* list, const char* what) {
+    if (list == nullptr || list->empty()) return false;
+    TORCH_CHECK(list->size() == count, "dist_cautious CUDA kernels: ", what, " has ", list->size(), " tensors, grads has ", count);
+    return true;
+  };
+  TORCH_CHECK(lists.starts->size() == count && lists.rows->size() == count && lists.cols->size() == count &&
+                  lists.batches->size() == count && lists.out_index->size() == count,
+              "dist_cautious CUDA kernels: layout lists differ in length");
+  const bool with_params = used(lists.params, "params");
+  const bool with_m = used(lists.exp_avgs, "exp_avgs");
+  const bool with_out = used(lists.row_out, "row sums") && used(lists.col_out, "col sums");
+  const bool with_factor = used(lists.row_factor, "row factors") && used(lists.col_factor, "col factors");
+  for (size_t t = 0; t < count; ++t) {
+    const Tensor& g = grads[t];
+    const int64_t n = g.numel();
+    const int64_t start = (*lists.starts)[t], R = (*lists.rows)[t], C = (*lists.cols)[t], B = (*lists.batches)[t];
+    TORCH_CHECK(R > 0 && C > 0 && B > 0 && start >= 0 && start + n <= B * R * C, "dist_cautious CUDA kernels: range [", start, ", ",
+                start + n, ") outside a (", B, ", ", R, ", ", C, ") tensor");
+    check_flat(g, "grad", device, -1);
+    dc::FactoredDesc d{};
+    d.grad = g.data_ptr();
+    d.grad_dtype = dtype_code(g, "grad");
+    d.param_dtype = dc::kF32;
+    d.start = start;
+    d.n = n;
+    d.rows = R;
+    d.cols = C;
+    d.out_index = static_cast<int32_t>((*lists.out_index)[t]);
+    if (with_params) {
+      const Tensor& p = (*lists.params)[t];
+      check_flat(p, "param", device, n);
+      d.param = p.data_ptr();
+      d.param_dtype = dtype_code(p, "param");
+    }
+    if (with_m) {
+      check_state((*lists.exp_avgs)[t], "exp_avg", device, n);
+      d.exp_avg = (*lists.exp_avgs)[t].data_ptr<float>();
+    }
+    if (with_out) {
+      check_state((*lists.row_out)[t], "row sums", device, B * R);
+      check_state((*lists.col_out)[t], "col sums", device, B * C);
+      d.row_out = (*lists.row_out)[t].data_ptr<float>();
+      d.col_out = (*lists.col_out)[t].data_ptr<float>();
+    }
+    if (with_factor) {
+      check_state((*lists.row_factor)[t], "row factor", device, B * R);
+      check_state((*lists.col_factor)[t], "col factor", device, B * C);
+      d.row_factor = (*lists.row_factor)[t].data_ptr<float>();
+      d.col_factor = (*lists.col_factor)[t].data_ptr<float>();
+    }
+    if (n > 0) descs.push_back(d);
+  }
+  return descs;
+}
+
+struct Prepared {
+  Tensor meta;
+  int count = 0;
+  int64_t blocks = 0;
+  cudaStream_t stream = nullptr;
+  const dc::FactoredDesc* ptr() const { return reinterpret_cast<const dc::FactoredDesc*>(meta.data_ptr()); }
+};
+
+Prepared prepare_factored(std::vector<dc::FactoredDesc>& descs, const at::Device& device) {
+  Prepared prepared;
+  prepared.count = static_cast<int>(descs.size());
+  if (descs.empty()) return prepared;
+  prepared.blocks = dc::dc_prepare_factored(descs.data(), prepared.count);
+  prepared.meta = upload(descs, device);
+  prepared.stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  return prepared;
+}
+
+void came_factored_sq_sums(const std::vector<Tensor>& grads, const std::vector<int64_t>& starts, const std::vector<int64_t>& batches,
+                           const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, const std::vector<Tensor>& row_sums,
+                           const std::vector<Tensor>& col_sums, double eps1) {
+  if (grads.empty()) return;
+  at::Device device = grads[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  std::vector<int64_t> out_index(grads.size());
+  for (size_t t = 0; t < grads.size(); ++t) out_index[t] = static_cast<int64_t>(t);
+  FactoredLists lists;
+  lists.grads = &grads;
+  lists.starts = &starts;
+  lists.batches = &batches;
+  lists.rows = &rows;
+  lists.cols = &cols;
+  lists.row_out = &row_sums;
+  lists.col_out = &col_sums;
+  lists.out_index = &out_index;
+  TORCH_CHECK(row_sums.size() == grads.size() && col_sums.size() == grads.size(), "dist_cautious CUDA kernels: sum buffers length");
+  auto descs = factored_descs(lists, device);
+  Prepared p = prepare_factored(descs, device);
+  if (!p.count) return;
+  check_launch(dc::launch_came_factored_sq_sums(p.ptr(), p.count, p.blocks, static_cast<float>(eps1), p.stream), "came_factored_sq_sums");
+}
+
+void came_factored_sumsq(const std::vector<Tensor>& grads, const std::vector<int64_t>& starts, const std::vector<int64_t>& batches,
+                         const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, const std::vector<Tensor>& row_factor,
+                         const std::vector<Tensor>& col_factor, const std::vector<int64_t>& out_index, Tensor sums) {
+  if (grads.empty()) return;
+  at::Device device = grads[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  TORCH_CHECK(sums.is_cuda() && sums.scalar_type() == at::kDouble && sums.is_contiguous(), "dist_cautious CUDA kernels: sums must be a contiguous float64 CUDA tensor");
+  TORCH_CHECK(row_factor.size() == grads.size() && col_factor.size() == grads.size(), "dist_cautious CUDA kernels: factor lists length");
+  FactoredLists lists;
+  lists.grads = &grads;
+  lists.starts = &starts;
+  lists.batches = &batches;
+  lists.rows = &rows;
+  lists.cols = &cols;
+  lists.row_factor = &row_factor;
+  lists.col_factor = &col_factor;
+  lists.out_index = &out_index;
+  auto descs = factored_descs(lists, device);
+  Prepared p = prepare_factored(descs, device);
+  if (!p.count) return;
+  check_launch(dc::launch_came_factored_sumsq(p.ptr(), p.count, p.blocks, sums.data_ptr<double>(), p.stream), "came_factored_sumsq");
+}
+
+void came_factored_momentum(const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, const std::vector<int64_t>& starts,
+                            const std::vector<int64_t>& batches, const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
+                            const std::vector<Tensor>& row_factor, const std::vector<Tensor>& col_factor, const std::vector<Tensor>& res_row_sums,
+                            const std::vector<Tensor>& res_col_sums, const std::vector<int64_t>& out_index, Tensor divisors, double beta1,
+                            double one_minus_beta1, double eps2, Tensor counts) {
+  if (grads.empty()) return;
+  at::Device device = grads[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  check_state(divisors, "clip divisors", device, -1);
+  TORCH_CHECK(counts.is_cuda() && counts.scalar_type() == at::kLong && counts.is_contiguous(), "dist_cautious CUDA kernels: counts must be a contiguous int64 CUDA tensor");
+  TORCH_CHECK(exp_avgs.size() == grads.size() && row_factor.size() == grads.size() && col_factor.size() == grads.size() &&
+                  res_row_sums.size() == grads.size() && res_col_sums.size() == grads.size(),
+              "dist_cautious CUDA kernels: came_factored_momentum lists differ in length");
+  FactoredLists lists;
+  lists.grads = &grads;
+  lists.exp_avgs = &exp_avgs;
+  lists.starts = &starts;
+  lists.batches = &batches;
+  lists.rows = &rows;
+  lists.cols = &cols;
+  lists.row_factor = &row_factor;
+  lists.col_factor = &col_factor;
+  lists.row_out = &res_row_sums;
+  lists.col_out = &res_col_sums;
+  lists.out_index = &out_index;
+  auto descs = factored_descs(lists, device);
+  Prepared p = prepare_factored(descs, device);
+  if (!p.count) return;
+  check_launch(dc::launch_came_factored_momentum(p.ptr(), p.count, p.blocks, divisors.data_ptr<float>(), static_cast<float>(beta1),
+                                                 static_cast<float>(one_minus_beta1), static_cast<float>(eps2),
+                                                 reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), p.stream),
+               "came_factored_momentum");
+}
+
+void came_factored_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
+                         const std::vector<int64_t>& starts, const std::vector<int64_t>& batches, const std::vector<int64_t>& rows,
+                         const std::vector<int64_t>& cols, const std::vector<Tensor>& row_factor, const std::vector<Tensor>& col_factor,
+                         const std::vector<int64_t>& out_index, double decay, double neg_lr, const std::optional<Tensor>& scales,
+                         int64_t num_scales) {
+  if (grads.empty()) return;
+  at::Device device = grads[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  TORCH_CHECK(params.size() == grads.size() && exp_avgs.size() == grads.size() && row_factor.size() == grads.size() &&
+                  col_factor.size() == grads.size(),
+              "dist_cautious CUDA kernels: came_factored_apply lists differ in length");
+  FactoredLists lists;
+  lists.params = &params;
+  lists.grads = &grads;
+  lists.exp_avgs = &exp_avgs;
+  lists.starts = &starts;
+  lists.batches = &batches;
+  lists.rows = &rows;
+  lists.cols = &cols;
+  lists.row_factor = &row_factor;
+  lists.col_factor = &col_factor;
+  lists.out_index = &out_index;
+  auto descs = factored_descs(lists, device);
+  const float* scale_ptr = optional_scales(scales, device, num_scales);
+  Prepared p = prepare_factored(descs, device);
+  if (!p.count) return;
+  check_launch(dc::launch_came_factored_apply(p.ptr(), p.count, p.blocks, static_cast<float>(decay), static_cast<float>(neg_lr), scale_ptr, p.stream),
+               "came_factored_apply");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dist_cautious fused multi-tensor CUDA kernels (see dist_cautious/kernels/cuda_ops.py)";
+  m.def("lerp_mask_counts", &lerp_mask_counts, "int64 counts of lerp(m, g, w) * g > 0 (sign(...) for Lion), per tensor");
+  m.def("adamw_apply", &adamw_apply, "fused AdamW step over a list of flat tensors");
+  m.def("lion_apply", &lion_apply, "fused Lion step over a list of flat tensors");
+  m.def("came_vector_second_moment", &came_vector_second_moment, "CAME 1-D second moment");
+  m.def("came_vector_sumsq", &came_vector_sumsq, "CAME 1-D update sum of squares (float64 accumulators)");
+  m.def("came_vector_momentum", &came_vector_momentum, "CAME 1-D momentum and mask counts");
+  m.def("came_vector_apply", &came_vector_apply, "CAME 1-D final update");
+  m.def("came_factored_sq_sums", &came_factored_sq_sums, "CAME row/col partial sums of g^2 + eps1");
+  m.def("came_factored_sumsq", &came_factored_sumsq, "CAME factored update sum of squares");
+  m.def("came_factored_momentum", &came_factored_momentum, "CAME momentum, residual row/col sums and mask counts");
+  m.def("came_factored_apply", &came_factored_apply, "CAME factored final update");
+}

@@ -1,0 +1,102 @@
+// Device helpers shared by the dist_cautious kernels: element loads/stores in fp32 math,
+// torch's lerp formula, block reductions, and the block -> tensor lookup of multi-tensor apply.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "dc_kernels.h"
+
+namespace dist_cautious {
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  static __device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
+  static __device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+  // Round to nearest even, as torch's copy_ from fp32.
+  static __device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+};
+
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float load(const __half* p, int64_t i) { return __half2float(p[i]); }
+  static __device__ __forceinline__ void store(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
+};
+
+// torch.lerp(a, b, w) in fp32 exactly as ATen writes it (abs(w) < 0.5 picks the first form),
+// with each op rounded separately except the final multiply-add.
+__device__ __forceinline__ float torch_lerp(float a, float b, float w) {
+  const float diff = __fsub_rn(b, a);
+  return fabsf(w) < 0.5f ? __fmaf_rn(w, diff, a) : __fmaf_rn(-diff, __fsub_rn(1.0f, w), b);
+}
+
+// sign(x) as torch.sign: -1, 0 or 1 (NaN stays NaN).
+__device__ __forceinline__ float torch_sign(float x) {
+  return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x);
+}
+
+// The cautious mask: the product form, so a product that underflows to zero masks the entry.
+__device__ __forceinline__ bool agrees(float update, float grad) { return __fmul_rn(update, grad) > 0.0f; }
+
+// Index of the descriptor whose [first_block, next first_block) holds `block` (binary search).
+template <typename Desc>
+__device__ __forceinline__ int find_desc(const Desc* descs, int count, int64_t block) {
+  int lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (descs[mid].first_block <= block) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Sum over the block; the result is valid in thread 0. `shared` holds one value per warp.
+template <typename T>
+__device__ __forceinline__ T block_sum(T value, T* shared) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_down_sync(0xffffffffu, value, offset);
+  __syncthreads();  // shared may still be read by a previous call
+  if (lane == 0) shared[warp] = value;
+  __syncthreads();
+  T total = T(0);
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += shared[w];
+  }
+  return total;
+}
+
+// Dispatch a templated functor call on (param dtype, grad dtype); unknown codes do nothing
+// (the binding rejects them before launch).
+#define DC_DISPATCH_GRAD(GRAD_DTYPE, PT, ...)                         \
+  switch (GRAD_DTYPE) {                                              \
+    case kF32: { using GT = float; __VA_ARGS__; break; }             \
+    case kBF16: { using GT = __nv_bfloat16; __VA_ARGS__; break; }    \
+    case kF16: { using GT = __half; __VA_ARGS__; break; }            \
+    default: break;                                                  \
+  }
+
+#define DC_DISPATCH_TYPES(PARAM_DTYPE, GRAD_DTYPE, ...)                                     \
+  switch (PARAM_DTYPE) {                                                                   \
+    case kF32: { using PT = float; DC_DISPATCH_GRAD(GRAD_DTYPE, PT, __VA_ARGS__); break; }  \
+    case kBF16: { using PT = __nv_bfloat16; DC_DISPATCH_GRAD(GRAD_DTYPE, PT, __VA_ARGS__); break; } \
+    case kF16: { using PT = __half; DC_DISPATCH_GRAD(GRAD_DTYPE, PT, __VA_ARGS__); break; } \
+    default: break;                                                                        \
+  }
+
+}  // namespace dist_cautious

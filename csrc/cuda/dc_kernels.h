@@ -1,0 +1,118 @@
+// Host-side interface of the dist_cautious CUDA kernels: plain structs of raw pointers and
+// sizes, and launchers that take a cudaStream_t. No torch header is included here or in the
+// .cu files, so every kernel compiles with nvcc alone (CI compile-checks them without a GPU);
+// csrc/cuda/binding.cpp is the only torch-aware file.
+//
+// Each launcher covers a whole list of flat tensors in ONE kernel launch ("multi-tensor
+// apply"): the descriptors live in device memory, every block finds its tensor by binary search
+// over the descriptors' first_block prefix, and all offsets are 64-bit, so a list with more
+// than 2^31 elements in total (or one tensor that large) is fine.
+//
+// The arithmetic mirrors dist_cautious/kernels/reference.py op for op: every intermediate that
+// the reference stores as an fp32 tensor is rounded to fp32 here too (explicit __f*_rn
+// intrinsics, so nvcc cannot contract across those boundaries), and a reference op of the form
+// a + alpha * b is one fused multiply-add, as in torch's own CUDA kernels.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace dist_cautious {
+
+// Element types of params and grads; state is always fp32.
+enum DcDtype : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Elements per block of the elementwise kernels (a block loops over its chunk).
+constexpr int64_t kChunk = 65536;
+constexpr int kThreads = 256;
+
+// One flat tensor of an elementwise kernel. Unused pointers are null.
+struct ElemDesc {
+  void* param;           // param_dtype, written in place by apply kernels
+  const void* grad;      // grad_dtype
+  float* exp_avg;        // fp32 state
+  float* exp_avg_sq;     // fp32 state (AdamW v; CAME 1-D second moment)
+  int64_t n;             // local elements
+  int64_t first_block;   // prefix sum of blocks over the list (filled by dc_prepare_elem)
+  int32_t param_dtype;
+  int32_t grad_dtype;
+  int32_t out_index;     // slot in counts / scales / sums / divisors
+  int32_t pad;
+  float alpha;           // AdamW: -(lr / (1 - beta1^t)) as fp32
+  float inv_bc2_sqrt;    // AdamW: 1 / fp32(sqrt(1 - beta2^t)), torch's scalar-division form
+};
+
+// One flat range [start, start + n) of a (*batch, R, C) tensor for the tiled CAME kernels.
+// Global row id of flat index f is f / C (length B*R state); column id is (f / (R*C)) * C + f % C
+// (length B*C state): exactly FactoredLayout's convention.
+struct FactoredDesc {
+  void* param;
+  const void* grad;
+  float* exp_avg;
+  float* row_out;          // full-size (B*R) partial-sum buffer, added into
+  float* col_out;          // full-size (B*C) partial-sum buffer, added into
+  const float* row_factor; // B*R factor (already normalised and rsqrt-ed)
+  const float* col_factor; // B*C factor (already rsqrt-ed)
+  int64_t start;           // global flat offset of the local range
+  int64_t n;               // local elements
+  int64_t rows;            // R, rows per matrix
+  int64_t cols;            // C
+  int64_t row_lo;          // first global row touched: start / C
+  int64_t num_rows;        // global rows touched
+  int64_t col_tiles;       // tiles across the columns
+  int64_t first_block;     // prefix sum of tiles over the list (filled by dc_prepare_factored)
+  int32_t lanes;           // threads per row segment (power of two <= 32)
+  int32_t param_dtype;
+  int32_t grad_dtype;
+  int32_t out_index;
+};
+
+// Fill first_block for each descriptor and return the total number of blocks (host only).
+int64_t dc_prepare_elem(ElemDesc* descs, int count);
+int64_t dc_prepare_factored(FactoredDesc* descs, int count);
+
+// --- AdamW / Lion ------------------------------------------------------------------------
+// counts[out_index] += #{ m_new * g > 0 } with m_new = lerp(m, g, weight): read-only.
+// sign_of_update: Lion counts sign(m_new) * g > 0 (same set, kept explicit for clarity).
+cudaError_t launch_lerp_mask_counts(const ElemDesc* descs, int count, int64_t blocks, float weight, bool lion,
+                                    unsigned long long* counts, cudaStream_t stream);
+
+// One AdamW step over the list; scales (per out_index, device) may be null (not cautious).
+cudaError_t launch_adamw_apply(const ElemDesc* descs, int count, int64_t blocks, float decay, float lerp_weight,
+                               float beta2, float one_minus_beta2, float eps, const float* scales,
+                               cudaStream_t stream);
+
+// One Lion step over the list; scales may be null.
+cudaError_t launch_lion_apply(const ElemDesc* descs, int count, int64_t blocks, float decay, float weight1,
+                              float weight2, float neg_lr, const float* scales, cudaStream_t stream);
+
+// --- CAME, 1-D / 0-D fragments (elementwise) ------------------------------------------------
+// v = beta2 v + (1 - beta2)(g^2 + eps1)
+cudaError_t launch_came_vector_second_moment(const ElemDesc* descs, int count, int64_t blocks, float beta2,
+                                             float one_minus_beta2, float eps1, cudaStream_t stream);
+// sums[out_index] += sum((precond * g)^2); precond = rsqrt(exp_avg_sq) or 1 when exp_avg_sq is null
+cudaError_t launch_came_vector_sumsq(const ElemDesc* descs, int count, int64_t blocks, double* sums,
+                                     cudaStream_t stream);
+// uh = precond * g / divisor; m = beta1 m + (1 - beta1) uh; counts += #{m * g > 0}
+cudaError_t launch_came_vector_momentum(const ElemDesc* descs, int count, int64_t blocks, const float* divisors,
+                                        float beta1, float one_minus_beta1, unsigned long long* counts,
+                                        cudaStream_t stream);
+// u = precond * m (masked, scaled); p = p * decay; p += neg_lr * u
+cudaError_t launch_came_vector_apply(const ElemDesc* descs, int count, int64_t blocks, float decay, float neg_lr,
+                                     const float* scales, cudaStream_t stream);
+
+// --- CAME, factored fragments (tiled: row and column known without divisions) -------------
+cudaError_t launch_came_factored_sq_sums(const FactoredDesc* descs, int count, int64_t blocks, float eps1,
+                                         cudaStream_t stream);
+cudaError_t launch_came_factored_sumsq(const FactoredDesc* descs, int count, int64_t blocks, double* sums,
+                                       cudaStream_t stream);
+// uh = (row*col) * g / divisor; m = beta1 m + (1-beta1) uh; (uh - m)^2 + eps2 into row_out/col_out;
+// counts += #{m * g > 0}
+cudaError_t launch_came_factored_momentum(const FactoredDesc* descs, int count, int64_t blocks,
+                                          const float* divisors, float beta1, float one_minus_beta1, float eps2,
+                                          unsigned long long* counts, cudaStream_t stream);
+cudaError_t launch_came_factored_apply(const FactoredDesc* descs, int count, int64_t blocks, float decay,
+                                       float neg_lr, const float* scales, cudaStream_t stream);
+
+}  // namespace dist_cautious
