@@ -1,0 +1,277 @@
+"""The fused CUDA kernels behind the signatures of ``kernels.reference``.
+
+``load()`` builds (or imports) ``dist_cautious_cuda_kernels`` from ``csrc/cuda`` and returns a
+namespace with the same functions as ``dist_cautious.kernels.reference``; ``kernels.ops_for``
+picks it for CUDA tensors. Each function covers its whole list of tensors in one kernel launch
+per kind of work (multi-tensor apply), keeps mask counts and partial sums on the device (no host
+synchronisation), and computes in fp32 with the reference's op order and rounding.
+
+Host-side scalars are formed here in Python double precision exactly as ``reference.py`` forms
+them (``1 - beta``, ``lr / (1 - beta1**t)``, ``sqrt(1 - beta2**t)``); the binding rounds them to
+fp32 the way torch rounds a Python scalar in its CUDA kernels.
+
+A call whose tensors the kernels do not take (float64, not contiguous, on different devices)
+runs the reference function instead: same math, so the choice never changes a result's meaning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from dist_cautious.kernels import reference
+from dist_cautious.kernels.layout import FactoredLayout
+from dist_cautious.kernels.reference import CameFactors, mask_scales
+
+_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _native_ok(values: Sequence[Sequence[Optional[Tensor]]], states: Sequence[Sequence[Optional[Tensor]]]) -> bool:
+    """True when every tensor is a contiguous CUDA tensor on one device, params/grads in
+    fp32/bf16/fp16 and state in fp32 (``None`` entries are unused slots)."""
+    device = None
+    for tensors, allowed in [(t, _VALUE_DTYPES) for t in values] + [(t, (torch.float32,)) for t in states]:
+        for tensor in tensors:
+            if tensor is None:
+                continue
+            if not tensor.is_cuda or not tensor.is_contiguous() or tensor.dtype not in allowed:
+                return False
+            if device is None:
+                device = tensor.device
+            elif tensor.device != device:
+                return False
+    return True
+
+
+def _device_scales(scales: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    if scales is None:
+        return None
+    return scales.to(device=device, dtype=torch.float32).contiguous()
+
+
+def _batch_rows_cols(layout: FactoredLayout) -> tuple[int, int, int]:
+    return math.prod(layout.shape[:-2]), layout.rows, layout.cols
+
+
+class CudaOps:
+    """The reference functions, run by the compiled extension ``ext``."""
+
+    CameFactors = CameFactors
+    mask_scales = staticmethod(mask_scales)
+
+    def __init__(self, ext: Any) -> None:
+        self._ext = ext
+
+    # --- CautiousAdamW -------------------------------------------------------------------
+    def adamw_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
+        if not grads or not _native_ok([grads], [exp_avgs]):
+            return reference.adamw_mask_counts(grads, exp_avgs, beta1)
+        return self._ext.lerp_mask_counts(list(grads), list(exp_avgs), 1 - beta1, False).float()
+
+    def adamw_apply(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        exp_avg_sqs: Sequence[Tensor],
+        steps: Sequence[int],
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        scales: Optional[Tensor] = None,
+    ) -> None:
+        if not grads:
+            return
+        if not _native_ok([params, grads], [exp_avgs, exp_avg_sqs]):
+            reference.adamw_apply(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scales=scales)
+            return
+        alphas = [-(lr / (1 - beta1**step)) for step in steps]
+        bc2_sqrts = [math.sqrt(1 - beta2**step) for step in steps]
+        self._ext.adamw_apply(
+            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), alphas, bc2_sqrts,
+            1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, _device_scales(scales, grads[0].device),
+        )
+
+    # --- CautiousLion ----------------------------------------------------------------------
+    def lion_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
+        if not grads or not _native_ok([grads], [exp_avgs]):
+            return reference.lion_mask_counts(grads, exp_avgs, beta1)
+        return self._ext.lerp_mask_counts(list(grads), list(exp_avgs), 1 - beta1, True).float()
+
+    def lion_apply(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        weight_decay: float,
+        scales: Optional[Tensor] = None,
+    ) -> None:
+        if not grads:
+            return
+        if not _native_ok([params, grads], [exp_avgs]):
+            reference.lion_apply(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales)
+            return
+        self._ext.lion_apply(
+            list(params), list(grads), list(exp_avgs), 1 - lr * weight_decay, 1 - beta1, 1 - beta2, -lr,
+            _device_scales(scales, grads[0].device),
+        )
+
+    # --- CAME ------------------------------------------------------------------------------
+    def came_factored_sq_sums(
+        self, grads: Sequence[Tensor], layouts: Sequence[FactoredLayout], eps1: float, row_sums: Sequence[Tensor], col_sums: Sequence[Tensor]
+    ) -> None:
+        if not grads:
+            return
+        if not _native_ok([grads], [row_sums, col_sums]):
+            reference.came_factored_sq_sums(grads, layouts, eps1, row_sums, col_sums)
+            return
+        shapes = [_batch_rows_cols(layout) for layout in layouts]
+        self._ext.came_factored_sq_sums(
+            list(grads), [layout.start for layout in layouts], [s[0] for s in shapes], [s[1] for s in shapes], [s[2] for s in shapes],
+            list(row_sums), list(col_sums), eps1,
+        )
+
+    def came_vector_second_moment(self, grads: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], beta2: float, eps1: float) -> None:
+        if not grads:
+            return
+        if not _native_ok([grads], [exp_avg_sqs]):
+            reference.came_vector_second_moment(grads, exp_avg_sqs, beta2, eps1)
+            return
+        self._ext.came_vector_second_moment(list(grads), list(exp_avg_sqs), beta2, 1 - beta2, eps1)
+
+    def came_update_sumsq(self, grads: Sequence[Tensor], factors: Sequence[CameFactors]) -> Tensor:
+        if not grads or not _native_ok([grads], [_factor_tensors(factors)]):
+            return reference.came_update_sumsq(grads, factors)
+        sums = torch.zeros(len(grads), dtype=torch.float64, device=grads[0].device)
+        factored, vector = _split(factors)
+        if factored:
+            self._ext.came_factored_sumsq(
+                [grads[i] for i in factored], *_layout_lists(factors, factored),
+                [factors[i].row for i in factored], [factors[i].col for i in factored], factored, sums,
+            )
+        if vector:
+            preconds, has = _vector_preconds(factors, vector, grads)
+            self._ext.came_vector_sumsq([grads[i] for i in vector], preconds, has, vector, sums)
+        return sums.float()
+
+    def came_momentum(
+        self,
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        factors: Sequence[CameFactors],
+        clip_divisors: Tensor,
+        *,
+        beta1: float,
+        eps2: float,
+        res_row_sums: Sequence[Optional[Tensor]],
+        res_col_sums: Sequence[Optional[Tensor]],
+    ) -> Tensor:
+        if not grads or not _native_ok([grads], [exp_avgs, _factor_tensors(factors), res_row_sums, res_col_sums]):
+            return reference.came_momentum(grads, exp_avgs, factors, clip_divisors, beta1=beta1, eps2=eps2, res_row_sums=res_row_sums, res_col_sums=res_col_sums)
+        device = grads[0].device
+        counts = torch.zeros(len(grads), dtype=torch.int64, device=device)
+        divisors = clip_divisors.to(device=device, dtype=torch.float32).contiguous()
+        factored, vector = _split(factors)
+        if factored:
+            self._ext.came_factored_momentum(
+                [grads[i] for i in factored], [exp_avgs[i] for i in factored], *_layout_lists(factors, factored),
+                [factors[i].row for i in factored], [factors[i].col for i in factored],
+                [res_row_sums[i] for i in factored], [res_col_sums[i] for i in factored], factored,
+                divisors, beta1, 1 - beta1, eps2, counts,
+            )
+        if vector:
+            preconds, has = _vector_preconds(factors, vector, grads)
+            self._ext.came_vector_momentum(
+                [grads[i] for i in vector], [exp_avgs[i] for i in vector], preconds, has, vector, divisors, beta1, 1 - beta1, counts
+            )
+        return counts.float()
+
+    def came_apply(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        confidence: Sequence[CameFactors],
+        *,
+        lr: float,
+        weight_decay: float,
+        scales: Optional[Tensor] = None,
+    ) -> None:
+        if not grads:
+            return
+        if not _native_ok([params, grads], [exp_avgs, _factor_tensors(confidence)]):
+            reference.came_apply(params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales)
+            return
+        device = grads[0].device
+        device_scales = _device_scales(scales, device)
+        decay, neg_lr = 1 - lr * weight_decay, -lr
+        factored, vector = _split(confidence)
+        if factored:
+            self._ext.came_factored_apply(
+                [params[i] for i in factored], [grads[i] for i in factored], [exp_avgs[i] for i in factored],
+                *_layout_lists(confidence, factored), [confidence[i].row for i in factored], [confidence[i].col for i in factored],
+                factored, decay, neg_lr, device_scales, len(grads),
+            )
+        if vector:
+            preconds, has = _vector_preconds(confidence, vector, grads)
+            self._ext.came_vector_apply(
+                [params[i] for i in vector], [grads[i] for i in vector], [exp_avgs[i] for i in vector], preconds, has, vector,
+                decay, neg_lr, device_scales, len(grads),
+            )
+
+    def namespace(self) -> SimpleNamespace:
+        """The module-like object ``kernels.ops_for`` hands to the optimizers."""
+        names = [
+            "adamw_mask_counts", "adamw_apply", "lion_mask_counts", "lion_apply", "came_factored_sq_sums",
+            "came_vector_second_moment", "came_update_sumsq", "came_momentum", "came_apply",
+        ]
+        return SimpleNamespace(CameFactors=CameFactors, mask_scales=mask_scales, native="cuda", **{name: getattr(self, name) for name in names})
+
+
+def _factor_tensors(factors: Sequence[CameFactors]) -> list[Optional[Tensor]]:
+    return [t for f in factors for t in (f.row, f.col, f.elementwise)]
+
+
+def _split(factors: Sequence[CameFactors]) -> tuple[list[int], list[int]]:
+    """Positions of factored (row x column) and of elementwise / identity factors."""
+    factored = [i for i, f in enumerate(factors) if f.layout is not None]
+    vector = [i for i, f in enumerate(factors) if f.layout is None]
+    return factored, vector
+
+
+def _layout_lists(factors: Sequence[CameFactors], positions: list[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+    layouts = [factors[i].layout for i in positions]
+    shapes = [_batch_rows_cols(layout) for layout in layouts]
+    return [layout.start for layout in layouts], [s[0] for s in shapes], [s[1] for s in shapes], [s[2] for s in shapes]
+
+
+def _vector_preconds(factors: Sequence[CameFactors], positions: list[int], grads: Sequence[Tensor]) -> tuple[list[Tensor], list[bool]]:
+    """The elementwise second moments (``rsqrt`` applied in the kernel) or, for the identity, a
+    placeholder that the kernel never reads."""
+    preconds, has = [], []
+    for i in positions:
+        elementwise = factors[i].elementwise
+        preconds.append(elementwise if elementwise is not None else grads[i].new_empty(0, dtype=torch.float32))
+        has.append(elementwise is not None)
+    return preconds, has
+
+
+def load() -> SimpleNamespace:
+    """Build or import the CUDA extension and return the kernel namespace; raises without CUDA."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA is not available")
+    from dist_cautious.kernels.build import load as build_load
+
+    return CudaOps(build_load("cuda")).namespace()
