@@ -91,6 +91,15 @@ __device__ __forceinline__ T block_sum(T value, T* shared) {
     default: break;                                                  \
   }
 
+// Ops that never touch the param dispatch on the grad dtype alone (fewer instantiations).
+#define DC_DISPATCH_TYPES_MAYBE(USES_PARAM, PARAM_DTYPE, GRAD_DTYPE, ...)  \
+  if constexpr (USES_PARAM) {                                            \
+    DC_DISPATCH_TYPES(PARAM_DTYPE, GRAD_DTYPE, __VA_ARGS__);             \
+  } else {                                                               \
+    using PT = float;                                                    \
+    DC_DISPATCH_GRAD(GRAD_DTYPE, PT, __VA_ARGS__);                       \
+  }
+
 #define DC_DISPATCH_TYPES(PARAM_DTYPE, GRAD_DTYPE, ...)                                     \
   switch (PARAM_DTYPE) {                                                                   \
     case kF32: { using PT = float; DC_DISPATCH_GRAD(GRAD_DTYPE, PT, __VA_ARGS__); break; }  \

@@ -35,6 +35,13 @@ __device__ __forceinline__ void ilp_loop(int64_t begin, int64_t end, Op& op) {
   }
 }
 
+// Ops that read or write the param are instantiated for every param dtype; the others only
+// for every grad dtype (specialised below, after the ops).
+template <template <typename, typename> class Op>
+struct UsesParam {
+  static constexpr bool value = false;
+};
+
 // One block per chunk: find the tensor, run Op over the chunk, reduce Op's accumulator if any.
 template <template <typename, typename> class Op, typename Args>
 __global__ void __launch_bounds__(kThreads) elem_kernel(const ElemDesc* __restrict__ descs, int count, Args args) {
@@ -44,7 +51,8 @@ __global__ void __launch_bounds__(kThreads) elem_kernel(const ElemDesc* __restri
   const int64_t end = begin + kChunk < d.n ? begin + kChunk : d.n;
   using Acc = typename Op<float, float>::Acc;
   Acc acc{};
-  DC_DISPATCH_TYPES(d.param_dtype, d.grad_dtype, {
+  constexpr bool uses_param = UsesParam<Op>::value;
+  DC_DISPATCH_TYPES_MAYBE(uses_param, d.param_dtype, d.grad_dtype, {
     Op<PT, GT> op(d, args);
     ilp_loop(begin, end, op);
     acc = op.acc;
@@ -268,6 +276,19 @@ struct VecApplyOp {
     const float p = __fmul_rn(r.p, a.decay);
     Elem<PT>::store(param, i, __fmaf_rn(a.neg_lr, update, p));
   }
+};
+
+template <>
+struct UsesParam<AdamWOp> {
+  static constexpr bool value = true;
+};
+template <>
+struct UsesParam<LionOp> {
+  static constexpr bool value = true;
+};
+template <>
+struct UsesParam<VecApplyOp> {
+  static constexpr bool value = true;
 };
 
 }  // namespace

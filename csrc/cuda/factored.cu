@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const FactoredDesc* __re
   const int64_t tile = (int64_t)blockIdx.x - d.first_block;
   unsigned long long local_count = 0;
   double local_sumsq = 0.0;
-  DC_DISPATCH_TYPES(d.param_dtype, d.grad_dtype, run_tile<M, PT, GT>(d, args, tile, shared_cols, local_count, local_sumsq));
+  DC_DISPATCH_TYPES_MAYBE(M == kApply, d.param_dtype, d.grad_dtype, run_tile<M, PT, GT>(d, args, tile, shared_cols, local_count, local_sumsq));
   if constexpr (Traits<M>::counts) {
     const unsigned long long total = block_sum(local_count, shared_counts);
     if (threadIdx.x == 0 && total) atomicAdd(args.counts + d.out_index, total);
