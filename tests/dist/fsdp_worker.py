@@ -1,7 +1,7 @@
 """What each rank runs in the FSDP2 / HSDP tests: train the awkward model, return full weights.
 
-Every rank trains on the whole global batch (see ``train``). A case is a dict: ``optimizer``, ``cautious``, ``mesh`` ("fsdp" 1-D or "hsdp" 2-D replicate x
-shard), ``steps``, ``mixed_precision``, ``offload``, ``model`` ("awkward" or "deep": more
+Every rank trains on the whole global batch (see ``train``). A case is a dict: ``optimizer``, ``cautious``, ``mesh`` ("fsdp" 1-D, "hsdp" 2-D replicate x
+shard, or "ddp": plain tensors), ``steps``, ``mixed_precision``, ``offload``, ``model`` ("awkward" or "deep": more
 tensors), and optionally ``load_from`` / ``save_to`` (a torch.distributed.checkpoint directory)
 with ``first_step``. Every rank returns, per case, the full weights (``full_tensor``) and how
 many all-reduces each ``optimizer.step()`` issued.
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -45,6 +46,8 @@ def build(case: dict[str, Any], world_size: int) -> nn.Module:
     model = make_model() if case.get("model", "awkward") == "awkward" else make_deep_model()
     if world_size == 0:  # single-process reference: plain tensors
         return model
+    if case.get("mesh") == "ddp":
+        return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     if case.get("mesh", "fsdp") == "hsdp":
         mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
     else:
@@ -94,7 +97,9 @@ def train(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
     if "load_from" in case:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=case["load_from"])
+        # A param that never had a gradient has no optimizer state in the checkpoint, while the
+        # template torch builds for loading initialises state for every trainable param.
+        dcp.load(state, checkpoint_id=case["load_from"], planner=DefaultLoadPlanner(allow_partial_load=True))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     counts = count_all_reduces(optimizer)
     for step in range(first, first + case["steps"]):
@@ -112,10 +117,33 @@ def train(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
     weights = {}
     for name, param in model.named_parameters():
         full = param.full_tensor() if hasattr(param, "full_tensor") else param
-        weights[name] = full.detach().float().clone()
+        weights[name.removeprefix("module.")] = full.detach().float().clone()
     state_dtypes = {v.dtype for s in optimizer.state.values() for k, v in s.items() if k != "step"}
     return {"weights": weights, "all_reduces": counts, "state_dtypes": state_dtypes}
 
 
 def run_cases(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [train(case, rank, world_size) for case in cases]
+
+
+def refused_placements(rank: int, world_size: int, _: Any) -> list[str]:
+    """Step DTensors whose placements the fragment layer cannot handle; return the errors."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from dist_cautious import CautiousAdamW
+
+    errors = []
+    flat_mesh = init_device_mesh("cpu", (world_size,))
+    square_mesh = init_device_mesh("cpu", (1, world_size))
+    for mesh, placements in ((flat_mesh, [Shard(1)]), (square_mesh, [Shard(0), Shard(0)])):
+        torch.manual_seed(0)
+        param = nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, placements))
+        param.grad = distribute_tensor(torch.randn(4, 6), mesh, placements)
+        before = param.full_tensor().clone()
+        try:
+            CautiousAdamW([param]).step()
+            errors.append("no error")
+        except ValueError as error:
+            errors.append(str(error))
+        assert torch.equal(param.full_tensor(), before), "a refused step changed the param"
+    return errors

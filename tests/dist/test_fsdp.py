@@ -33,7 +33,7 @@ def cases_for(world_size: int) -> list[dict[str, Any]]:
     if world_size in (2, 4):
         cases += plain_cases(mesh="hsdp")
     if world_size == 2:
-        cases += plain_cases(model="deep")
+        cases += plain_cases(model="deep") + plain_cases(mesh="ddp")
         cases += [dict(optimizer="adamw", cautious=True, steps=STEPS, offload=True), dict(optimizer="came", cautious=True, steps=STEPS, offload=True)]
         cases += [dict(optimizer=name, cautious=True, steps=STEPS, mixed_precision=True) for name in ("adamw", "came", "lion")]
     return cases
@@ -89,6 +89,13 @@ def test_all_reduces_per_step_do_not_grow_with_the_number_of_tensors() -> None:
             assert result["all_reduces"] == [expected[key]] * STEPS, (case, result["all_reduces"])
             seen.setdefault(key, set()).add(case.get("model", "awkward"))
     assert all(models == {"awkward", "deep"} for models in seen.values()) and len(seen) == len(expected)
+
+
+def test_ddp_plain_tensors_communicate_nothing_in_step() -> None:
+    ddp = [(case, result) for case, result in launched(2) if case.get("mesh") == "ddp"]
+    assert len(ddp) == len(CASES)
+    for case, result in ddp:
+        assert result["all_reduces"] == [0] * STEPS, case
 
 
 def test_mixed_precision_keeps_fp32_state_and_tracks_the_fp32_run() -> None:
