@@ -3,7 +3,8 @@
 ``ops_for(device)`` returns a namespace with the functions of ``kernels.reference``. The native
 modules (``cpu_ops`` for CPU tensors, ``cuda_ops`` for CUDA tensors) expose ``load()``, which
 JIT-builds and returns such a namespace or raises. ``DIST_CAUTIOUS_KERNELS`` chooses:
-``auto`` (default: native where it builds, else the reference path with one warning),
+``auto`` (default: native where it builds and passes ``selfcheck.verify`` against the reference
+path, else the reference path with one warning),
 ``reference`` (always the torch reference path), ``native`` (fail loudly if it cannot build).
 Unsupported work never falls back silently to different math: both paths compute the same.
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dist_cautious.kernels import reference
+from dist_cautious.kernels import reference, selfcheck
 
 logger = logging.getLogger("dist_cautious")
 
@@ -40,8 +41,10 @@ def _load_native(device_type: str) -> Any | None:
     ops = None
     try:
         module = importlib.import_module(_NATIVE_MODULES[device_type])
-        ops = module.load()
-    except Exception as error:  # a missing compiler or a failed build
+        candidate = module.load()
+        selfcheck.verify(candidate, torch.device(device_type))
+        ops = candidate
+    except Exception as error:  # a missing compiler, a failed build, or a failed self-check
         if kernel_mode() == "native":
             raise RuntimeError(f"dist_cautious: native {device_type} kernels unavailable: {error}") from error
         logger.warning("dist_cautious: native %s kernels unavailable (%s); using the torch reference path", device_type, error)
