@@ -1,0 +1,161 @@
+"""Analytic per-rank memory of training state: params, grads, fp32 master weights, optimizer state.
+
+What is counted is the steady state held between steps; activations, FSDP's transient unsharded
+parameters, communication buckets and allocator slack are not. The model is its list of param
+shapes (``model_shapes``); per rank:
+
+Sharding (``none`` = single process / DDP; ``zero1``/``zero2``/``zero3`` = DeepSpeed's flat
+partitions, one contiguous range of the concatenated params per rank, ``ceil(total / world)``
+elements, cut anywhere; ``fsdp`` = FSDP2 ``Shard(0)``: each tensor's rows in chunks of
+``ceil(rows / world)``). ZeRO-1 shards optimizer state (and master weights), ZeRO-2 also
+gradients, ZeRO-3 and FSDP also params. FSDP2 stores each rank's param shard and the group's
+gradient shards padded to the full chunk, the optimizer's per-element state unpadded: both are
+modelled, so the estimate matches the bytes FSDP2 really holds.
+
+Optimizer state (fp32): AdamW / CautiousAdamW ``exp_avg`` + ``exp_avg_sq`` (8 bytes/element);
+Lion / CautiousLion ``exp_avg`` (4); CAME / C-CAME ``exp_avg`` plus, for tensors with >= 2 dims,
+row and column factors of the second moment and of the residual (``S[:-1]`` and
+``S[:-2] + S[-1:]`` each, replicated on every rank that holds a piece of the tensor), for 1-D
+tensors ``exp_avg_sq``; plus a 4-byte ``step`` per tensor held. The cautious mask adds no state.
+
+Precision: ``fp32`` (4-byte params and grads); ``bf16-mixed`` (2-byte params and grads and a 4-byte
+master copy sharded like the optimizer state; under FSDP2's mixed precision the sharded params
+and grads stay fp32 and ARE the master: 4 + 4 bytes, no extra copy); ``bf16`` (2-byte params and
+grads, no master; optimizer state stays fp32). Offload: ``optimizer`` puts optimizer state and
+master weights in host memory (ZeRO-Offload, FSDP2 does not split it this way), ``all`` also the
+param and gradient shards (ZeRO-3 / FSDP2 CPU offload).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from dist_cautious.bench.model_shapes import ModelShapes, Shape
+
+OPTIMIZER_NAMES = ("adamw", "cautious-adamw", "came", "c-came", "lion", "cautious-lion")
+SHARDINGS = ("none", "zero1", "zero2", "zero3", "fsdp")
+PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+OFFLOADS = ("none", "optimizer", "all")
+CATEGORIES = ("params", "grads", "master", "optimizer_state")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training configuration to estimate."""
+
+    optimizer: str = "adamw"
+    sharding: str = "fsdp"
+    world_size: int = 8
+    precision: str = "bf16-mixed"
+    offload: str = "none"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("optimizer", OPTIMIZER_NAMES), ("sharding", SHARDINGS), ("precision", PRECISIONS), ("offload", OFFLOADS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"world size must be a positive integer, got {self.world_size!r}")
+        if self.offload == "all" and self.sharding not in ("zero3", "fsdp"):
+            raise ValueError("offload 'all' (params and grads too) needs sharding zero3 or fsdp")
+
+
+@dataclass
+class Estimate:
+    """Bytes one rank holds, by category, on the device and in host memory."""
+
+    setup: Setup
+    rank: int
+    device: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+    host: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+
+    @property
+    def device_total(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
+
+    def total(self, category: str) -> int:
+        return self.device[category] + self.host[category]
+
+
+def _state_per_element(optimizer: str, shape: Shape) -> int:
+    """fp32 state values per element of the tensor (the elementwise part)."""
+    if optimizer in ("adamw", "cautious-adamw"):
+        return 2
+    if optimizer in ("lion", "cautious-lion"):
+        return 1
+    return 1 if len(shape) >= 2 else 2  # CAME: exp_avg, plus exp_avg_sq when not factored
+
+
+def _factored_numel(optimizer: str, shape: Shape) -> int:
+    """Elements of CAME's replicated row/column state (second moment and residual)."""
+    if optimizer not in ("came", "c-came") or len(shape) < 2:
+        return 0
+    return 2 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
+
+
+def _fsdp_rows(shape: Shape, world: int, rank: int) -> tuple[int, int]:
+    """(local elements, padded elements) of ``rank``'s FSDP2 ``Shard(0)`` piece of ``shape``."""
+    rows = shape[0] if shape else 1
+    row_numel = math.prod(shape[1:]) if shape else 1
+    chunk = math.ceil(rows / world)
+    local_rows = min(max(rows - rank * chunk, 0), chunk)
+    return local_rows * row_numel, chunk * row_numel
+
+
+def _zero_ranges(shapes: tuple[Shape, ...], world: int, rank: int) -> list[int]:
+    """Elements of each tensor inside ``rank``'s flat ZeRO partition of the concatenation."""
+    total = sum(math.prod(shape) for shape in shapes)
+    part = math.ceil(total / world)
+    lo, hi = rank * part, min((rank + 1) * part, total)
+    overlaps, offset = [], 0
+    for shape in shapes:
+        numel = math.prod(shape)
+        overlaps.append(max(0, min(hi, offset + numel) - max(lo, offset)))
+        offset += numel
+    return overlaps
+
+
+def estimate(model: ModelShapes, setup: Setup, rank: int = 0) -> Estimate:
+    """Bytes ``rank`` holds for ``model`` under ``setup`` (rank 0 is the largest shard)."""
+    if not isinstance(rank, int) or not 0 <= rank < setup.world_size:
+        raise ValueError(f"rank must be in [0, {setup.world_size}), got {rank!r}")
+    world, sharding = setup.world_size, setup.sharding
+    shapes = model.shapes
+    full = [math.prod(shape) for shape in shapes]
+    if sharding == "fsdp":
+        local, padded = zip(*(_fsdp_rows(shape, world, rank) for shape in shapes)) if shapes else ((), ())
+        held = [True] * len(shapes)  # every rank of the mesh steps every tensor (empty pieces too)
+        opt_local, grad_local, param_local = list(local), list(padded), list(padded)
+    elif sharding == "none" or world == 1:
+        held = [True] * len(shapes)
+        opt_local = grad_local = param_local = full
+    else:
+        part = _zero_ranges(shapes, world, rank)
+        held = [n > 0 for n in part]
+        opt_local = part
+        grad_local = part if sharding in ("zero2", "zero3") else full
+        param_local = part if sharding == "zero3" else full
+    fsdp_mixed = sharding == "fsdp" and setup.precision == "bf16-mixed"
+    low_bytes = 4 if setup.precision == "fp32" or fsdp_mixed else 2
+    sizes = {
+        "params": low_bytes * sum(param_local),
+        "grads": low_bytes * sum(grad_local),
+        "master": 4 * sum(opt_local) if setup.precision == "bf16-mixed" and not fsdp_mixed else 0,
+        "optimizer_state": 4 * sum(
+            _state_per_element(setup.optimizer, shape) * n + (_factored_numel(setup.optimizer, shape) + 1) * is_held
+            for shape, n, is_held in zip(shapes, opt_local, held)
+        ),
+    }
+    result = Estimate(setup, rank)
+    on_host = {"none": (), "optimizer": ("master", "optimizer_state"), "all": CATEGORIES}[setup.offload]
+    for category, nbytes in sizes.items():
+        (result.host if category in on_host else result.device)[category] = nbytes
+    return result
+
+
+def gib(nbytes: int) -> float:
+    return nbytes / 2**30

@@ -1,0 +1,380 @@
+"""``dist-cautious``: report the install, train the demo job, estimate memory, run benchmarks.
+
+Every subcommand has ``--help``. Bad arguments end with one line on stderr and exit status 2,
+never a traceback; errors the user can fix (a bad value, a missing file, a backend not in this
+build) are reported the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn, Optional
+
+USAGE_ERROR = 2
+
+
+class CliError(Exception):
+    """An error whose one-line message is all the user needs."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an argument error is one line (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(USAGE_ERROR)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------- report
+def _version(module: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        try:
+            return str(getattr(importlib.import_module(module), "__version__", "installed"))
+        except Exception:
+            return "not installed"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Versions, devices, distributed backends, and which optimizer kernels are usable here."""
+    import torch
+    import torch.distributed as dist
+
+    import dist_cautious
+    from dist_cautious import kernels
+
+    rows = [
+        ("dist_cautious", f"{dist_cautious.__version__} ({os.path.dirname(dist_cautious.__file__)})"),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("torch", f"{torch.__version__} (CUDA build {torch.version.cuda or 'none'})"),
+    ]
+    for name in ("deepspeed", "mpi4py", "tqdm", "matplotlib"):
+        rows.append((name, _version(name)))
+    rows.append(("cpu", f"{platform.machine()}, {os.cpu_count()} cores"))
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        rows.append(("cuda devices", f"{torch.cuda.device_count()}: {names}"))
+    else:
+        rows.append(("cuda devices", "none"))
+    available = [name for name in ("gloo", "nccl", "mpi") if getattr(dist, f"is_{name}_available")()]
+    rows.append(("torch.distributed", ", ".join(available) or "unavailable"))
+    rows.append(("FSDP2 (fully_shard)", "yes" if _importable("torch.distributed.fsdp", "fully_shard") else "no"))
+    rows.append(("DeepSpeed integration", "yes" if _importable("dist_cautious.integrations.deepspeed") else "not in this build"))
+    rows.append(("c++ compiler", shutil.which(os.environ.get("CXX", "c++")) or "not found"))
+    rows.append(("nvcc", shutil.which("nvcc") or "not found"))
+    mode = kernels.kernel_mode()
+    rows.append(("DIST_CAUTIOUS_KERNELS", mode))
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        rows.append((f"{device} kernels", _kernel_status(device, mode, args.build)))
+    width = max(len(key) for key, _ in rows)
+    print("dist_cautious report")
+    print("-" * (width + 50))
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _importable(module: str, attribute: Optional[str] = None) -> bool:
+    try:
+        loaded = importlib.import_module(module)
+    except Exception:
+        return False
+    return attribute is None or hasattr(loaded, attribute)
+
+
+def _kernel_status(device: str, mode: str, build: bool) -> str:
+    """Which path ``ops_for`` would use: the native module's presence, and with ``build`` the
+    result of actually loading (JIT-building) it."""
+    import torch
+
+    from dist_cautious import kernels
+    from dist_cautious.kernels import reference
+
+    module_name = f"dist_cautious.kernels.{device}_ops"
+    if mode == "reference":
+        return "torch reference (forced by DIST_CAUTIOUS_KERNELS=reference)"
+    if not _importable(module_name):
+        return f"torch reference (native module {module_name} not in this build)"
+    if not build:
+        return "native module present; run `dist-cautious report --build` to build/load it"
+    try:
+        ops = kernels.ops_for(torch.device(device))
+    except Exception as error:  # mode == native and the build failed
+        return f"native build FAILED: {error}"
+    return "torch reference (native build failed, see the warning above)" if ops is reference else "native (built and loaded)"
+
+
+# ------------------------------------------------------------------------------------------ train
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from dist_cautious.train.backend import BACKENDS
+    from dist_cautious.train.loop import TrainConfig
+    from dist_cautious.train.optimizers import OPTIMIZERS
+
+    d = TrainConfig()
+    parser.add_argument("--optimizer", default=d.optimizer, choices=list(OPTIMIZERS), help="optimizer (default: %(default)s; adamw is the baseline)")
+    parser.add_argument("--backend", default=d.backend, choices=list(BACKENDS), help="single process, DDP, FSDP2 (sharded optimizer state) or DeepSpeed ZeRO (default: %(default)s)")
+    parser.add_argument("--nproc", type=_positive_int, default=None, help="local ranks to spawn when no launcher started this command (default: 2, 1 for single)")
+    parser.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--global-batch", type=_positive_int, default=d.global_batch, help="sequences per step over all ranks (default: %(default)s)")
+    parser.add_argument("--context", type=_positive_int, default=d.context, help="sequence length in bytes (default: %(default)s)")
+    parser.add_argument("--width", type=_positive_int, default=d.width, help="model width (default: %(default)s)")
+    parser.add_argument("--layers", type=_positive_int, default=d.layers, help="transformer blocks (default: %(default)s)")
+    parser.add_argument("--heads", type=_positive_int, default=d.heads, help="attention heads (default: %(default)s)")
+    parser.add_argument("--lr", type=_nonnegative_float, default=None, help="peak learning rate (default: per optimizer, see docs/cli.md)")
+    parser.add_argument("--weight-decay", type=_nonnegative_float, default=None, help="decoupled weight decay (default: per optimizer)")
+    parser.add_argument("--warmup", type=_nonnegative_int, default=d.warmup, help="linear warm-up steps before cosine decay (default: %(default)s)")
+    parser.add_argument("--corpus-bytes", type=_positive_int, default=d.corpus_bytes, help="bytes of standard-library source to train on (default: %(default)s)")
+    parser.add_argument("--seed", type=_nonnegative_int, default=d.seed, help="weights and data seed (default: %(default)s)")
+    parser.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: CUDA with NCCL if present, else CPU with gloo (default: %(default)s)")
+    parser.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"], help="bf16: FSDP2 mixed precision (bf16 compute, fp32 params and reductions)")
+    parser.add_argument("--metrics", default=None, metavar="PATH", help="write the losses and per-rank memory as JSON (rank 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from dist_cautious.train.loop import TrainConfig
+
+    return TrainConfig(
+        optimizer=args.optimizer, backend=args.backend, steps=args.steps, global_batch=args.global_batch,
+        context=args.context, width=args.width, layers=args.layers, heads=args.heads, lr=args.lr,
+        weight_decay=args.weight_decay, warmup=min(args.warmup, args.steps), corpus_bytes=args.corpus_bytes,
+        seed=args.seed, device=args.device, precision=args.precision, progress=not args.quiet, metrics_path=args.metrics,
+    )
+
+
+def train_rank(config: Any) -> None:
+    """One rank of the job: train, print the summary on rank 0, leave the process group."""
+    from dist_cautious.train import backend
+    from dist_cautious.train.loop import train
+
+    result = train(config)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(result.summary(), flush=True)
+    backend.shutdown()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the byte-level GPT on Python's standard library source."""
+    from dist_cautious.train import backend
+
+    config = _train_config(args)
+    if config.backend == "deepspeed" and not backend.deepspeed_available():
+        raise CliError("backend deepspeed needs DeepSpeed and dist_cautious.integrations.deepspeed, which this build lacks")
+    launcher = backend.external_launcher()
+    if launcher is not None:
+        if args.nproc is not None:
+            raise CliError(f"--nproc is for local runs; this process was started by a launcher ({launcher}), which sets the ranks")
+        if launcher == "env":
+            config.validate(int(os.environ["WORLD_SIZE"]))
+        train_rank(config)
+        return 0
+    nproc = args.nproc if args.nproc is not None else (1 if config.backend == "single" else 2)
+    if config.backend == "single" and nproc != 1:
+        raise CliError("backend single runs one process; use --backend ddp or fsdp2 for several ranks")
+    config.validate(nproc)
+    if config.device == "cuda" or (config.device == "auto" and _cuda_count() > 0):
+        if nproc > max(1, _cuda_count()):
+            raise CliError(f"--nproc {nproc} exceeds the {_cuda_count()} visible GPUs (use --device cpu for CPU ranks)")
+    if config.backend == "single":
+        train_rank(config)
+    else:
+        backend.spawn_local(train_rank, nproc, (config,))
+    return 0
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# ----------------------------------------------------------------------------------------- memory
+def _add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    from dist_cautious.bench.memory import OFFLOADS, OPTIMIZER_NAMES, PRECISIONS, SHARDINGS
+    from dist_cautious.bench.model_shapes import PRESETS
+
+    parser.add_argument("--model", default="llama-7b", help=f"a preset ({', '.join(PRESETS)}) or a Hugging Face config.json path (default: %(default)s)")
+    parser.add_argument("--optimizer", nargs="+", default=list(OPTIMIZER_NAMES), choices=list(OPTIMIZER_NAMES), help="optimizers to compare (default: all six)")
+    parser.add_argument("--sharding", default="fsdp", choices=list(SHARDINGS), help="none (single / DDP), DeepSpeed zero1/2/3, or fsdp (FSDP2) (default: %(default)s)")
+    parser.add_argument("--world-size", nargs="+", type=_positive_int, default=[8], help="ranks (several values: one row each) (default: 8)")
+    parser.add_argument("--precision", default="bf16-mixed", choices=list(PRECISIONS), help="(default: %(default)s)")
+    parser.add_argument("--offload", default="none", choices=list(OFFLOADS), help="move optimizer state (+master) or everything sharded to host memory (default: %(default)s)")
+    parser.add_argument("--rank", type=_nonnegative_int, default=0, help="which rank to report (rank 0 holds the largest shard) (default: 0)")
+    parser.add_argument("--plot", metavar="PNG", default=None, help="also write per-rank memory vs world size (1..256) for this model")
+    parser.add_argument("--measure", action="store_true", help="measured mode: run real steps of the train model on local CPU ranks (FSDP2) and print measured vs estimated bytes per rank")
+    parser.add_argument("--measure-world-sizes", nargs="+", type=_positive_int, default=[1, 2, 3], help="world sizes for --measure (default: 1 2 3)")
+    parser.add_argument("--measure-width", type=_positive_int, default=48, help="model width for --measure (default: %(default)s)")
+    parser.add_argument("--measure-layers", type=_positive_int, default=2, help="model blocks for --measure (default: %(default)s)")
+
+
+def _size(nbytes: int) -> str:
+    if nbytes == 0:
+        return "0"
+    return f"{nbytes / 2**30:.2f}" if nbytes >= 2**26 else f"{nbytes / 2**30:.4f}"
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    """Per-rank memory: analytic estimate for a model, or measured next to the estimate."""
+    if args.measure:
+        return _memory_measure(args)
+    from dist_cautious.bench.memory import Setup, estimate
+    from dist_cautious.bench.model_shapes import resolve_model
+
+    model = resolve_model(args.model)
+    print(f"{model.name}: {model.numel:,} params in {len(model.shapes)} tensors; sharding {args.sharding}, precision {args.precision}, offload {args.offload}; rank {args.rank}; GiB")
+    header = ["optimizer", "world", "params", "grads", "master", "opt. state", "device total", "host total"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for world in args.world_size:
+        if args.rank >= world:
+            raise CliError(f"--rank {args.rank} is not a rank of world size {world}")
+        for optimizer in args.optimizer:
+            e = estimate(model, Setup(optimizer, args.sharding, world, args.precision, args.offload), args.rank)
+            cells = [optimizer, str(world)] + [_size(e.total(k)) for k in ("params", "grads", "master", "optimizer_state")]
+            cells += [_size(e.device_total), _size(e.host_total)]
+            print("| " + " | ".join(cells) + " |")
+    if args.plot:
+        from dist_cautious.bench.memory_plot import plot_world_sizes
+
+        path = plot_world_sizes([model], [1, 2, 4, 8, 16, 32, 64, 128, 256], args.plot, args.sharding, args.precision, args.offload)
+        print(f"wrote {path}")
+    return 0
+
+
+def _memory_measure(args: argparse.Namespace) -> int:
+    from dist_cautious.bench.memory_measure import MEASURED, measure, relative_error
+
+    width = args.measure_width
+    if width % 4:
+        raise CliError(f"--measure-width must be divisible by 4 (the model's heads), got {width}")
+    rows = measure(args.optimizer, args.measure_world_sizes, dict(context=32, width=width, layers=args.measure_layers, heads=4))
+    print("measured (storage bytes held after real steps) vs estimated, per rank; bytes")
+    header = ["optimizer", "backend", "world", "rank"] + [f"{k} measured / estimated" for k in MEASURED] + ["total error"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    worst = 0.0
+    for row in rows:
+        worst = max(worst, relative_error(row))
+        cells = [row["optimizer"], row["backend"], str(row["world_size"]), str(row["rank"])]
+        cells += [f"{row['measured'][k]:,} / {row['estimated'][k]:,}" for k in MEASURED]
+        cells.append(f"{100 * relative_error(row):.3f}%")
+        print("| " + " | ".join(cells) + " |")
+    print(f"largest relative error of the per-rank total: {100 * worst:.3f}%")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ bench
+BENCHMARKS = {"cpu": "dist_cautious.bench.cpu_step", "gpu": "dist_cautious.bench.gpu_step"}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Dispatch to a throughput benchmark's own ``main`` with the remaining arguments."""
+    module_name = BENCHMARKS[args.which]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            raise CliError(f"benchmark {args.which!r} is not in this build ({module_name} is missing)") from None
+        raise
+    entry = getattr(module, "main", None)
+    if not callable(entry):
+        raise CliError(f"benchmark {args.which!r}: {module_name} has no main()")
+    if inspect.signature(entry).parameters:
+        result = entry(list(args.rest))
+    else:
+        saved, sys.argv = sys.argv, [f"dist-cautious bench {args.which}", *args.rest]
+        try:
+            result = entry()
+        finally:
+            sys.argv = saved
+    return int(result or 0)
+
+
+# ------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from dist_cautious import __version__
+
+    parser = _Parser(prog="dist-cautious", description="CautiousAdamW, CAME and CautiousLion, exact under FSDP2 and DeepSpeed sharding.")
+    parser.add_argument("--version", action="version", version=f"dist_cautious {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    report = commands.add_parser("report", help="versions, devices, and which kernels are built and usable", description=cmd_report.__doc__)
+    report.add_argument("--build", action="store_true", help="JIT-build / load the native kernels to check they work (may take minutes)")
+    report.set_defaults(func=cmd_report)
+
+    train = commands.add_parser(
+        "train",
+        help="train a small GPT on the standard library's source (default: 2 CPU ranks, FSDP2, CautiousAdamW)",
+        description=cmd_train.__doc__ + " Without a launcher it spawns --nproc local ranks (gloo on CPU, NCCL on GPUs); under torchrun, the deepspeed launcher or mpirun it joins their job.",
+    )
+    _add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    memory = commands.add_parser("memory", help="per-rank memory of params, grads, master weights and optimizer state", description=cmd_memory.__doc__)
+    _add_memory_arguments(memory)
+    memory.set_defaults(func=cmd_memory)
+
+    bench = commands.add_parser("bench", help="optimizer-step throughput benchmarks (cpu, gpu)", description=cmd_bench.__doc__ + " Arguments after the benchmark name go to it (e.g. `dist-cautious bench cpu -- --help`).")
+    bench.add_argument("which", choices=list(BENCHMARKS), help="which benchmark")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, ValueError, TypeError, FileNotFoundError) as error:
+        sys.stderr.write(f"dist-cautious {args.command}: error: {error}\n")
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("dist-cautious: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The training loop every backend shares: warm-up + cosine learning rate, mean loss over ranks,
+a tqdm bar on rank 0, validation at the end, and the bytes each rank holds.
+
+``train(config)`` runs on every rank of an already-launched job and returns a ``TrainResult``
+(the same on every rank; rank 0 prints it). The global batch is fixed and split over ranks, so
+the loss curve does not depend on the world size or the backend, only on the optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from dist_cautious.train import backend as backends
+from dist_cautious.train.corpus import VAL_FRACTION, VOCAB_SIZE, Corpus
+from dist_cautious.train.model import GPTConfig, build_model
+from dist_cautious.train.optimizers import make_optimizer, optimizer_spec
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "cautious-adamw"
+    backend: str = "fsdp2"
+    steps: int = 200
+    global_batch: int = 16
+    context: int = 64
+    width: int = 96
+    layers: int = 3
+    heads: int = 4
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    warmup: int = 20
+    corpus_bytes: int = 2_000_000
+    eval_batches: int = 4
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    log_every: int = 10
+    progress: bool = True
+    metrics_path: Optional[str] = None
+
+    def validate(self, world_size: int = 1) -> None:
+        """``ValueError`` naming the bad argument, before any work starts."""
+        optimizer_spec(self.optimizer)
+        if self.backend not in backends.BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(backends.BACKENDS)}")
+        for name in ("steps", "global_batch", "context", "eval_batches", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not isinstance(self.warmup, int) or not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"warmup must be an integer in [0, steps], got {self.warmup!r}")
+        if self.global_batch % world_size:
+            raise ValueError(f"global-batch {self.global_batch} must be divisible by the number of ranks {world_size}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision == "bf16" and self.backend != "fsdp2":
+            raise ValueError("precision bf16 is supported with backend fsdp2 (FSDP2 mixed precision)")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+        val_bytes = self.corpus_bytes - int(self.corpus_bytes * (1.0 - VAL_FRACTION))
+        if val_bytes <= self.context + 1:
+            raise ValueError(f"corpus-bytes {self.corpus_bytes}: its validation split ({val_bytes} bytes) is shorter than context {self.context} + 1")
+        GPTConfig(VOCAB_SIZE, self.context, self.width, self.layers, self.heads)
+
+
+@dataclass
+class TrainResult:
+    optimizer: str
+    backend: str
+    world_size: int
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    val_loss: float = float("nan")
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    parameters: int = 0
+    memory: list[dict[str, int]] = field(default_factory=list)  # one entry per rank
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.optimizer} / {self.backend} / {self.world_size} rank(s): {self.steps} steps, "
+            f"{self.parameters:,} params, final train loss {self.losses[-1]:.4f}, val loss {self.val_loss:.4f}, "
+            f"{self.seconds:.1f}s ({self.tokens_per_second:,.0f} tokens/s)"
+        ]
+        for rank, mem in enumerate(self.memory):
+            lines.append(
+                f"  rank {rank}: params {_mib(mem['params'])}, grads {_mib(mem['grads'])}, "
+                f"optimizer state {_mib(mem['optimizer_state'])} (held {_mib(mem['total'])}); "
+                f"peak RSS {_mib(mem['peak_rss'])}"
+                + (f", peak CUDA {_mib(mem['peak_cuda'])}" if mem.get("peak_cuda") else "")
+            )
+        return "\n".join(lines)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"
+
+
+def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% of ``base`` (CAME's
+    bias-free first steps are large: warm-up keeps every optimizer comparable)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().clone()
+    if dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value.item())
+
+
+def train(config: TrainConfig, runtime: Optional[backends.Runtime] = None) -> TrainResult:
+    """Run the job on this rank (joining the process group the environment describes)."""
+    from dist_cautious.bench.memory_measure import held_bytes
+
+    runtime = runtime or backends.init_runtime(config.backend, config.device)
+    config.validate(runtime.world_size)
+    corpus = Corpus.from_stdlib(config.corpus_bytes, VAL_FRACTION)
+    model_config = GPTConfig(VOCAB_SIZE, config.context, config.width, config.layers, config.heads)
+    model = build_model(model_config, config.seed)
+    parameters = sum(p.numel() for p in model.parameters())
+    model = backends.wrap_model(model, config.backend, runtime, config.precision)
+    spec = optimizer_spec(config.optimizer)
+    base_lr = spec.lr if config.lr is None else config.lr
+    optimizer = make_optimizer(config.optimizer, model.parameters(), base_lr, config.weight_decay)
+    engine = None
+    if config.backend == "deepspeed":
+        engine = _deepspeed_engine(model, optimizer, config, runtime)
+    loss_of = (lambda x, y: engine.module.loss(x, y)) if engine else (lambda x, y: _loss(model, x, y))
+
+    result = TrainResult(config.optimizer, config.backend, runtime.world_size, config.steps, parameters=parameters)
+    bar = _progress(config, runtime)
+    start = time.perf_counter()
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, base_lr, config.warmup, config.steps)
+        if not engine:
+            optimizer.zero_grad()  # at the top, so the last step's gradients are still held when memory is measured
+        inputs, targets = corpus.batch("train", step, config.global_batch, config.context, runtime.rank, runtime.world_size, config.seed)
+        loss = loss_of(inputs.to(runtime.device), targets.to(runtime.device))
+        if engine:
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss.backward()
+            optimizer.step()
+        result.losses.append(_mean_over_ranks(loss))
+        if bar is not None:
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps - 1:
+                bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+    result.seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    result.tokens_per_second = config.steps * config.global_batch * config.context / result.seconds
+    memory = held_bytes(engine.module if engine else model, optimizer)
+    memory["peak_rss"] = _peak_rss_bytes()
+    if runtime.device.type == "cuda":
+        memory["peak_cuda"] = torch.cuda.max_memory_allocated(runtime.device)
+    result.memory = _gather(memory, runtime)
+    result.val_loss = _validate(loss_of, corpus, config, runtime)
+    if runtime.is_main and config.metrics_path:
+        Path(config.metrics_path).write_text(json.dumps(asdict(result), indent=1))
+    return result
+
+
+def _loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    inner = getattr(model, "module", model)  # DDP wraps; FSDP2 does not
+    if inner is model:
+        return model.loss(inputs, targets)
+    logits = model(inputs)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+@torch.no_grad()
+def _validate(loss_of: Any, corpus: Corpus, config: TrainConfig, runtime: backends.Runtime) -> float:
+    losses = []
+    for index in range(config.eval_batches):
+        inputs, targets = corpus.batch("val", index, config.global_batch, config.context, runtime.rank, runtime.world_size, config.seed)
+        losses.append(_mean_over_ranks(loss_of(inputs.to(runtime.device), targets.to(runtime.device))))
+    return sum(losses) / len(losses)
+
+
+def _gather(memory: dict[str, int], runtime: backends.Runtime) -> list[dict[str, int]]:
+    if not dist.is_initialized():
+        return [memory]
+    everyone: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(everyone, memory)
+    return everyone
+
+
+def _progress(config: TrainConfig, runtime: backends.Runtime) -> Any:
+    if not (config.progress and runtime.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, desc=f"{config.optimizer} ({config.backend}, {runtime.world_size} rank{'s' * (runtime.world_size > 1)})", unit="step", dynamic_ncols=True, mininterval=0.5)
+
+
+def _deepspeed_engine(model: torch.nn.Module, optimizer: Any, config: TrainConfig, runtime: backends.Runtime) -> Any:
+    raise ValueError("backend deepspeed: the DeepSpeed integration is not installed in this build")

@@ -1,0 +1,33 @@
+"""Shared helpers of the CLI tests: a free port, the environment a launched `dist-cautious`
+needs (the checkout on PYTHONPATH, one thread per rank), and a tiny `train` argument list."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+#: a train job small enough to finish in seconds, still sharded (fsdp2) and stepping every tensor kind
+TINY_TRAIN = [
+    "train", "--backend", "fsdp2", "--steps", "3", "--global-batch", "4", "--context", "16",
+    "--width", "32", "--layers", "1", "--corpus-bytes", "65536", "--quiet",
+]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):
+        env.pop(name, None)
+    return env
