@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install -q -c constraints.txt
 
-.PHONY: install install-test train test
+.PHONY: install install-test train test cuda-compile-check
 
 install:
 	$(PIP) -e .
@@ -17,5 +17,12 @@ install-test: install
 train: install
 	$(PYTHON) examples/train_tiny_gpt.py
 
-test: install-test
+# The CUDA kernels cannot run here, but they must compile for sm_80 and sm_90 (and the binding
+# against torch's headers). Without nvcc the check is skipped, unless REQUIRE_NVCC=1 (CI).
+cuda-compile-check:
+	@if command -v nvcc >/dev/null 2>&1; then bash tools/check_cuda_compile.sh --with-binding; \
+	elif [ "$(REQUIRE_NVCC)" = "1" ]; then echo "nvcc not found and REQUIRE_NVCC=1"; exit 1; \
+	else echo "nvcc not found: CUDA compile check skipped"; fi
+
+test: install-test cuda-compile-check
 	$(PYTHON) -m pytest tests -q -p no:cacheprovider
