@@ -31,15 +31,15 @@ from dist_cautious.kernels.reference import CameFactors, mask_scales
 _VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _native_ok(values: Sequence[Sequence[Optional[Tensor]]], states: Sequence[Sequence[Optional[Tensor]]]) -> bool:
-    """True when every tensor is a contiguous CUDA tensor on one device, params/grads in
-    fp32/bf16/fp16 and state in fp32 (``None`` entries are unused slots)."""
+def _native_ok(values: Sequence[Sequence[Optional[Tensor]]], states: Sequence[Sequence[Optional[Tensor]]], device_type: str = "cuda") -> bool:
+    """True when every tensor is a contiguous tensor of ``device_type`` on one device,
+    params/grads in fp32/bf16/fp16 and state in fp32 (``None`` entries are unused slots)."""
     device = None
     for tensors, allowed in [(t, _VALUE_DTYPES) for t in values] + [(t, (torch.float32,)) for t in states]:
         for tensor in tensors:
             if tensor is None:
                 continue
-            if not tensor.is_cuda or not tensor.is_contiguous() or tensor.dtype not in allowed:
+            if tensor.device.type != device_type or not tensor.is_contiguous() or tensor.dtype not in allowed:
                 return False
             if device is None:
                 device = tensor.device
@@ -59,17 +59,25 @@ def _batch_rows_cols(layout: FactoredLayout) -> tuple[int, int, int]:
 
 
 class CudaOps:
-    """The reference functions, run by the compiled extension ``ext``."""
+    """The reference functions, run by the compiled extension ``ext``.
+
+    ``device_type`` is ``"cuda"`` for the real kernels; the CPU tests of this wiring pass an
+    emulation of the binding (``tests/gpu/binding_emulator.py``) with ``"cpu"``.
+    """
 
     CameFactors = CameFactors
     mask_scales = staticmethod(mask_scales)
 
-    def __init__(self, ext: Any) -> None:
+    def __init__(self, ext: Any, device_type: str = "cuda") -> None:
         self._ext = ext
+        self._device_type = device_type
+
+    def _ok(self, values: Sequence[Sequence[Optional[Tensor]]], states: Sequence[Sequence[Optional[Tensor]]]) -> bool:
+        return _native_ok(values, states, self._device_type)
 
     # --- CautiousAdamW -------------------------------------------------------------------
     def adamw_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
-        if not grads or not _native_ok([grads], [exp_avgs]):
+        if not grads or not self._ok([grads], [exp_avgs]):
             return reference.adamw_mask_counts(grads, exp_avgs, beta1)
         return self._ext.lerp_mask_counts(list(grads), list(exp_avgs), 1 - beta1, False).float()
 
@@ -90,7 +98,7 @@ class CudaOps:
     ) -> None:
         if not grads:
             return
-        if not _native_ok([params, grads], [exp_avgs, exp_avg_sqs]):
+        if not self._ok([params, grads], [exp_avgs, exp_avg_sqs]):
             reference.adamw_apply(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scales=scales)
             return
         alphas = [-(lr / (1 - beta1**step)) for step in steps]
@@ -102,7 +110,7 @@ class CudaOps:
 
     # --- CautiousLion ----------------------------------------------------------------------
     def lion_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
-        if not grads or not _native_ok([grads], [exp_avgs]):
+        if not grads or not self._ok([grads], [exp_avgs]):
             return reference.lion_mask_counts(grads, exp_avgs, beta1)
         return self._ext.lerp_mask_counts(list(grads), list(exp_avgs), 1 - beta1, True).float()
 
@@ -120,7 +128,7 @@ class CudaOps:
     ) -> None:
         if not grads:
             return
-        if not _native_ok([params, grads], [exp_avgs]):
+        if not self._ok([params, grads], [exp_avgs]):
             reference.lion_apply(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales)
             return
         self._ext.lion_apply(
@@ -134,7 +142,7 @@ class CudaOps:
     ) -> None:
         if not grads:
             return
-        if not _native_ok([grads], [row_sums, col_sums]):
+        if not self._ok([grads], [row_sums, col_sums]):
             reference.came_factored_sq_sums(grads, layouts, eps1, row_sums, col_sums)
             return
         shapes = [_batch_rows_cols(layout) for layout in layouts]
@@ -146,13 +154,13 @@ class CudaOps:
     def came_vector_second_moment(self, grads: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], beta2: float, eps1: float) -> None:
         if not grads:
             return
-        if not _native_ok([grads], [exp_avg_sqs]):
+        if not self._ok([grads], [exp_avg_sqs]):
             reference.came_vector_second_moment(grads, exp_avg_sqs, beta2, eps1)
             return
         self._ext.came_vector_second_moment(list(grads), list(exp_avg_sqs), beta2, 1 - beta2, eps1)
 
     def came_update_sumsq(self, grads: Sequence[Tensor], factors: Sequence[CameFactors]) -> Tensor:
-        if not grads or not _native_ok([grads], [_factor_tensors(factors)]):
+        if not grads or not self._ok([grads], [_factor_tensors(factors)]):
             return reference.came_update_sumsq(grads, factors)
         sums = torch.zeros(len(grads), dtype=torch.float64, device=grads[0].device)
         factored, vector = _split(factors)
@@ -178,7 +186,7 @@ class CudaOps:
         res_row_sums: Sequence[Optional[Tensor]],
         res_col_sums: Sequence[Optional[Tensor]],
     ) -> Tensor:
-        if not grads or not _native_ok([grads], [exp_avgs, _factor_tensors(factors), res_row_sums, res_col_sums]):
+        if not grads or not self._ok([grads], [exp_avgs, _factor_tensors(factors), res_row_sums, res_col_sums]):
             return reference.came_momentum(grads, exp_avgs, factors, clip_divisors, beta1=beta1, eps2=eps2, res_row_sums=res_row_sums, res_col_sums=res_col_sums)
         device = grads[0].device
         counts = torch.zeros(len(grads), dtype=torch.int64, device=device)
@@ -211,7 +219,7 @@ class CudaOps:
     ) -> None:
         if not grads:
             return
-        if not _native_ok([params, grads], [exp_avgs, _factor_tensors(confidence)]):
+        if not self._ok([params, grads], [exp_avgs, _factor_tensors(confidence)]):
             reference.came_apply(params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales)
             return
         device = grads[0].device

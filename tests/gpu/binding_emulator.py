@@ -1,0 +1,213 @@
+"""A torch emulation of ``dist_cautious_cuda_kernels`` (csrc/cuda/binding.cpp + the kernels).
+
+It has the binding's exact function names, argument order and argument checks, and computes what
+the kernels compute, per tensor, with torch ops on any device. ``CudaOps(BindingEmulator(), "cpu")``
+then runs ``cuda_ops``' whole wiring (argument order, factored / 1-D partitions, ``out_index``
+slots, count and sum buffers, per-tensor scalars) on the CPU, so CI checks it without a GPU.
+
+Factored ranges use the kernels' index formulas, not ``FactoredLayout``: global row id of flat
+index ``f`` is ``f // C`` and column id is ``(f // (R*C)) * C + f % C``; agreement with the
+reference path therefore also checks those formulas against the layout's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_value(tensor: Tensor, what: str, numel: int = -1) -> None:
+    if tensor.dtype not in _VALUE_DTYPES:
+        raise TypeError(f"{what} must be float32, bfloat16 or float16, got {tensor.dtype}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{what} must be contiguous")
+    if numel >= 0 and tensor.numel() != numel:
+        raise ValueError(f"{what} has {tensor.numel()} elements, expected {numel}")
+
+
+def _check_state(tensor: Tensor, what: str, numel: int = -1) -> None:
+    if tensor.dtype != torch.float32:
+        raise TypeError(f"{what} must be float32, got {tensor.dtype}")
+    _check_value(tensor, what, numel)
+
+
+def _same_length(*lists) -> None:
+    lengths = {len(items) for items in lists}
+    if len(lengths) != 1:
+        raise ValueError(f"lists differ in length: {sorted(lengths)}")
+
+
+def _fp32(value: float) -> float:
+    """A Python scalar rounded to fp32, as the binding's static_cast<float>."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def _lerp(a: Tensor, b: Tensor, weight: float) -> Tensor:
+    return torch.lerp(a, b, _fp32(weight))
+
+
+def _store(param: Tensor, value: Tensor) -> None:
+    param.copy_(value)
+
+
+def _factored_ids(start: int, n: int, rows: int, cols: int, device) -> tuple[Tensor, Tensor]:
+    flat = torch.arange(start, start + n, device=device, dtype=torch.int64)
+    return flat // cols, (flat // (rows * cols)) * cols + flat % cols
+
+
+class BindingEmulator:
+    """Same names and signatures as the compiled module's functions."""
+
+    def lerp_mask_counts(self, grads, exp_avgs, weight: float, lion: bool) -> Tensor:
+        if not grads:
+            raise ValueError("empty list")
+        _same_length(grads, exp_avgs)
+        counts = torch.zeros(len(grads), dtype=torch.int64, device=grads[0].device)
+        for index, (grad, exp_avg) in enumerate(zip(grads, exp_avgs)):
+            _check_value(grad, "grad")
+            _check_state(exp_avg, "exp_avg", grad.numel())
+            g = grad.float()
+            update = _lerp(exp_avg, g, weight)
+            if lion:
+                update = update.sign()
+            counts[index] = int((update * g > 0).sum())
+        return counts
+
+    def adamw_apply(self, params, grads, exp_avgs, exp_avg_sqs, alphas, bc2_sqrts, decay, lerp_weight, beta2, one_minus_beta2, eps, scales) -> None:
+        _same_length(params, grads, exp_avgs, exp_avg_sqs, alphas, bc2_sqrts)
+        if scales is not None:
+            _check_state(scales, "scales", len(grads))
+        for index, (param, grad, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+            _check_value(param, "param", grad.numel())
+            _check_state(m, "exp_avg", grad.numel())
+            _check_state(v, "exp_avg_sq", grad.numel())
+            g = grad.float()
+            p = param.float() * _fp32(decay)
+            m.copy_(_lerp(m, g, lerp_weight))
+            v.mul_(_fp32(beta2)).add_(g * g, alpha=_fp32(one_minus_beta2))
+            denom = v.sqrt() * (1.0 / _fp32(bc2_sqrts[index])) + _fp32(eps)
+            numerator = m if scales is None else torch.where(m * g > 0, m * scales[index], torch.zeros_like(m))
+            _store(param, p + _fp32(alphas[index]) * (numerator / denom))
+
+    def lion_apply(self, params, grads, exp_avgs, decay, weight1, weight2, neg_lr, scales) -> None:
+        _same_length(params, grads, exp_avgs)
+        if scales is not None:
+            _check_state(scales, "scales", len(grads))
+        for index, (param, grad, m) in enumerate(zip(params, grads, exp_avgs)):
+            _check_value(param, "param", grad.numel())
+            _check_state(m, "exp_avg", grad.numel())
+            g = grad.float()
+            p = param.float() * _fp32(decay)
+            update = _lerp(m, g, weight1).sign()
+            if scales is not None:
+                update = torch.where(update * g > 0, update * scales[index], torch.zeros_like(update))
+            _store(param, p + _fp32(neg_lr) * update)
+            m.copy_(_lerp(m, g, weight2))
+
+    def came_vector_second_moment(self, grads, exp_avg_sqs, beta2, one_minus_beta2, eps1) -> None:
+        _same_length(grads, exp_avg_sqs)
+        for grad, v in zip(grads, exp_avg_sqs):
+            _check_state(v, "exp_avg_sq", grad.numel())
+            g = grad.float()
+            v.mul_(_fp32(beta2)).add_(g * g + _fp32(eps1), alpha=_fp32(one_minus_beta2))
+
+    @staticmethod
+    def _precondition(precond: Tensor, has: bool, value: Tensor) -> Tensor:
+        if not has:
+            return value
+        _check_state(precond, "exp_avg_sq", value.numel())
+        return precond.rsqrt() * value
+
+    def came_vector_sumsq(self, grads, preconds, has_precond, out_index, sums) -> None:
+        _same_length(grads, preconds, has_precond, out_index)
+        if sums.dtype != torch.float64:
+            raise TypeError("sums must be float64")
+        for grad, precond, has, slot in zip(grads, preconds, has_precond, out_index):
+            update = self._precondition(precond, has, grad.float())
+            sums[slot] += (update * update).double().sum()
+
+    def came_vector_momentum(self, grads, exp_avgs, preconds, has_precond, out_index, divisors, beta1, one_minus_beta1, counts) -> None:
+        _same_length(grads, exp_avgs, preconds, has_precond, out_index)
+        _check_state(divisors, "clip divisors")
+        if counts.dtype != torch.int64:
+            raise TypeError("counts must be int64")
+        for grad, m, precond, has, slot in zip(grads, exp_avgs, preconds, has_precond, out_index):
+            _check_state(m, "exp_avg", grad.numel())
+            g = grad.float()
+            update = self._precondition(precond, has, g) / divisors[slot]
+            m.mul_(_fp32(beta1)).add_(update, alpha=_fp32(one_minus_beta1))
+            counts[slot] += int((m * g > 0).sum())
+
+    def came_vector_apply(self, params, grads, exp_avgs, preconds, has_precond, out_index, decay, neg_lr, scales, num_scales) -> None:
+        _same_length(params, grads, exp_avgs, preconds, has_precond, out_index)
+        if scales is not None:
+            _check_state(scales, "scales", num_scales)
+        for param, grad, m, precond, has, slot in zip(params, grads, exp_avgs, preconds, has_precond, out_index):
+            _check_value(param, "param", grad.numel())
+            update = self._precondition(precond, has, m)
+            if scales is not None:
+                update = torch.where(m * grad.float() > 0, update * scales[slot], torch.zeros_like(update))
+            _store(param, param.float() * _fp32(decay) + _fp32(neg_lr) * update)
+
+    @staticmethod
+    def _check_layout(grad: Tensor, start: int, batches: int, rows: int, cols: int) -> None:
+        if min(rows, cols, batches) <= 0 or start < 0 or start + grad.numel() > batches * rows * cols:
+            raise ValueError(f"range [{start}, {start + grad.numel()}) outside a ({batches}, {rows}, {cols}) tensor")
+
+    def came_factored_sq_sums(self, grads, starts, batches, rows, cols, row_sums, col_sums, eps1) -> None:
+        _same_length(grads, starts, batches, rows, cols, row_sums, col_sums)
+        for grad, start, b, r, c, row_out, col_out in zip(grads, starts, batches, rows, cols, row_sums, col_sums):
+            self._check_layout(grad, start, b, r, c)
+            _check_state(row_out, "row sums", b * r)
+            _check_state(col_out, "col sums", b * c)
+            g = grad.float()
+            row_id, col_id = _factored_ids(start, g.numel(), r, c, g.device)
+            q = g * g + _fp32(eps1)
+            row_out.index_add_(0, row_id, q)
+            col_out.index_add_(0, col_id, q)
+
+    def _factored_precond(self, grad, start, b, r, c, row_factor, col_factor) -> Tensor:
+        self._check_layout(grad, start, b, r, c)
+        _check_state(row_factor, "row factor", b * r)
+        _check_state(col_factor, "col factor", b * c)
+        row_id, col_id = _factored_ids(start, grad.numel(), r, c, grad.device)
+        return row_factor[row_id] * col_factor[col_id]
+
+    def came_factored_sumsq(self, grads, starts, batches, rows, cols, row_factor, col_factor, out_index, sums) -> None:
+        _same_length(grads, starts, batches, rows, cols, row_factor, col_factor, out_index)
+        if sums.dtype != torch.float64:
+            raise TypeError("sums must be float64")
+        for grad, start, b, r, c, rf, cf, slot in zip(grads, starts, batches, rows, cols, row_factor, col_factor, out_index):
+            update = self._factored_precond(grad, start, b, r, c, rf, cf) * grad.float()
+            sums[slot] += (update * update).double().sum()
+
+    def came_factored_momentum(self, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, res_row_sums, res_col_sums, out_index, divisors, beta1, one_minus_beta1, eps2, counts) -> None:
+        _same_length(grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, res_row_sums, res_col_sums, out_index)
+        _check_state(divisors, "clip divisors")
+        if counts.dtype != torch.int64:
+            raise TypeError("counts must be int64")
+        for grad, m, start, b, r, c, rf, cf, row_out, col_out, slot in zip(grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, res_row_sums, res_col_sums, out_index):
+            _check_state(m, "exp_avg", grad.numel())
+            _check_state(row_out, "row sums", b * r)
+            _check_state(col_out, "col sums", b * c)
+            g = grad.float()
+            update = self._factored_precond(grad, start, b, r, c, rf, cf) * g / divisors[slot]
+            m.mul_(_fp32(beta1)).add_(update, alpha=_fp32(one_minus_beta1))
+            residual = (update - m) ** 2 + _fp32(eps2)
+            row_id, col_id = _factored_ids(start, g.numel(), r, c, g.device)
+            row_out.index_add_(0, row_id, residual)
+            col_out.index_add_(0, col_id, residual)
+            counts[slot] += int((m * g > 0).sum())
+
+    def came_factored_apply(self, params, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, out_index, decay, neg_lr, scales, num_scales) -> None:
+        _same_length(params, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, out_index)
+        if scales is not None:
+            _check_state(scales, "scales", num_scales)
+        for param, grad, m, start, b, r, c, rf, cf, slot in zip(params, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, out_index):
+            _check_value(param, "param", grad.numel())
+            update = self._factored_precond(grad, start, b, r, c, rf, cf) * m
+            if scales is not None:
+                update = torch.where(m * grad.float() > 0, update * scales[slot], torch.zeros_like(update))
+            _store(param, param.float() * _fp32(decay) + _fp32(neg_lr) * update)
