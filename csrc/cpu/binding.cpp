@@ -22,7 +22,10 @@ using OptTensor = c10::optional<Tensor>;
 namespace {
 
 constexpr int64_t kTile = 1 << 15;         // elements per work item (128 KiB of each fp32 stream)
-constexpr int64_t kMaxBlocksPerMatrix = 64;  // column-sum partial buffers per large matrix
+// A large matrix's rows are split into at most this many blocks of at least one tile each, each
+// with a private double column accumulator (fixed by the sizes, not the thread count, so the
+// sums are the same for any number of threads).
+constexpr int64_t kMaxBlocksPerMatrix = 16;
 
 bool cpu_supports(const std::string& isa) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -112,6 +115,9 @@ float scale_at(const OptTensor& scales, size_t index) {
 int threads() { return std::max(1, at::get_num_threads()); }
 
 // Run f(tile, lo, hi) over fixed tiles of [0, n); parallel when there is more than one tile.
+// Dynamic scheduling: on a shared or oversubscribed machine a descheduled thread does not hold
+// the whole step back (a static split waits for the slowest thread); a tile is 128 KiB of each
+// stream, so handing tiles out one at a time costs nothing measurable.
 template <class F>
 void for_tiles(int64_t n, F&& f) {
   const int64_t tiles = (n + kTile - 1) / kTile;
@@ -119,7 +125,7 @@ void for_tiles(int64_t n, F&& f) {
     if (n > 0) f(0, 0, n);
     return;
   }
-#pragma omp parallel for schedule(static) num_threads(threads())
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads())
   for (int64_t t = 0; t < tiles; ++t) f(t, t * kTile, std::min(n, (t + 1) * kTile));
 }
 
@@ -185,7 +191,7 @@ int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sum
     const int64_t per_block = std::max<int64_t>(1, kTile / (R * C));
     const int64_t blocks = (m1 - m0 + per_block) / per_block;
     std::vector<int64_t> counts(blocks, 0);
-#pragma omp parallel for schedule(static) num_threads(threads()) if (blocks > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads()) if (blocks > 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t ma = m0 + b * per_block, mb = std::min(m1, ma + per_block - 1);
       std::vector<double> acc((mb - ma + 1) * C, 0.0);
@@ -201,10 +207,10 @@ int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sum
   for (int64_t mat = m0; mat <= m1; ++mat) {
     const int64_t ra = std::max(g0, mat * R), rb = std::min(g1, mat * R + R - 1);
     const int64_t nr = rb - ra + 1;
-    const int64_t blocks = std::min(nr, kMaxBlocksPerMatrix);
+    const int64_t blocks = std::max<int64_t>(1, std::min({nr, kMaxBlocksPerMatrix, nr * C / kTile}));
     std::vector<double> acc(blocks * C, 0.0);
     std::vector<int64_t> counts(blocks, 0);
-#pragma omp parallel for schedule(static) num_threads(threads()) if (blocks > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads()) if (blocks > 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t lo = ra + nr * b / blocks, hi = ra + nr * (b + 1) / blocks - 1;
       run_rows(lo, hi, mat, acc.data() + b * C, &counts[b]);

@@ -69,6 +69,13 @@ static inline typename T::R masked(typename T::R x, typename T::M phi, float sca
   return T::mul(x, T::select(phi, T::set1(scale), T::set1(0.0f)));
 }
 
+// sign(c) * g > 0, without forming sign(c) * g: sign(c) is +-1 or 0, so the product is exactly
+// +-g or +-0 and is positive iff c and g are both > 0 or both < 0 (NaN compares false either way).
+template <class T>
+static inline typename T::M same_sign(typename T::R c, typename T::R g) {
+  return T::mask_or(T::mask_and(T::gt0(c), T::gt0(g)), T::mask_and(T::lt0(c), T::lt0(g)));
+}
+
 template <class T, class PT>
 static inline void store_param(PT* p, int64_t i, typename T::R x) {
   T::store(p + i, x);
@@ -95,6 +102,8 @@ static void adamw_apply_t(PT* p, const GT* g, float* m, float* v, int64_t lo, in
     auto pf = T::mul(T::load(p + i), T::set1(a.decay));
     auto m1 = lerp<T>(T::load(m + i), gf, a.m);
     auto v1 = T::fma(T::mul(T::set1(a.one_minus_beta2), gf), gf, T::mul(T::load(v + i), T::set1(a.beta2)));
+    // torch: (sqrt(v) / sqrt(bc2)) + eps, a true division (not a reciprocal multiply): the
+    // divider has room, the step is memory-bound on 2+ cores (see docs/cpu_kernels.md)
     auto den = T::add(T::div(T::sqrt(v1), T::set1(a.sqrt_bc2)), T::set1(a.eps));
     auto num = a.cautious ? masked<T>(m1, T::gt0(T::mul(m1, gf)), a.scale) : m1;
     T::store(m + i, m1);
@@ -110,8 +119,7 @@ static int64_t lion_count_t(const GT* g, const float* m, int64_t lo, int64_t hi,
   return count_each<V>(lo, hi, [&](auto t, int64_t i) {
     using T = decltype(t);
     auto gf = T::load(g + i);
-    auto u = sign<T>(lerp<T>(T::load(m + i), gf, w));
-    return T::gt0(T::mul(u, gf));
+    return same_sign<T>(lerp<T>(T::load(m + i), gf, w), gf);
   });
 }
 
@@ -123,8 +131,9 @@ static void lion_apply_t(PT* p, const GT* g, float* m, int64_t lo, int64_t hi, c
     auto gf = T::load(g + i);
     auto mo = T::load(m + i);
     auto pf = T::mul(T::load(p + i), T::set1(a.decay));
-    auto u = sign<T>(lerp<T>(mo, gf, a.update));
-    if (a.cautious) u = masked<T>(u, T::gt0(T::mul(u, gf)), a.scale);
+    auto c = lerp<T>(mo, gf, a.update);
+    auto u = sign<T>(c);
+    if (a.cautious) u = masked<T>(u, same_sign<T>(c, gf), a.scale);
     T::store(m + i, lerp<T>(mo, gf, a.m));
     store_param<T>(p, i, T::fma(u, T::set1(a.neg_lr), pf));
   });

@@ -53,6 +53,8 @@ struct Scalar {
   static inline M gt0(R a) { return a > 0.0f; }
   static inline M lt0(R a) { return a < 0.0f; }
   static inline R select(M m, R a, R b) { return m ? a : b; }
+  static inline M mask_and(M a, M b) { return a && b; }
+  static inline M mask_or(M a, M b) { return a || b; }
   static inline int count(M m) { return m ? 1 : 0; }
   // double accumulators (sums of squares, row/col sums): D holds W double lanes
   using D = double;
@@ -104,6 +106,8 @@ struct Avx2 {
   static inline M gt0(R a) { return _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GT_OQ); }
   static inline M lt0(R a) { return _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_LT_OQ); }
   static inline R select(M m, R a, R b) { return _mm256_blendv_ps(b, a, m); }
+  static inline M mask_and(M a, M b) { return _mm256_and_ps(a, b); }
+  static inline M mask_or(M a, M b) { return _mm256_or_ps(a, b); }
   static inline int count(M m) { return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(m))); }
   struct D {
     __m256d lo, hi;
@@ -158,6 +162,8 @@ struct Avx512 {
   static inline M gt0(R a) { return _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ); }
   static inline M lt0(R a) { return _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_LT_OQ); }
   static inline R select(M m, R a, R b) { return _mm512_mask_blend_ps(m, b, a); }
+  static inline M mask_and(M a, M b) { return static_cast<M>(a & b); }
+  static inline M mask_or(M a, M b) { return static_cast<M>(a | b); }
   static inline int count(M m) { return __builtin_popcount(static_cast<unsigned>(m)); }
   struct D {
     __m512d lo, hi;

@@ -1,0 +1,184 @@
+"""Throughput of one optimizer step on CPU: our native kernels vs DeepSpeed, torch and came-pytorch.
+
+Not a test: a benchmark to run by hand on an otherwise idle machine::
+
+    DS_ACCELERATOR=cpu python -m dist_cautious.bench.cpu_step            # ~50M fp32 params
+    python -m dist_cautious.bench.cpu_step --matrices 4 --steps 3         # smaller, quicker
+
+It times ``step()`` (median of ``--steps`` after one warm-up step) on the same params and grads
+for: CautiousAdamW, CautiousLion and CAME (cautious and not; native kernels, checked to be the
+ones in use), ``DeepSpeedCPUAdam``, ``DeepSpeedCPULion``, ``torch.optim.AdamW(fused=True)``
+(``foreach`` where fused does not run on CPU), ``came_pytorch.CAME``, and a plain memory copy of
+one fp32 tensor (the bandwidth limit: 8 bytes per element moved). It prints Gparam/s, the
+bandwidth each step implies from its minimal traffic, and the ratios the project targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+
+# minimal bytes per element of one step (fp32 params, grads and state); see csrc/cpu/kernels.h
+TRAFFIC = {
+    "copy": 8,
+    "adam": 28,  # read p g m v, write p m v
+    "cautious_adam": 36,  # + mask-count pass: read g m
+    "lion": 20,  # read p g m, write p m
+    "cautious_lion": 28,
+    "came": 36,  # sq sums 4 (g), sumsq 4 (g), momentum 12 (g m / m), apply 16 (p m g / p)
+}
+
+
+def _median_step(step: Callable[[], None], steps: int) -> float:
+    step()  # warm-up: state allocation, JIT builds, first-touch page faults
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _make_params(matrices: int, rows: int, cols: int) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(rows, cols, generator=gen) * 0.02) for _ in range(matrices)]
+    for param in params:
+        param.grad = torch.randn(rows, cols, generator=gen) * 1e-3
+    return params
+
+
+def _time_optimizer(factory: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], params, steps: int) -> float:
+    optimizer = factory(params)
+    seconds = _median_step(optimizer.step, steps)
+    optimizer.state.clear()
+    del optimizer
+    return seconds
+
+
+def _copy_seconds(numel: int, steps: int) -> float:
+    src = torch.randn(numel)
+    dst = torch.empty_like(src)
+    return _median_step(lambda: dst.copy_(src), steps)
+
+
+def _ours(name: str, cautious: bool) -> Callable:
+    import dist_cautious.optim as optim
+
+    if name == "CAME":
+        return lambda params: optim.CAME(params, lr=2e-4, cautious=cautious)
+    if name == "CautiousLion":
+        return lambda params: optim.CautiousLion(params, lr=1e-4, cautious=cautious)
+    return lambda params: optim.CautiousAdamW(params, lr=1e-3, cautious=cautious)
+
+
+def _deepspeed(kind: str) -> Optional[Callable]:
+    try:
+        if kind == "adam":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return lambda params: DeepSpeedCPUAdam(params, lr=1e-3, weight_decay=1e-2, adamw_mode=True)
+        from deepspeed.ops.lion import DeepSpeedCPULion
+
+        return lambda params: DeepSpeedCPULion(params, lr=1e-4)
+    except Exception as error:  # deepspeed missing or its op cannot build
+        print(f"# DeepSpeed CPU {kind} unavailable: {error}")
+        return None
+
+
+def _torch_adamw(params) -> tuple[str, Callable]:
+    try:
+        probe = [torch.nn.Parameter(torch.zeros(4))]
+        probe[0].grad = torch.ones(4)
+        torch.optim.AdamW(probe, fused=True).step()
+        return "torch AdamW(fused=True)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)
+    except Exception as error:
+        print(f"# torch AdamW(fused=True) does not run on CPU here ({type(error).__name__}); using foreach=True")
+        return "torch AdamW(foreach=True)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)
+
+
+def _came_pytorch() -> Optional[Callable]:
+    try:
+        from came_pytorch import CAME
+
+        return lambda params: CAME(params, lr=2e-4, weight_decay=0.0)
+    except Exception as error:
+        print(f"# came-pytorch unavailable: {error}")
+        return None
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--matrices", type=int, default=12, help="number of (rows x cols) params (12 x 2048^2 = 50.3M)")
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--cols", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per optimizer (median reported)")
+    parser.add_argument("--reference-steps", type=int, default=2, help="timed steps for came-pytorch (slow)")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["DIST_CAUTIOUS_KERNELS"] = "native"
+    from dist_cautious.kernels import ops_for
+
+    isa = ops_for(torch.device("cpu")).isa
+    numel = args.matrices * args.rows * args.cols
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, kernels: {isa}")  # fmt: skip
+    print(f"# {args.matrices} x ({args.rows} x {args.cols}) fp32 params = {numel / 1e6:.1f}M, median of {args.steps} steps")
+
+    params = _make_params(args.matrices, args.rows, args.cols)
+    rows: list[tuple[str, float, Optional[str]]] = []  # (name, seconds, traffic key)
+
+    def run(name: str, factory: Optional[Callable], traffic: Optional[str], steps: int = args.steps) -> None:
+        if factory is None:
+            return
+        seconds = _time_optimizer(factory, params, steps)
+        rows.append((name, seconds, traffic))
+        print(f"#   {name}: {seconds * 1e3:.1f} ms", flush=True)
+
+    rows.append(("memory copy (fp32)", _copy_seconds(numel, args.steps), "copy"))
+    run("DeepSpeedCPUAdam", _deepspeed("adam"), "adam")
+    run("DeepSpeedCPULion", _deepspeed("lion"), "lion")
+    torch_name, torch_factory = _torch_adamw(params)
+    run(torch_name, torch_factory, "adam")
+    run("came-pytorch CAME", _came_pytorch(), "came", args.reference_steps)
+    run("CautiousAdamW (cautious)", _ours("CautiousAdamW", True), "cautious_adam")
+    run("CautiousAdamW (cautious=False)", _ours("CautiousAdamW", False), "adam")
+    run("CautiousLion (cautious)", _ours("CautiousLion", True), "cautious_lion")
+    run("CautiousLion (cautious=False)", _ours("CautiousLion", False), "lion")
+    run("CAME (cautious)", _ours("CAME", True), "came")
+    run("CAME (cautious=False)", _ours("CAME", False), "came")
+
+    rate = {name: numel / seconds / 1e9 for name, seconds, _ in rows}
+    print()
+    print("| step | ms | Gparam/s | GB/s (min. traffic) |")
+    print("|---|---:|---:|---:|")
+    for name, seconds, traffic in rows:
+        bandwidth = f"{rate[name] * TRAFFIC[traffic]:.1f} ({TRAFFIC[traffic]} B/param)" if traffic else "-"
+        print(f"| {name} | {seconds * 1e3:.1f} | {rate[name]:.3f} | {bandwidth} |")
+
+    def ratio(a: str, b: str, target: str) -> None:
+        if a in rate and b in rate:
+            print(f"| {a} / {b} | {rate[a] / rate[b]:.2f}x | {target} |")
+
+    print()
+    print("| ratio | measured | target |")
+    print("|---|---:|---:|")
+    ratio("CautiousAdamW (cautious)", "DeepSpeedCPUAdam", ">= 0.9x")
+    ratio("CautiousAdamW (cautious=False)", "DeepSpeedCPUAdam", "-")
+    ratio("CautiousLion (cautious)", "DeepSpeedCPULion", ">= 0.9x")
+    ratio("CautiousLion (cautious=False)", "DeepSpeedCPULion", "-")
+    ratio("CAME (cautious)", "DeepSpeedCPUAdam", ">= 0.6x")
+    ratio("CAME (cautious=False)", "came-pytorch CAME", ">= 5x")
+    ratio("CAME (cautious)", "came-pytorch CAME", ">= 5x")
+    ratio("CautiousAdamW (cautious=False)", torch_name, "-")
+
+
+if __name__ == "__main__":
+    main()
