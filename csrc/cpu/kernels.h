@@ -17,6 +17,8 @@
 #error "define DC_ISA before including kernels.h"
 #endif
 
+#include <algorithm>
+
 #include "kernels_api.h"
 #include "simd.h"
 
@@ -31,12 +33,22 @@ static inline void for_each(int64_t lo, int64_t hi, F&& body) {
   for (; i < hi; ++i) body(Scalar{}, i);
 }
 
-// Sum over [lo, hi) of body(traits, i) (an fp32 vector), accumulated in double.
+// Sum over [lo, hi) of body(traits, i) (an fp32 vector). Lanes accumulate in fp32 for at most
+// kLaneRun steps, then flush into a double accumulator: each lane's fp32 partial carries a
+// relative error of at most kLaneRun * 2^-24 (the bound tests/kernels states), and the converts
+// to double cost once per kLaneRun vectors instead of once per vector.
+constexpr int64_t kLaneRun = 64;
+
 template <class V, class F>
 static inline double sum_each(int64_t lo, int64_t hi, F&& body) {
   typename V::D acc = V::dzero();
   int64_t i = lo;
-  for (; i + V::W <= hi; i += V::W) acc = V::dadd(acc, body(V{}, i));
+  while (i + V::W <= hi) {
+    const int64_t stop = std::min(hi - V::W, i + (kLaneRun - 1) * V::W);
+    typename V::R part = body(V{}, i);
+    for (i += V::W; i <= stop; i += V::W) part = V::add(part, body(V{}, i));
+    acc = V::dadd(acc, part);
+  }
   double tail = 0.0;
   for (; i < hi; ++i) tail += static_cast<double>(body(Scalar{}, i));
   return V::dsum(acc) + tail;
