@@ -168,6 +168,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_nonnegative_int, default=d.seed, help="weights and data seed (default: %(default)s)")
     parser.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: CUDA with NCCL if present, else CPU with gloo (default: %(default)s)")
     parser.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"], help="bf16: FSDP2 mixed precision (bf16 compute, fp32 params and reductions)")
+    parser.add_argument("--zero-stage", type=int, default=d.zero_stage, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage, backend deepspeed (default: %(default)s)")
+    parser.add_argument("--offload", action="store_true", help="DeepSpeed: optimizer state and step on the CPU (ZeRO-Offload)")
     parser.add_argument("--metrics", default=None, metavar="PATH", help="write the losses and per-rank memory as JSON (rank 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -179,7 +181,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         optimizer=args.optimizer, backend=args.backend, steps=args.steps, global_batch=args.global_batch,
         context=args.context, width=args.width, layers=args.layers, heads=args.heads, lr=args.lr,
         weight_decay=args.weight_decay, warmup=min(args.warmup, args.steps), corpus_bytes=args.corpus_bytes,
-        seed=args.seed, device=args.device, precision=args.precision, progress=not args.quiet, metrics_path=args.metrics,
+        seed=args.seed, device=args.device, precision=args.precision, zero_stage=args.zero_stage, offload=args.offload, progress=not args.quiet, metrics_path=args.metrics,
     )
 
 
@@ -234,13 +236,14 @@ def _add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     from dist_cautious.bench.memory import OFFLOADS, OPTIMIZER_NAMES, PRECISIONS, SHARDINGS
     from dist_cautious.bench.model_shapes import PRESETS
 
-    parser.add_argument("--model", default="llama-7b", help=f"a preset ({', '.join(PRESETS)}) or a Hugging Face config.json path (default: %(default)s)")
+    parser.add_argument("--model", nargs="+", default=["llama-7b"], help=f"presets ({', '.join(PRESETS)}) or Hugging Face config.json paths (default: llama-7b)")
     parser.add_argument("--optimizer", nargs="+", default=list(OPTIMIZER_NAMES), choices=list(OPTIMIZER_NAMES), help="optimizers to compare (default: all six)")
     parser.add_argument("--sharding", default="fsdp", choices=list(SHARDINGS), help="none (single / DDP), DeepSpeed zero1/2/3, or fsdp (FSDP2) (default: %(default)s)")
     parser.add_argument("--world-size", nargs="+", type=_positive_int, default=[8], help="ranks (several values: one row each) (default: 8)")
     parser.add_argument("--precision", default="bf16-mixed", choices=list(PRECISIONS), help="(default: %(default)s)")
     parser.add_argument("--offload", default="none", choices=list(OFFLOADS), help="move optimizer state (+master) or everything sharded to host memory (default: %(default)s)")
     parser.add_argument("--rank", type=_nonnegative_int, default=0, help="which rank to report (rank 0 holds the largest shard) (default: 0)")
+    parser.add_argument("--compare", action="store_true", help="print the settings comparison (DDP, ZeRO-1/2/3, offload, FSDP2 at 8 and 64 ranks) for --model and --precision")
     parser.add_argument("--plot", metavar="PNG", default=None, help="also write per-rank memory vs world size (1..256) for this model")
     parser.add_argument("--measure", action="store_true", help="measured mode: run real steps of the train model on local CPU ranks (FSDP2) and print measured vs estimated bytes per rank")
     parser.add_argument("--measure-world-sizes", nargs="+", type=_positive_int, default=[1, 2, 3], help="world sizes for --measure (default: 1 2 3)")
@@ -258,10 +261,29 @@ def cmd_memory(args: argparse.Namespace) -> int:
     """Per-rank memory: analytic estimate for a model, or measured next to the estimate."""
     if args.measure:
         return _memory_measure(args)
-    from dist_cautious.bench.memory import Setup, estimate
     from dist_cautious.bench.model_shapes import resolve_model
 
-    model = resolve_model(args.model)
+    models = [resolve_model(spec) for spec in args.model]
+    if args.compare:
+        from dist_cautious.bench.memory import comparison_table
+
+        for model in models:
+            print(f"{model.name}: {model.numel:,} params; precision {args.precision}; rank-0 device GiB (host GiB in parentheses)")
+            print(comparison_table(model, args.precision, tuple(args.optimizer)))
+    else:
+        for model in models:
+            _estimate_table(model, args)
+    if args.plot:
+        from dist_cautious.bench.memory_plot import plot_world_sizes
+
+        path = plot_world_sizes(models, [1, 2, 4, 8, 16, 32, 64, 128, 256], args.plot, args.sharding, args.precision, args.offload)
+        print(f"wrote {path}")
+    return 0
+
+
+def _estimate_table(model: Any, args: argparse.Namespace) -> None:
+    from dist_cautious.bench.memory import Setup, estimate
+
     print(f"{model.name}: {model.numel:,} params in {len(model.shapes)} tensors; sharding {args.sharding}, precision {args.precision}, offload {args.offload}; rank {args.rank}; GiB")
     header = ["optimizer", "world", "params", "grads", "master", "opt. state", "device total", "host total"]
     print("| " + " | ".join(header) + " |")
@@ -274,12 +296,6 @@ def cmd_memory(args: argparse.Namespace) -> int:
             cells = [optimizer, str(world)] + [_size(e.total(k)) for k in ("params", "grads", "master", "optimizer_state")]
             cells += [_size(e.device_total), _size(e.host_total)]
             print("| " + " | ".join(cells) + " |")
-    if args.plot:
-        from dist_cautious.bench.memory_plot import plot_world_sizes
-
-        path = plot_world_sizes([model], [1, 2, 4, 8, 16, 32, 64, 128, 256], args.plot, args.sharding, args.precision, args.offload)
-        print(f"wrote {path}")
-    return 0
 
 
 def _memory_measure(args: argparse.Namespace) -> int:

@@ -159,3 +159,29 @@ def estimate(model: ModelShapes, setup: Setup, rank: int = 0) -> Estimate:
 
 def gib(nbytes: int) -> float:
     return nbytes / 2**30
+
+
+#: the settings ``comparison_table`` puts side by side: (column title, sharding, world, offload)
+COMPARISON = (
+    ("DDP x8", "none", 8, "none"),
+    ("ZeRO-1 x8", "zero1", 8, "none"),
+    ("ZeRO-2 x8", "zero2", 8, "none"),
+    ("ZeRO-2 x8 + offload (host)", "zero2", 8, "optimizer"),
+    ("ZeRO-3 x8", "zero3", 8, "none"),
+    ("FSDP2 x8", "fsdp", 8, "none"),
+    ("FSDP2 x64", "fsdp", 64, "none"),
+)
+
+
+def comparison_table(model: ModelShapes, precision: str = "bf16-mixed", optimizers: tuple[str, ...] = OPTIMIZER_NAMES) -> str:
+    """Markdown: rank-0 device GiB per optimizer (rows) and setting (columns); the offload
+    column shows device GiB and, in parentheses, host GiB."""
+    header = ["optimizer"] + [title for title, *_ in COMPARISON]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(COMPARISON)) + "|"]
+    for optimizer in optimizers:
+        cells = [optimizer]
+        for _, sharding, world, offload in COMPARISON:
+            e = estimate(model, Setup(optimizer, sharding, world, precision, offload))
+            cells.append(f"{gib(e.device_total):.1f}" + (f" ({gib(e.host_total):.1f})" if offload != "none" else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -10,6 +10,7 @@ the analytic estimate for the same shapes, world size and rank.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,8 +27,9 @@ def _local(tensor: Tensor) -> Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of the storages behind params, grads and optimizer state on this rank."""
+def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, master: Sequence[Tensor] = ()) -> dict[str, int]:
+    """Bytes of the storages behind params, grads and optimizer state on this rank, and of
+    ``master`` (a backend's own flat fp32 partitions, e.g. DeepSpeed's), each storage once."""
     seen: set[tuple[str, int]] = set()
 
     def storage_bytes(tensor: Any) -> int:
@@ -46,6 +48,8 @@ def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
         "grads": sum(storage_bytes(p.grad) for p in params),
         "optimizer_state": sum(storage_bytes(value) for state in optimizer.state.values() for value in state.values()),
     }
+    if master:
+        sizes["master"] = sum(storage_bytes(t) for t in master)
     sizes["total"] = sum(sizes.values())
     return sizes
 

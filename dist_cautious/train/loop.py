@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -44,6 +45,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    zero_stage: int = 2
+    offload: bool = False
     log_every: int = 10
     progress: bool = True
     metrics_path: Optional[str] = None
@@ -63,6 +66,10 @@ class TrainConfig:
             raise ValueError(f"global-batch {self.global_batch} must be divisible by the number of ranks {world_size}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero-stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if (self.zero_stage != 2 or self.offload) and self.backend != "deepspeed":
+            raise ValueError("zero-stage and offload apply to backend deepspeed only")
         if self.precision == "bf16" and self.backend != "fsdp2":
             raise ValueError("precision bf16 is supported with backend fsdp2 (FSDP2 mixed precision)")
         for name in ("lr", "weight_decay"):
@@ -97,7 +104,9 @@ class TrainResult:
         for rank, mem in enumerate(self.memory):
             lines.append(
                 f"  rank {rank}: params {_mib(mem['params'])}, grads {_mib(mem['grads'])}, "
-                f"optimizer state {_mib(mem['optimizer_state'])} (held {_mib(mem['total'])}); "
+                f"optimizer state {_mib(mem['optimizer_state'])}"
+                + (f", fp32 partitions {_mib(mem['master'])}" if "master" in mem else "")
+                + f" (held {_mib(mem['total'])}); "
                 f"peak RSS {_mib(mem['peak_rss'])}"
                 + (f", peak CUDA {_mib(mem['peak_cuda'])}" if mem.get("peak_cuda") else "")
             )
@@ -143,10 +152,12 @@ def train(config: TrainConfig, runtime: Optional[backends.Runtime] = None) -> Tr
     model = backends.wrap_model(model, config.backend, runtime, config.precision)
     spec = optimizer_spec(config.optimizer)
     base_lr = spec.lr if config.lr is None else config.lr
-    optimizer = make_optimizer(config.optimizer, model.parameters(), base_lr, config.weight_decay)
     engine = None
     if config.backend == "deepspeed":
-        engine = _deepspeed_engine(model, optimizer, config, runtime)
+        engine = _deepspeed_engine(model, config, runtime, base_lr)
+        optimizer = engine.optimizer
+    else:
+        optimizer = make_optimizer(config.optimizer, model.parameters(), base_lr, config.weight_decay)
     loss_of = (lambda x, y: engine.module.loss(x, y)) if engine else (lambda x, y: _loss(model, x, y))
 
     result = TrainResult(config.optimizer, config.backend, runtime.world_size, config.steps, parameters=parameters)
@@ -174,7 +185,7 @@ def train(config: TrainConfig, runtime: Optional[backends.Runtime] = None) -> Tr
     if bar is not None:
         bar.close()
     result.tokens_per_second = config.steps * config.global_batch * config.context / result.seconds
-    memory = held_bytes(engine.module if engine else model, optimizer)
+    memory = held_bytes(engine.module, engine.basic_optimizer, _deepspeed_partitions(engine)) if engine else held_bytes(model, optimizer)
     memory["peak_rss"] = _peak_rss_bytes()
     if runtime.device.type == "cuda":
         memory["peak_cuda"] = torch.cuda.max_memory_allocated(runtime.device)
@@ -218,5 +229,42 @@ def _progress(config: TrainConfig, runtime: backends.Runtime) -> Any:
     return tqdm(total=config.steps, desc=f"{config.optimizer} ({config.backend}, {runtime.world_size} rank{'s' * (runtime.world_size > 1)})", unit="step", dynamic_ncols=True, mininterval=0.5)
 
 
-def _deepspeed_engine(model: torch.nn.Module, optimizer: Any, config: TrainConfig, runtime: backends.Runtime) -> Any:
-    raise ValueError("backend deepspeed: the DeepSpeed integration is not installed in this build")
+def deepspeed_config(config: TrainConfig, world_size: int, base_lr: float) -> dict[str, Any]:
+    """The DeepSpeed config of the job: the optimizer named by string (as a user's JSON would),
+    the ZeRO stage, optional CPU offload of the optimizer."""
+    spec = optimizer_spec(config.optimizer)
+    zero: dict[str, Any] = {"stage": config.zero_stage}
+    if config.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": config.global_batch // world_size,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {
+            "type": spec.factory.__name__,
+            "params": {"lr": base_lr, "weight_decay": spec.weight_decay if config.weight_decay is None else config.weight_decay, **spec.kwargs},
+        },
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _deepspeed_engine(model: torch.nn.Module, config: TrainConfig, runtime: backends.Runtime, base_lr: float) -> Any:
+    """``deepspeed.initialize`` with the optimizer named in the config (the integration registers
+    the names); DeepSpeed joins the process group ``init_runtime`` created."""
+    if runtime.device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    import dist_cautious.integrations.deepspeed as integration
+
+    integration.register()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=deepspeed_config(config, runtime.world_size, base_lr))
+    return engine
+
+
+def _deepspeed_partitions(engine: Any) -> list[torch.Tensor]:
+    """DeepSpeed's own flat buffers a rank keeps besides module tensors: the fp32 partitions
+    (ZeRO-1/2 ``single_partition_of_fp32_groups``, ZeRO-3 ``fp32_partitioned_groups_flat``)."""
+    zero = engine.optimizer
+    return list(getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat", None) or [])
