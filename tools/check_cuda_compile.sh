@@ -45,25 +45,32 @@ for file in "${files[@]}"; do
     fi ) &
   pids+=($!)
 done
-status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-if [ $status -ne 0 ]; then
-  echo "check_cuda_compile: FAILED" >&2
-  exit 1
-fi
-echo "check_cuda_compile: ${#files[@]} file(s) compile for sm_80 and sm_90"
-
-# Opt-in (about a minute more): syntax-check the torch binding against the installed torch's
-# headers in torch's own C++ standard. A CPU-only torch wheel ships c10/cuda headers but not the
-# generated c10/cuda/impl/cuda_cmake_macros.h, so an empty stand-in is supplied for it.
+# Opt-in (--with-binding): syntax-check the torch binding against the installed torch's headers
+# in torch's own C++ standard, in parallel with the nvcc jobs. A CPU-only torch wheel ships
+# c10/cuda headers but not the generated c10/cuda/impl/cuda_cmake_macros.h, so an empty
+# stand-in is supplied for it.
 if [ "${1:-}" = "--with-binding" ]; then
   mkdir -p "$out/stub/c10/cuda/impl"
   echo "#pragma once" >"$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
   read -r torch_inc py_inc <<<"$(python3 -c 'import os, sysconfig, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"), sysconfig.get_paths()["include"])')"
   cuda_inc="${CUDA_HOME:-/usr/local/cuda}/include"
   for file in csrc/cuda/*.cpp; do
-    "${CXX:-g++}" -std=c++20 -fsyntax-only -Wall -Werror -DTORCH_EXTENSION_NAME=dist_cautious_cuda_kernels \
-      -I"$out/stub" -isystem "$torch_inc" -isystem "$torch_inc/torch/csrc/api/include" -isystem "$py_inc" -isystem "$cuda_inc" "$file"
-    echo "ok   $file (syntax, torch headers)"
+    ( start=$SECONDS
+      if "${CXX:-g++}" -std=c++20 -fsyntax-only -Wall -Werror -DTORCH_EXTENSION_NAME=dist_cautious_cuda_kernels \
+          -I"$out/stub" -isystem "$torch_inc" -isystem "$torch_inc/torch/csrc/api/include" -isystem "$py_inc" -isystem "$cuda_inc" \
+          "$file" >"$out/$(basename "$file").log" 2>&1; then
+        echo "ok   $file (syntax vs torch headers, $((SECONDS - start))s)"
+      else
+        echo "FAIL $file"; cat "$out/$(basename "$file").log"; exit 1
+      fi ) &
+    pids+=($!)
   done
 fi
+
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+if [ $status -ne 0 ]; then
+  echo "check_cuda_compile: FAILED" >&2
+  exit 1
+fi
+echo "check_cuda_compile: ${#files[@]} .cu file(s) compile for sm_80 and sm_90${1:+ (and the binding, $1)}"
