@@ -33,7 +33,8 @@ TRAFFIC = {
     "cautious_adam": 36,  # + mask-count pass: read g m
     "lion": 20,  # read p g m, write p m
     "cautious_lion": 28,
-    "came": 36,  # sq sums 4 (g), sumsq 4 (g), momentum 12 (g m / m), apply 16 (p m g / p)
+    "came": 32,  # factored: sq sums 4 (g), sumsq 4 (g), momentum 12 (g m / m), apply 12 (p m / p)
+    "cautious_came": 36,  # apply also reads g: 16
 }
 
 
@@ -169,7 +170,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         ("CautiousAdamW (cautious=False)", _ours("CautiousAdamW", False), "adam", args.steps),
         ("CautiousLion (cautious)", _ours("CautiousLion", True), "cautious_lion", args.steps),
         ("CautiousLion (cautious=False)", _ours("CautiousLion", False), "lion", args.steps),
-        ("CAME (cautious)", _ours("CAME", True), "came", args.steps),
+        ("CAME (cautious)", _ours("CAME", True), "cautious_came", args.steps),
         ("CAME (cautious=False)", _ours("CAME", False), "came", args.steps),
     ]
     for round_index in range(args.rounds):
