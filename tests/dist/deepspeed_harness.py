@@ -1,0 +1,442 @@
+"""Run DeepSpeed engines on spawned CPU ranks (gloo) and the matching single-process reference.
+
+One launch per world size runs many cases (process start-up and ``import deepspeed``, not the
+math, dominate the time). Each case trains ``tests/dist/awkward_model.py`` through a plain
+``deepspeed.initialize`` whose config names the optimizer by string, then returns the full fp32
+master weights (``safe_get_full_fp32_param``) so the test compares them with the reference.
+
+The reference is ``torch``-only, one process, the global batch: the same optimizer class with
+the same JSON params. DeepSpeed gives a trainable param that got no gradient (``unused``) a
+ZERO gradient, where ``torch.optim`` would skip it; the reference does the same (zero grad), so
+weight decay and momentum move ``unused`` in both. This is DeepSpeed's semantics, stated, not
+hidden.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before any deepspeed import, here and in ranks
+# The sharding tests check fragments and reductions; the kernels are checked against the
+# reference elsewhere. The reference path keeps every rank free of a JIT build at start-up.
+os.environ.setdefault("DIST_CAUTIOUS_KERNELS", "reference")
+
+import copy
+import datetime
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+import dist_cautious  # noqa: F401  (registers the optimizer names with DeepSpeed)
+from dist_cautious.integrations.deepspeed import OPTIMIZERS
+from tests.dist.awkward_model import GLOBAL_BATCH, batch, loss_fn, make_model
+
+STEPS = 8
+
+#: JSON params as a user writes them: lists, not tuples. Learning rates large enough that
+#: 8 steps move every weight well beyond the comparison tolerance.
+PARAMS: dict[str, dict[str, Any]] = {
+    "CautiousAdamW": {"lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1},
+    "CAME": {"lr": 1e-2, "betas": [0.9, 0.999, 0.9999], "eps": [1e-30, 1e-16], "weight_decay": 0.1},
+    "CautiousLion": {"lr": 1e-3, "betas": [0.9, 0.99], "weight_decay": 0.1},
+}
+
+
+def ds_config(case: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of ``case``: optimizer named by string, ZeRO stage, offload, dtype,
+    clipping and gradient accumulation."""
+    ga = case.get("ga", 1)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world_size // ga,
+        "gradient_accumulation_steps": ga,
+        "optimizer": {"type": case["optimizer"], "params": {**PARAMS[case["optimizer"]], "cautious": case["cautious"]}},
+        "zero_optimization": {"stage": case["stage"]},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if case.get("offload"):
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    # DeepSpeed clips at 1.0 unless told otherwise: state it, the reference clips the same way
+    config["gradient_clipping"] = float(case.get("clip", 0.0))
+    if case.get("dtype") == "bf16":
+        config["bf16"] = {"enabled": True}
+    if case.get("dtype") == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 4, "loss_scale_window": 1000, "hysteresis": 1}
+    config.update(case.get("extra", {}))
+    return config
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_engine(case: dict[str, Any], world_size: int, model: torch.nn.Module | None = None) -> Any:
+    import deepspeed
+
+    model = make_model(0) if model is None else model
+    config = ds_config(case, world_size)
+    if case.get("client"):  # the optimizer built by the user and handed to initialize
+        spec = config.pop("optimizer")
+        optimizer = OPTIMIZERS[spec["type"]](trainable(model), **spec["params"])
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        return engine
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable(model), config=config)
+    return engine
+
+
+def micro_batches(step: int, rank: int, world_size: int, ga: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the global batch of ``step``, split into ``ga`` equal micro-batches."""
+    images, targets = batch(step, rank, world_size)
+    return list(zip(images.chunk(ga), targets.chunk(ga)))
+
+
+def train(engine: Any, case: dict[str, Any], rank: int, world_size: int, steps: range) -> None:
+    ga = case.get("ga", 1)
+    for step in steps:
+        for images, targets in micro_batches(step, rank, world_size, ga):
+            dtype = next(engine.module.parameters()).dtype
+            loss = loss_fn(engine, images.to(dtype), targets.to(dtype))
+            engine.backward(loss)
+            engine.step()
+
+
+def full_weights(engine: Any) -> dict[str, torch.Tensor]:
+    """Full fp32 master weights of every trainable param (a collective under ZeRO)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        full = safe_get_full_fp32_param(param)
+        out[name] = (param.detach() if full is None else full).float().cpu().clone()
+    return out
+
+
+def run_invariance_case(case: dict[str, Any], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Train STEPS steps; ``naive`` swaps in the default fragment source (each flat partition
+    stepped as if it were one tensor, as a plain optimizer would) for the negative control."""
+    engine = make_engine(case, world_size)
+    if case.get("naive"):
+        from dist_cautious.shard.adapters import default_fragments
+
+        engine.basic_optimizer.fragment_source = default_fragments
+    train(engine, case, rank, world_size, range(STEPS))
+    return full_weights(engine)
+
+
+def reference_run(case: dict[str, Any], steps: int = STEPS) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Single process, global batch, zero grads for trainable params without one (as DeepSpeed),
+    ``clip_grad_norm_`` over all trainable grads when the case clips. ``case["params"]``
+    (JSON params) defaults to ``PARAMS[optimizer]``."""
+    model = make_model(0)
+    params = copy.deepcopy(case.get("params", PARAMS[case["optimizer"]]))
+    params["cautious"] = case["cautious"]
+    optimizer = OPTIMIZERS[case["optimizer"]](trainable(model), **params)
+    for step in range(steps):
+        images, targets = batch(step)
+        loss_fn(model, images, targets).backward()
+        for param in trainable(model):
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)  # DeepSpeed's semantics for a param without grad
+        if case.get("clip"):
+            torch.nn.utils.clip_grad_norm_(trainable(model), case["clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, optimizer
+
+
+def reference_weights(case: dict[str, Any], steps: int = STEPS) -> dict[str, torch.Tensor]:
+    model, _ = reference_run(case, steps)
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------------------------
+# launching
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn: Callable[[int, int, Any], Any], payload: Any, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size), DS_ACCELERATOR="cpu",
+    )
+    torch.set_num_threads(1)
+    import logging
+
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    # a rank stuck in a collective whose peer died fails within the minute, not after 30
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=60))
+    try:
+        result = fn(rank, world_size, payload)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_ranks(fn: Callable[[int, int, Any], Any], world_size: int, payload: Any = None, timeout: float = 150.0) -> list[Any]:
+    """``fn(rank, world_size, payload)`` on ``world_size`` spawned gloo ranks; their results.
+    On failure or timeout every child is killed and the error is raised here."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = mp.start_processes(
+            _entry, args=(world_size, free_port(), fn, payload, out_dir), nprocs=world_size, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while not context.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{world_size} DeepSpeed ranks did not finish within {timeout:.0f}s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                    process.join(5)
+        return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+def run_cases(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[Any]:
+    """Worker: every case in order. A case that raises records its error and ends the run on
+    this rank (its peers then fail fast in their next collective instead of hanging); the
+    remaining cases are marked as not run."""
+    results: list[Any] = []
+    for case in cases:
+        kind = case.get("kind", "invariance")
+        started = time.perf_counter()
+        try:
+            results.append(WORKERS[kind](case, rank, world_size))
+        except Exception as error:  # reported by the test with the case that failed
+            import traceback
+
+            results.append({"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"})
+            failed = case.get("id", kind)
+            results.extend({"error": f"not run: case {failed!r} failed before it on rank {rank}"} for _ in cases[len(results) :])
+            break
+        finally:
+            if os.environ.get("DIST_CAUTIOUS_TEST_TIMING") and rank == 0:
+                print(f"[timing] ws{world_size} {case.get('id', kind)}: {time.perf_counter() - started:.2f}s", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# the other workers
+# ---------------------------------------------------------------------------------------------
+
+
+class TensorStack(torch.nn.Module):
+    """``layers`` Linear(5, 5) + tanh: the same math per step with more or fewer tensors."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(5, 5) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def run_count_case(case: dict[str, Any], rank: int, world_size: int) -> dict[int, list[int]]:
+    """All-reduces issued inside the optimizer's ``step`` per engine step, for models of 4 and
+    40 tensors (``torch.distributed.all_reduce`` wrapped while the step runs)."""
+    import torch.distributed as dist
+
+    counts: dict[int, list[int]] = {}
+    original = dist.all_reduce
+    for layers in (2, 20):
+        engine = make_engine(case, world_size, TensorStack(layers))
+        active = [False]
+        calls = [0]
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            if active[0]:
+                calls[0] += 1
+            return original(*args, **kwargs)
+
+        step = engine.basic_optimizer.step
+
+        def counted_step(*args: Any, **kwargs: Any) -> Any:
+            active[0] = True
+            try:
+                return step(*args, **kwargs)
+            finally:
+                active[0] = False
+
+        engine.basic_optimizer.step = counted_step
+        dist.all_reduce = counting
+        try:
+            per_step = []
+            for index in range(3):
+                x = torch.randn(GLOBAL_BATCH // world_size, 5, generator=torch.Generator().manual_seed(index * 10 + rank))
+                engine.backward(engine(x).pow(2).mean())
+                before = calls[0]
+                engine.step()
+                per_step.append(calls[0] - before)
+        finally:
+            dist.all_reduce = original
+        counts[layers] = per_step
+    return counts
+
+
+def _state_snapshot(engine: Any) -> dict[str, Any]:
+    """Deep copy of the basic optimizer's state and of the fp32 params it steps."""
+    optimizer = engine.basic_optimizer
+    return {
+        "state": copy.deepcopy({index: optimizer.state[p] for index, p in enumerate(p for g in optimizer.param_groups for p in g["params"]) if p in optimizer.state}),
+        "params": [p.detach().clone() for g in optimizer.param_groups for p in g["params"]],
+        "weights": full_weights(engine),
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _enable_cpu_fp16() -> None:
+    """DeepSpeed's CPU accelerator reports fp16 unsupported when oneDNN lacks fp16 kernels; the
+    loss-scaling logic under test is device-independent, so tests let it run on CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().is_fp16_supported = lambda: True  # type: ignore[method-assign]
+
+
+def run_overflow_case(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """A step whose gradients overflow (``inf`` loss) is skipped: optimizer state, fp32 master
+    weights and model weights stay bit-identical; the next finite step trains again."""
+    if case.get("dtype") == "fp16":
+        _enable_cpu_fp16()
+    engine = make_engine(case, world_size)
+    train(engine, case, rank, world_size, range(3))
+    before = _state_snapshot(engine)
+    skipped = engine.skipped_steps
+    images, targets = batch(3, rank, world_size)
+    dtype = next(engine.module.parameters()).dtype
+    loss = loss_fn(engine, images.to(dtype), targets.to(dtype)) * float("inf")
+    engine.backward(loss)
+    engine.step()
+    after = _state_snapshot(engine)
+    untouched = _same(before, after)
+    train(engine, case, rank, world_size, range(4, 5))
+    moved = not _same(after["weights"], full_weights(engine))
+    return {"untouched": untouched, "skipped": engine.skipped_steps - skipped, "moved_after": moved}
+
+
+def run_checkpoint_case(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """save_checkpoint after 4 steps; a fresh engine that load_checkpoint-s it and trains 4 more
+    steps ends bit-identical to the engine that never stopped."""
+    directory = case["dir"]
+    engine = make_engine(case, world_size)
+    train(engine, case, rank, world_size, range(STEPS // 2))
+    engine.save_checkpoint(directory, tag="half")
+    train(engine, case, rank, world_size, range(STEPS // 2, STEPS))
+    straight = full_weights(engine)
+    resumed = make_engine(case, world_size)
+    resumed.load_checkpoint(directory, tag="half")
+    train(resumed, case, rank, world_size, range(STEPS // 2, STEPS))
+    return {"straight": straight, "resumed": full_weights(resumed)}
+
+
+def run_full_state_case(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """Full optimizer state of every param after STEPS steps, through
+    ``get_full_optimizer_state`` (CAME factors included) and, for the per-element keys,
+    DeepSpeed's own ``safe_get_full_optimizer_state``."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    from dist_cautious.integrations.deepspeed import _state_keys, get_full_optimizer_state
+
+    engine = make_engine(case, world_size)
+    train(engine, case, rank, world_size, range(STEPS))
+    ours: dict[str, dict[str, torch.Tensor]] = {}
+    theirs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        optimizer, flat, piece = param._dist_cautious_piece
+        ours[name], theirs[name] = {}, {}
+        for key in _state_keys(optimizer, flat, piece):
+            ours[name][key] = get_full_optimizer_state(param, key).cpu()
+            if key in ("exp_avg", "exp_avg_sq"):
+                theirs[name][key] = safe_get_full_optimizer_state(param, key).float().cpu().clone()
+    return {"ours": ours, "theirs": theirs}
+
+
+def run_save_full_case(case: dict[str, Any], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Train STEPS // 2 steps and write the world-size-independent full state."""
+    from dist_cautious.integrations.deepspeed import save_full_state
+
+    engine = make_engine(case, world_size)
+    train(engine, case, rank, world_size, range(STEPS // 2))
+    save_full_state(engine, case["path"])
+    return full_weights(engine)
+
+
+def run_load_full_case(case: dict[str, Any], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Resume a full state written at another world size and train the remaining steps."""
+    from dist_cautious.integrations.deepspeed import load_full_state
+
+    engine = make_engine(case, world_size)
+    load_full_state(engine, case["path"])
+    train(engine, case, rank, world_size, range(STEPS // 2, STEPS))
+    return full_weights(engine)
+
+
+def run_refusal_case(case: dict[str, Any], rank: int, world_size: int) -> str:
+    """``deepspeed.initialize`` must raise ValueError naming the setting; returns the message."""
+    try:
+        make_engine(case, world_size)
+    except ValueError as error:
+        return str(error)
+    return "<no error>"
+
+
+def run_config_file_case(case: dict[str, Any], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """A shipped ``configs/*.json`` as a user would load it; only batch sizes (to the world size),
+    lr (so 8 steps move every weight well past the tolerance) and ``cautious`` are overridden."""
+    import json
+
+    import deepspeed
+
+    with open(case["file"]) as handle:
+        config = json.load(handle)
+    config.pop("train_batch_size", None)
+    config["train_micro_batch_size_per_gpu"] = GLOBAL_BATCH // world_size
+    config["gradient_accumulation_steps"] = 1
+    config["optimizer"]["params"].update(lr=case["lr"], cautious=case["cautious"])
+    config["steps_per_print"] = 10**9
+    model = make_model(0)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable(model), config=config)
+    train(engine, case, rank, world_size, range(STEPS))
+    return full_weights(engine)
+
+
+WORKERS: dict[str, Callable[[dict[str, Any], int, int], Any]] = {
+    "invariance": run_invariance_case,
+    "count": run_count_case,
+    "overflow": run_overflow_case,
+    "checkpoint": run_checkpoint_case,
+    "full_state": run_full_state_case,
+    "save_full": run_save_full_case,
+    "load_full": run_load_full_case,
+    "refusal": run_refusal_case,
+    "config_file": run_config_file_case,
+}
