@@ -269,6 +269,15 @@ def set_full_optimizer_state(param: Tensor, key: str, value: Tensor) -> None:
         partition_state[key].view(-1).narrow(0, piece.flat_offset, piece.numel).copy_(value.reshape(-1).narrow(0, piece.start, piece.numel))
 
 
+def set_full_fp32_param(param: Tensor, value: Tensor) -> None:
+    """Set this rank's share of the fp32 master of one param from its full value (no
+    communication). DeepSpeed's own ZeRO-3 setter assumes no padding and fails for a param
+    smaller than the world size; this one reads the layout."""
+    _, flat, piece = _piece_of(param)
+    if piece.numel:
+        flat.data.view(-1).narrow(0, piece.flat_offset, piece.numel).copy_(value.reshape(-1).narrow(0, piece.start, piece.numel))
+
+
 def _managed_params(engine: Any) -> Iterator[tuple[str, Tensor]]:
     optimizer, _ = _basic_and_wrapper(engine)
     source = getattr(optimizer, "fragment_source", None)
@@ -322,8 +331,6 @@ def load_full_state(engine: Any, path: str) -> None:
     """Resume weights and optimizer state written by ``save_full_state`` at any world size and
     ZeRO stage >= 1. Call after ``deepspeed.initialize`` (and after ``load_checkpoint`` if that
     restores the rest: scheduler, loss scale), on every rank."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
     saved = torch.load(path, map_location="cpu", weights_only=False)
     if saved.get("format") != "dist_cautious.full_state/1":
         raise ValueError(f"dist_cautious: {path} is not a dist_cautious full-state file")
@@ -336,7 +343,7 @@ def load_full_state(engine: Any, path: str) -> None:
         raise ValueError(f"dist_cautious: params differ between {path} and the model: {missing}")
     for name, param in managed.items():
         entry = params[name]
-        safe_set_full_fp32_param(param, entry["fp32"])
+        set_full_fp32_param(param, entry["fp32"])
         for key, value in entry.items():
             if key != "fp32":
                 set_full_optimizer_state(param, key, value)
@@ -366,6 +373,7 @@ __all__ = [
     "install",
     "get_full_optimizer_state",
     "set_full_optimizer_state",
+    "set_full_fp32_param",
     "gather_full_state",
     "save_full_state",
     "load_full_state",
