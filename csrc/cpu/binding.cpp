@@ -163,11 +163,16 @@ void for_segments(const Layout& l, int64_t lo, int64_t hi, F&& f) {
   }
 }
 
+// Rows whose column contributions are added in fp32 before they go into the double accumulator.
+constexpr int64_t kColRun = 64;
+
 // Partial row and column sums over a factored fragment. seg(row, c0, off, len, col_acc, count)
-// processes one row segment, adds into col_acc[0..len) (double, starting at column c0) and
-// returns the segment's row sum. Rows are never split between blocks; columns are accumulated
-// per block in double and added in block order, so the result is independent of the thread
-// count. Returns the sum of the per-block counts.
+// processes one row segment, adds into col_acc[0..len) (fp32, starting at column c0) and
+// returns the segment's row sum. Rows are never split between blocks. Column contributions are
+// added in fp32 over runs of at most kColRun rows of one matrix, then into a per-block double
+// accumulator, and blocks are added in block order: the result is independent of the thread
+// count, and each fp32 run carries a relative error of at most kColRun * 2^-24. Returns the sum
+// of the per-block counts.
 template <class Seg>
 int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sums, Seg&& seg) {
   if (n == 0) return 0;
@@ -175,12 +180,26 @@ int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sum
   const int64_t g0 = l.start / C, g1 = (l.start + n - 1) / C;  // global rows, inclusive
   const int64_t m0 = g0 / R, m1 = g1 / R;                      // matrices, inclusive
   auto run_rows = [&](int64_t ra, int64_t rb, int64_t first_matrix, double* col_acc, int64_t* count) {
+    std::vector<float> run(C, 0.0f);
+    int64_t run_matrix = ra / R, rows_in_run = 0;
+    auto flush = [&]() {
+      double* out = col_acc + (run_matrix - first_matrix) * C;
+      for (int64_t c = 0; c < C; ++c) out[c] += static_cast<double>(run[c]);
+      std::fill(run.begin(), run.end(), 0.0f);
+      rows_in_run = 0;
+    };
     for (int64_t row = ra; row <= rb; ++row) {
+      if (row / R != run_matrix || rows_in_run == kColRun) {
+        flush();
+        run_matrix = row / R;
+      }
       const int64_t a = std::max(l.start, row * C), b = std::min(l.start + n, (row + 1) * C);
       const int64_t c0 = a - row * C;
-      const double rs = seg(row, c0, a - l.start, b - a, col_acc + (row / R - first_matrix) * C + c0, count);
+      const double rs = seg(row, c0, a - l.start, b - a, run.data() + c0, count);
       row_sums[row] = static_cast<float>(static_cast<double>(row_sums[row]) + rs);
+      ++rows_in_run;
     }
+    flush();
   };
   auto flush_cols = [&](int64_t first_matrix, int64_t matrices, const double* acc) {
     float* out = col_sums + first_matrix * C;
@@ -354,7 +373,7 @@ void came_factored_sq_sums(const std::vector<Tensor>& grads, const std::vector<i
     float* rs = state_ptr(row_sums[i], row_sums[i].numel(), "row sums");
     float* cs = state_ptr(col_sums[i], col_sums[i].numel(), "column sums");
     TORCH_CHECK(n == 0 || row_sums[i].numel() >= (l.start + n + l.cols - 1) / l.cols, "row sums too short for the layout");
-    row_col_sums(l, n, rs, cs, [&](int64_t, int64_t, int64_t off, int64_t len, double* acc, int64_t*) {
+    row_col_sums(l, n, rs, cs, [&](int64_t, int64_t, int64_t off, int64_t len, float* acc, int64_t*) {
       return k->came_sq_segment(g, gt, off, len, e1, acc);
     });
   }
@@ -428,7 +447,7 @@ Tensor came_momentum(const std::vector<Tensor>& grads, const std::vector<Tensor>
       float* rs = state_ptr(*res_rows[i], res_rows[i]->numel(), "residual row sums");
       float* cs = state_ptr(*res_cols[i], res_cols[i]->numel(), "residual column sums");
       TORCH_CHECK(res_rows[i]->numel() >= f.layout.start / f.layout.cols + 1 || n == 0, "residual row sums too short");
-      counts[i] = row_col_sums(f.layout, n, rs, cs, [&](int64_t row, int64_t c0, int64_t off, int64_t len, double* acc, int64_t* count) {
+      counts[i] = row_col_sums(f.layout, n, rs, cs, [&](int64_t row, int64_t c0, int64_t off, int64_t len, float* acc, int64_t* count) {
         return k->came_momentum_segment(g, gt, m, off, len, f.row[row], f.col + (row / f.layout.rows) * f.layout.cols + c0, a, acc, count);
       });
     } else {

@@ -153,14 +153,14 @@ static void lion_apply_t(PT* p, const GT* g, float* m, int64_t lo, int64_t hi, c
 
 // ---------------------------------------------------------------- CAME -----------------------
 // Phase 1, factored: q = g^2 + eps1 summed into the row (returned) and the columns (col_acc,
-// double). Read g (4 B/element); the column accumulator is per tile and stays in cache.
+// fp32 over a run of rows). Read g (4 B/element); the column accumulator stays in cache.
 template <class V, class GT>
-static double came_sq_segment_t(const GT* g, int64_t off, int64_t len, float eps1, double* col_acc) {
+static double came_sq_segment_t(const GT* g, int64_t off, int64_t len, float eps1, float* col_acc) {
   return sum_each<V>(0, len, [&](auto t, int64_t j) {
     using T = decltype(t);
     auto gf = T::load(g + off + j);
     auto q = T::add(T::mul(gf, gf), T::set1(eps1));
-    T::dacc(col_acc + j, q);
+    T::store(col_acc + j, T::add(T::load(col_acc + j), q));
     return q;
   });
 }
@@ -208,7 +208,7 @@ static double came_sumsq_elem_t(const GT* g, const float* v, int64_t lo, int64_t
 // Read g, m; write m (12 B/element).
 template <class V, class GT>
 static double came_momentum_segment_t(const GT* g, float* m, int64_t off, int64_t len, float rowf, const float* colf,
-                                      const CameMomentumParams& a, double* col_acc, int64_t* count) {
+                                      const CameMomentumParams& a, float* col_acc, int64_t* count) {
   int64_t agree = 0;
   double row = sum_each<V>(0, len, [&](auto t, int64_t j) {
     using T = decltype(t);
@@ -218,7 +218,7 @@ static double came_momentum_segment_t(const GT* g, float* m, int64_t off, int64_
     T::store(m + off + j, m1);
     auto d = T::sub(uh, m1);
     auto res = T::add(T::mul(d, d), T::set1(a.eps2));
-    T::dacc(col_acc + j, res);
+    T::store(col_acc + j, T::add(T::load(col_acc + j), res));
     agree += T::count(T::gt0(T::mul(m1, gf)));
     return res;
   });
@@ -302,7 +302,7 @@ struct Entry {
   static void lion_apply(void* p, int pt, const void* g, int gt, float* m, int64_t lo, int64_t hi, const LionParams& a) {
     with_mut_dtype(pt, p, [&](auto pp) { with_dtype(gt, g, [&](auto gp) { lion_apply_t<V>(pp, gp, m, lo, hi, a); }); });
   }
-  static double came_sq_segment(const void* g, int gt, int64_t off, int64_t len, float eps1, double* col_acc) {
+  static double came_sq_segment(const void* g, int gt, int64_t off, int64_t len, float eps1, float* col_acc) {
     return with_dtype(gt, g, [&](auto gp) { return came_sq_segment_t<V>(gp, off, len, eps1, col_acc); });
   }
   static void came_vector_moment(const void* g, int gt, float* v, int64_t lo, int64_t hi, float b2, float omb2, float eps1) {
@@ -315,7 +315,7 @@ struct Entry {
     return with_dtype(gt, g, [&](auto gp) { return came_sumsq_elem_t<V>(gp, v, lo, hi); });
   }
   static double came_momentum_segment(const void* g, int gt, float* m, int64_t off, int64_t len, float rowf, const float* colf,
-                                      const CameMomentumParams& a, double* col_acc, int64_t* count) {
+                                      const CameMomentumParams& a, float* col_acc, int64_t* count) {
     return with_dtype(gt, g, [&](auto gp) { return came_momentum_segment_t<V>(gp, m, off, len, rowf, colf, a, col_acc, count); });
   }
   static int64_t came_momentum_elem(const void* g, int gt, float* m, const float* v, int64_t lo, int64_t hi, const CameMomentumParams& a) {

@@ -62,13 +62,14 @@ struct KernelTable {
   int64_t (*lion_count)(const void* g, int gt, const float* m, int64_t lo, int64_t hi, Lerp w);
   void (*lion_apply)(void* p, int pt, const void* g, int gt, float* m, int64_t lo, int64_t hi, const LionParams& a);
   // CAME. "segment": `len` elements at local offset `off`, all in one row; `colf` / `col_acc`
-  // point at the segment's first column. "elem": 1-D / 0-D path, `v` null means identity.
-  double (*came_sq_segment)(const void* g, int gt, int64_t off, int64_t len, float eps1, double* col_acc);
+  // point at the segment's first column (`col_acc[j] += x_j` in fp32; the dispatcher flushes it
+  // into double every few rows). "elem": 1-D / 0-D path, `v` null means identity.
+  double (*came_sq_segment)(const void* g, int gt, int64_t off, int64_t len, float eps1, float* col_acc);
   void (*came_vector_moment)(const void* g, int gt, float* v, int64_t lo, int64_t hi, float beta2, float one_minus_beta2, float eps1);
   double (*came_sumsq_segment)(const void* g, int gt, int64_t off, int64_t len, float rowf, const float* colf);
   double (*came_sumsq_elem)(const void* g, int gt, const float* v, int64_t lo, int64_t hi);
   double (*came_momentum_segment)(const void* g, int gt, float* m, int64_t off, int64_t len, float rowf, const float* colf,
-                                  const CameMomentumParams& a, double* col_acc, int64_t* count);
+                                  const CameMomentumParams& a, float* col_acc, int64_t* count);
   int64_t (*came_momentum_elem)(const void* g, int gt, float* m, const float* v, int64_t lo, int64_t hi, const CameMomentumParams& a);
   void (*came_apply_segment)(void* p, int pt, const void* g, int gt, const float* m, int64_t off, int64_t len, float rowf,
                              const float* colf, const CameApplyParams& a);

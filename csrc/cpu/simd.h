@@ -56,12 +56,11 @@ struct Scalar {
   static inline M mask_and(M a, M b) { return a && b; }
   static inline M mask_or(M a, M b) { return a || b; }
   static inline int count(M m) { return m ? 1 : 0; }
-  // double accumulators (sums of squares, row/col sums): D holds W double lanes
+  // double accumulators (sums of squares, row sums): D holds W double lanes
   using D = double;
   static inline D dzero() { return 0.0; }
   static inline D dadd(D acc, R x) { return acc + static_cast<double>(x); }
   static inline double dsum(D acc) { return acc; }
-  static inline void dacc(double* p, R x) { *p += static_cast<double>(x); }  // p[i] += x[i]
 };
 
 #if defined(DIST_CAUTIOUS_ISA_AVX2) || defined(DIST_CAUTIOUS_ISA_AVX512)
@@ -121,10 +120,6 @@ struct Avx2 {
     __m128d t = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
     return _mm_cvtsd_f64(t) + _mm_cvtsd_f64(_mm_unpackhi_pd(t, t));
   }
-  static inline void dacc(double* p, R x) {
-    _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), _mm256_cvtps_pd(_mm256_castps256_ps128(x))));
-    _mm256_storeu_pd(p + 4, _mm256_add_pd(_mm256_loadu_pd(p + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))));
-  }
 };
 #endif
 
@@ -174,10 +169,6 @@ struct Avx512 {
     return D{_mm512_add_pd(acc.lo, _mm512_cvtps_pd(_mm512_castps512_ps256(x))), _mm512_add_pd(acc.hi, _mm512_cvtps_pd(half_hi(x)))};
   }
   static inline double dsum(D acc) { return _mm512_reduce_add_pd(_mm512_add_pd(acc.lo, acc.hi)); }
-  static inline void dacc(double* p, R x) {
-    _mm512_storeu_pd(p, _mm512_add_pd(_mm512_loadu_pd(p), _mm512_cvtps_pd(_mm512_castps512_ps256(x))));
-    _mm512_storeu_pd(p + 8, _mm512_add_pd(_mm512_loadu_pd(p + 8), _mm512_cvtps_pd(half_hi(x))));
-  }
 };
 #endif
 

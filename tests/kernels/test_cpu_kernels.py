@@ -12,8 +12,8 @@ What "equal" means here, derived from fp32 rounding:
   then differ by up to 2 ulp, the update term by up to 4 ulp (2^-21 relative), and the sum with
   the param by one more rounding: |p - p_ref| <= 2^-21 |update| + ulp(p_ref) in the param's dtype.
 - Sums (row/col sums, sum of squares): the reference sums in fp32 in its own order; the kernel
-  adds runs of at most 64 vectors in fp32 per lane and those partials in double (column sums:
-  double throughout). For n positive terms the reference's error is at most n * 2^-24 * sum
+  adds runs of at most 64 vectors per lane (row sums, sums of squares) or 64 rows (column sums)
+  in fp32 and those partials in double. For n positive terms the reference's error is at most n * 2^-24 * sum
   (recursive summation bound, which also covers pairwise), the kernel's at most 64 * 2^-24 * sum,
   so |s - s_ref| <= (n + 64) * 2^-24 * s_ref.
 
