@@ -429,7 +429,73 @@ def run_config_file_case(case: dict[str, Any], rank: int, world_size: int) -> di
     return full_weights(engine)
 
 
+def _gather_pieces(flat: torch.Tensor, pieces: list[Any]) -> dict[str, torch.Tensor]:
+    """Full fp32 tensors from this rank's pieces of ``flat`` (zero-padded, summed over each
+    piece's group: exactly one rank holds each element)."""
+    import torch.distributed as dist
+
+    out = {}
+    for piece in pieces:
+        full = torch.zeros(piece.global_shape.numel(), dtype=torch.float32)
+        if piece.numel:
+            full.narrow(0, piece.start, piece.numel).copy_(flat.view(-1).narrow(0, piece.flat_offset, piece.numel))
+        if piece.group is not None and dist.get_world_size(piece.group) > 1:
+            dist.all_reduce(full, group=piece.group)
+        out[piece.name] = full.view(piece.global_shape)
+    return out
+
+
+def run_lockstep_case(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """Whatever the model dtype (bf16, fp16: the forward is not comparable to an fp32 run), the
+    optimizer step itself must be exact: around every real step, gather the full fp32 grads and
+    masters DeepSpeed hands the optimizer, step a single-process copy of the optimizer on them
+    (its state persisting across steps) and compare with the gathered masters after the step.
+    Returns the largest absolute and relative differences over all steps and params."""
+    if case.get("dtype") == "fp16":
+        _enable_cpu_fp16()
+    engine = make_engine(case, world_size)
+    optimizer = engine.basic_optimizer
+    source = optimizer.fragment_source
+    params = copy.deepcopy(PARAMS[case["optimizer"]])
+    reference_params: dict[str, torch.nn.Parameter] = {}
+    reference = OPTIMIZERS[case["optimizer"]]([torch.nn.Parameter(torch.zeros(1))], **params, cautious=case["cautious"])
+    reference.param_groups.clear()
+    worst = {"abs": 0.0, "rel": 0.0, "excess": -1.0, "moved": 0.0, "steps": 0, "wrapper": type(engine.optimizer).__name__}
+    real_step = optimizer.step
+
+    def lockstep(*args: Any, **kwargs: Any) -> Any:
+        flats = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        before = [(_gather_pieces(flat, source.pieces(flat)), _gather_pieces(flat.grad, source.pieces(flat))) for flat in flats]
+        out = real_step(*args, **kwargs)
+        for flat, (masters, grads) in zip(flats, before):
+            stepped = []
+            for name, master in masters.items():
+                if name not in reference_params:
+                    reference_params[name] = torch.nn.Parameter(master.clone())
+                    reference.add_param_group({"params": [reference_params[name]]})
+                reference_params[name].data.copy_(master)
+                reference_params[name].grad = grads[name].clone()
+                stepped.append(name)
+            reference.step()
+            after = _gather_pieces(flat, source.pieces(flat))
+            for name in stepped:
+                worst["moved"] = max(worst["moved"], (after[name] - masters[name]).abs().max().item())
+                diff = (after[name] - reference_params[name].detach()).abs()
+                worst["abs"] = max(worst["abs"], diff.max().item())
+                magnitude = reference_params[name].detach().abs()
+                worst["rel"] = max(worst["rel"], (diff / (magnitude + 1e-6)).max().item())
+                # > 0 where |diff| exceeds atol 1e-6 + rtol 1e-4 * |reference|
+                worst["excess"] = max(worst["excess"], (diff - 1e-6 - 1e-4 * magnitude).max().item())
+        worst["steps"] += 1
+        return out
+
+    optimizer.step = lockstep
+    train(engine, case, rank, world_size, range(STEPS))
+    return worst
+
+
 WORKERS: dict[str, Callable[[dict[str, Any], int, int], Any]] = {
+    "lockstep": run_lockstep_case,
     "invariance": run_invariance_case,
     "count": run_count_case,
     "overflow": run_overflow_case,
