@@ -76,6 +76,17 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def param_groups(model: torch.nn.Module, case: dict[str, Any]) -> list[Any]:
+    """One group, or with ``groups`` the usual two: matrices with decay, the rest without (and a
+    smaller lr), so DeepSpeed builds one flat partition per group."""
+    if not case.get("groups"):
+        return trainable(model)
+    matrices = [p for p in trainable(model) if p.dim() >= 2]
+    rest = [p for p in trainable(model) if p.dim() < 2]
+    lr = PARAMS[case["optimizer"]]["lr"] / 2
+    return [{"params": matrices}, {"params": rest, "weight_decay": 0.0, "lr": lr}]
+
+
 def make_engine(case: dict[str, Any], world_size: int, model: torch.nn.Module | None = None) -> Any:
     import deepspeed
 
@@ -83,10 +94,10 @@ def make_engine(case: dict[str, Any], world_size: int, model: torch.nn.Module | 
     config = ds_config(case, world_size)
     if case.get("client"):  # the optimizer built by the user and handed to initialize
         spec = config.pop("optimizer")
-        optimizer = OPTIMIZERS[spec["type"]](trainable(model), **spec["params"])
+        optimizer = OPTIMIZERS[spec["type"]](param_groups(model, case), **spec["params"])
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         return engine
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable(model), config=config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, case), config=config)
     return engine
 
 
@@ -138,7 +149,7 @@ def reference_run(case: dict[str, Any], steps: int = STEPS) -> tuple[torch.nn.Mo
     model = make_model(0)
     params = copy.deepcopy(case.get("params", PARAMS[case["optimizer"]]))
     params["cautious"] = case["cautious"]
-    optimizer = OPTIMIZERS[case["optimizer"]](trainable(model), **params)
+    optimizer = OPTIMIZERS[case["optimizer"]](param_groups(model, case), **params)
     for step in range(steps):
         images, targets = batch(step)
         loss_fn(model, images, targets).backward()

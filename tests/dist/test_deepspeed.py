@@ -39,9 +39,9 @@ def config_case(path: Path, cautious: bool) -> dict[str, Any]:
 
 
 def invariance(optimizer: str, cautious: bool, stage: int, **extra: Any) -> dict[str, Any]:
-    tags = "".join(f"-{k}={v}" for k, v in extra.items() if k != "extra")
-    return {"kind": "invariance", "optimizer": optimizer, "cautious": cautious, "stage": stage, **extra,
-            "id": f"{optimizer}-zero{stage}-cautious={cautious}{tags}"}
+    tags = "".join(f"-{k}={v}" for k, v in extra.items() if k not in ("extra", "id"))
+    return {"kind": "invariance", "optimizer": optimizer, "cautious": cautious, "stage": stage,
+            "id": f"{optimizer}-zero{stage}-cautious={cautious}{tags}", **extra}
 
 
 def plan(tmp: Path) -> dict[int, list[dict[str, Any]]]:
@@ -65,6 +65,11 @@ def plan(tmp: Path) -> dict[int, list[dict[str, Any]]]:
             {**invariance("CautiousAdamW", True, 3), "kind": "full_state", "id": "full_state-CautiousAdamW-zero3"},
             {**invariance("CAME", True, 2), "naive": True, "id": "naive-CAME-zero2"},
             {**invariance("CAME", False, 3, dtype="bf16"), "kind": "lockstep", "id": "lockstep-CAME-bf16-zero3"},
+            # ZeRO-3 sub-groups: step() runs once per sub-group, the step count is per tensor
+            invariance("CAME", True, 3, extra={"zero_optimization": {"stage": 3, "sub_group_size": 8}}, id="CAME-zero3-sub_groups"),
+            invariance("CautiousAdamW", True, 3, groups=True, extra={"zero_optimization": {"stage": 3, "sub_group_size": 8}}, id="CautiousAdamW-zero3-sub_groups-param_groups"),
+            invariance("CautiousLion", True, 1, groups=True),
+            invariance("CAME", True, 2, groups=True, offload=True),
         ],
         2: [
             *(config_case(p, True) for p in CONFIGS),
