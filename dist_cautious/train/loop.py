@@ -231,7 +231,8 @@ def _progress(config: TrainConfig, runtime: backends.Runtime) -> Any:
 
 def deepspeed_config(config: TrainConfig, world_size: int, base_lr: float) -> dict[str, Any]:
     """The DeepSpeed config of the job: the optimizer named by string (as a user's JSON would),
-    the ZeRO stage, optional CPU offload of the optimizer."""
+    the ZeRO stage, optional CPU offload of the optimizer, and no gradient clipping (DeepSpeed
+    0.19 clips at 1.0 when the key is absent, which would make its run differ from the others)."""
     spec = optimizer_spec(config.optimizer)
     zero: dict[str, Any] = {"stage": config.zero_stage}
     if config.offload:
@@ -244,6 +245,7 @@ def deepspeed_config(config: TrainConfig, world_size: int, base_lr: float) -> di
             "params": {"lr": base_lr, "weight_decay": spec.weight_decay if config.weight_decay is None else config.weight_decay, **spec.kwargs},
         },
         "zero_optimization": zero,
+        "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0; the other backends do not clip
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
