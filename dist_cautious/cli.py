@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="dist-cautious", description="CautiousAdamW, CAME and CautiousLion, exact under FSDP2 and DeepSpeed sharding.")
     parser.add_argument("--version", action="version", version=f"dist_cautious {__version__}")
+    # the deepspeed launcher (without --no_local_rank) passes --local_rank=N before the command;
+    # the rank comes from the environment, so it is accepted and ignored
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 

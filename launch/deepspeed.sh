@@ -12,5 +12,5 @@ if [[ -n "${HOSTFILE:-}" ]]; then
 else
     args+=(--num_gpus "${NUM_GPUS:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}")
 fi
-exec deepspeed "${args[@]}" --master_port "${MASTER_PORT:-29500}" \
+exec deepspeed "${args[@]}" --master_port "${MASTER_PORT:-29500}" --no_local_rank \
     --module dist_cautious.cli train "$@"

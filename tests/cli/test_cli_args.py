@@ -34,6 +34,7 @@ BAD = [
     (["train", "--lr", "nan"], ">= 0"),
     (["train", "--width", "30", "--heads", "4"], "divisible by heads"),
     (["train", "--backend", "single", "--nproc", "2"], "one process"),
+    (["--local_rank=1", "train", "--backend", "single", "--nproc", "2"], "one process"),  # deepspeed launcher's flag is accepted
     (["train", "--global-batch", "3", "--nproc", "2"], "divisible"),
     (["train", "--precision", "bf16", "--backend", "ddp"], "fsdp2"),
     (["train", "--context", "1000", "--corpus-bytes", "4096", "--backend", "single"], "shorter than context"),
