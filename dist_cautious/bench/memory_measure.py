@@ -9,6 +9,7 @@ the analytic estimate for the same shapes, world size and rank.
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Sequence
 from typing import Any
@@ -62,8 +63,6 @@ def measure_rank(optimizers: list[str], model_kwargs: dict[str, int], steps: int
     from dist_cautious.train.corpus import VOCAB_SIZE, Corpus
     from dist_cautious.train.model import GPTConfig, build_model
     from dist_cautious.train.optimizers import make_optimizer
-
-    import os
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     kind = "fsdp2" if world > 1 else "single"
