@@ -24,5 +24,9 @@ cuda-compile-check:
 	elif [ "$(REQUIRE_NVCC)" = "1" ]; then echo "nvcc not found and REQUIRE_NVCC=1"; exit 1; \
 	else echo "nvcc not found: CUDA compile check skipped"; fi
 
+# The suite runs on whatever kernels DIST_CAUTIOUS_KERNELS picks (auto: native where they build;
+# CI sets native, so a broken build fails instead of falling back); then the optimizer-level
+# unit tests once more on the torch reference path, the fallback every device may end up on.
 test: install-test cuda-compile-check
 	$(PYTHON) -m pytest tests -q -p no:cacheprovider
+	DIST_CAUTIOUS_KERNELS=reference $(PYTHON) -m pytest tests/unit -q -p no:cacheprovider
