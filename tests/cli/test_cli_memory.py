@@ -77,3 +77,17 @@ def test_estimate_matches_measured_fsdp2_three_ranks() -> None:
     assert sorted({row["rank"] for row in rows}) == [0, 1, 2]
     assert len(rows) == 3 * len(OPTIMIZER_NAMES)
     _assert_within_two_percent(rows)
+
+
+def test_hf_config_gives_the_preset_shapes(tmp_path) -> None:
+    """A LLaMA-2-7B and a GPT-2 config.json (the fields Hugging Face publishes) read as the presets."""
+    import json
+
+    from dist_cautious.bench.model_shapes import from_hf_config
+
+    llama = tmp_path / "llama.json"
+    llama.write_text(json.dumps({"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "tie_word_embeddings": False}))
+    gpt2 = tmp_path / "gpt2.json"
+    gpt2.write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12}))
+    assert from_hf_config(llama).shapes == PRESETS["llama-7b"].shapes
+    assert from_hf_config(gpt2).shapes == PRESETS["gpt2-124m"].shapes
