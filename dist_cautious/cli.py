@@ -154,7 +154,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     parser.add_argument("--optimizer", default=d.optimizer, choices=list(OPTIMIZERS), help="optimizer (default: %(default)s; adamw is the baseline)")
     parser.add_argument("--backend", default=d.backend, choices=list(BACKENDS), help="single process, DDP, FSDP2 (sharded optimizer state) or DeepSpeed ZeRO (default: %(default)s)")
-    parser.add_argument("--nproc", type=_positive_int, default=None, help="local ranks to spawn when no launcher started this command (default: 2, 1 for single)")
+    parser.add_argument("--nproc", type=_positive_int, default=None, help="local ranks to spawn when no launcher started this command (default: 2 CPU ranks, or one per GPU; 1 for single)")
     parser.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--global-batch", type=_positive_int, default=d.global_batch, help="sequences per step over all ranks (default: %(default)s)")
     parser.add_argument("--context", type=_positive_int, default=d.context, help="sequence length in bytes (default: %(default)s)")
@@ -211,13 +211,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             config.validate(int(os.environ["WORLD_SIZE"]))
         train_rank(config)
         return 0
-    nproc = args.nproc if args.nproc is not None else (1 if config.backend == "single" else 2)
+    on_gpu = config.device == "cuda" or (config.device == "auto" and _cuda_count() > 0)
+    default_nproc = 1 if config.backend == "single" else (max(1, _cuda_count()) if on_gpu else 2)
+    nproc = args.nproc if args.nproc is not None else default_nproc
     if config.backend == "single" and nproc != 1:
         raise CliError("backend single runs one process; use --backend ddp or fsdp2 for several ranks")
     config.validate(nproc)
-    if config.device == "cuda" or (config.device == "auto" and _cuda_count() > 0):
-        if nproc > max(1, _cuda_count()):
-            raise CliError(f"--nproc {nproc} exceeds the {_cuda_count()} visible GPUs (use --device cpu for CPU ranks)")
+    if on_gpu and nproc > max(1, _cuda_count()):
+        raise CliError(f"--nproc {nproc} exceeds the {_cuda_count()} visible GPUs (use --device cpu for CPU ranks)")
     if config.backend == "single":
         train_rank(config)
     else:
