@@ -411,6 +411,36 @@ def run_load_full_case(case: dict[str, Any], rank: int, world_size: int) -> dict
     return full_weights(engine)
 
 
+def run_save_universal_case(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """Train STEPS // 2 steps, save_checkpoint, and convert it with DeepSpeed's own
+    ``ds_to_universal`` (rank 0, a subprocess, as a user would run it)."""
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    engine = make_engine(case, world_size)
+    train(engine, case, rank, world_size, range(STEPS // 2))
+    engine.save_checkpoint(case["dir"], tag="half")
+    outcome: dict[str, Any] = {}
+    if rank == 0:
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", f"{case['dir']}/half",
+                   "--output_folder", f"{case['dir']}/half_universal", "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+        outcome = {"returncode": done.returncode, "output": (done.stdout + done.stderr)[-3000:]}
+    dist.barrier()
+    return outcome
+
+
+def run_load_universal_case(case: dict[str, Any], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Resume a universal checkpoint written at another world size; train the remaining steps."""
+    case = {**case, "extra": {**case.get("extra", {}), "checkpoint": {"load_universal": True}}}
+    engine = make_engine(case, world_size)
+    engine.load_checkpoint(case["dir"], tag="half_universal")
+    train(engine, case, rank, world_size, range(STEPS // 2, STEPS))
+    return full_weights(engine)
+
+
 def run_refusal_case(case: dict[str, Any], rank: int, world_size: int) -> str:
     """``deepspeed.initialize`` must raise ValueError naming the setting; returns the message."""
     try:
@@ -515,5 +545,7 @@ WORKERS: dict[str, Callable[[dict[str, Any], int, int], Any]] = {
     "save_full": run_save_full_case,
     "load_full": run_load_full_case,
     "refusal": run_refusal_case,
+    "save_universal": run_save_universal_case,
+    "load_universal": run_load_universal_case,
     "config_file": run_config_file_case,
 }

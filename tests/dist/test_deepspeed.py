@@ -57,10 +57,13 @@ def plan(tmp: Path) -> dict[int, list[dict[str, Any]]]:
         4: [
             *(config_case(p, True) for p in CONFIGS if p.stem.endswith(("zero2", "zero3_offload"))),
             {"kind": "save_full", "optimizer": "CAME", "cautious": True, "stage": 2, "path": full_state, "id": "save_full"},
+            {**invariance("CautiousAdamW", True, 2, dir=str(tmp / "universal-z2")), "kind": "save_universal", "id": "save_universal-zero2"},
+            {**invariance("CautiousAdamW", False, 3, dir=str(tmp / "universal-z3")), "kind": "save_universal", "id": "save_universal-zero3"},
         ],
         3: [
             *(config_case(p, True) for p in CONFIGS if p.stem.endswith(("zero1", "zero2", "zero3_offload"))),
             {"kind": "load_full", "optimizer": "CAME", "cautious": True, "stage": 2, "path": full_state, "id": "load_full-zero2"},
+            {**invariance("CautiousAdamW", True, 2, dir=str(tmp / "universal-z2")), "kind": "load_universal", "id": "load_universal-zero2"},
             {**invariance("CAME", True, 2), "kind": "full_state", "id": "full_state-CAME-zero2"},
             {**invariance("CautiousAdamW", True, 3), "kind": "full_state", "id": "full_state-CautiousAdamW-zero3"},
             {**invariance("CAME", True, 2), "naive": True, "id": "naive-CAME-zero2"},
@@ -75,6 +78,7 @@ def plan(tmp: Path) -> dict[int, list[dict[str, Any]]]:
             *(config_case(p, True) for p in CONFIGS),
             *(config_case(p, False) for p in CONFIGS if p.stem.endswith(("zero1", "zero2_offload", "zero3"))),
             {"kind": "load_full", "optimizer": "CAME", "cautious": True, "stage": 3, "path": full_state, "id": "load_full-zero3"},
+            {**invariance("CautiousAdamW", False, 3, dir=str(tmp / "universal-z3")), "kind": "load_universal", "id": "load_universal-zero3"},
             invariance("CautiousAdamW", True, 1, ga=2, clip=0.5),
             invariance("CAME", True, 2, client=True),
             invariance("CAME", True, 3, ga=2, clip=0.5, offload=True),
@@ -186,6 +190,19 @@ def test_world_size_change_through_full_state(results: dict, key: tuple[int, str
     expected = harness.reference_weights(case)
     for weights in per_rank:
         assert_weights_close(weights, expected, "resumed")
+
+
+@pytest.mark.parametrize("key", _ids("load_universal"), ids=lambda k: f"ws{k[0]}-{k[1]}")
+def test_universal_checkpoint_changes_world_size(results: dict, key: tuple[int, str]) -> None:
+    """CautiousAdamW (state exp_avg / exp_avg_sq / step, as DeepSpeed's universal checkpoint
+    expects): saved at 4 ranks, converted by ds_to_universal, resumed at 3 (ZeRO-2) and
+    2 (ZeRO-3); the remaining steps end at the single-process weights."""
+    case, per_rank = _result(results, key)
+    saved = _result(results, (4, key[1].replace("load", "save")))[1][0]
+    assert saved["returncode"] == 0, saved["output"]
+    expected = harness.reference_weights(case)
+    for weights in per_rank:
+        assert_weights_close(weights, expected, "resumed from universal checkpoint")
 
 
 @pytest.mark.parametrize("key", _ids("full_state"), ids=lambda k: f"ws{k[0]}-{k[1]}")
