@@ -15,7 +15,7 @@ install-test: install
 	$(PYTHON) -m pip install -q --no-deps timm==1.0.31
 
 train: install
-	$(PYTHON) examples/train_tiny_gpt.py
+	$(PYTHON) -m dist_cautious.cli train
 
 # The CUDA kernels cannot run here, but they must compile for sm_80 and sm_90 (and the binding
 # against torch's headers). Without nvcc the check is skipped, unless REQUIRE_NVCC=1 (CI).
