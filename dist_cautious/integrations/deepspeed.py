@@ -201,7 +201,7 @@ def _piece_of(param: Tensor) -> tuple[FragmentOptimizer, Tensor, Piece]:
     return entry
 
 
-def _owner_rank(piece: Piece) -> bool:
+def _is_owner(piece: Piece) -> bool:
     """The one rank of the group that holds the tensor's first element contributes replicated
     (per-tensor) state; the others send zeros. Known from the layout alone, no communication."""
     return piece.numel > 0 and piece.start == 0
@@ -230,23 +230,27 @@ def get_full_optimizer_state(param: Tensor, key: str) -> Optional[Tensor]:
             local = partition_state.get("step")
         buffer = torch.zeros(shape, dtype=torch.float32, device=flat.device)
         present = torch.zeros(1, dtype=torch.float32, device=flat.device)
-        if _owner_rank(piece) and local is not None:
+        if _is_owner(piece) and local is not None:
             buffer.copy_(local)
             present.fill_(1.0)
-        _all_reduce(torch.cat([buffer.view(-1), present]), group, write_back=(buffer, present))
+        _sum_over(group, buffer, present)
         return buffer if present.item() > 0 else None
+    if key == "exp_avg_sq" and isinstance(optimizer, CAME) and len(piece.global_shape) >= 2:
+        return None  # factored: CAME keeps row / column factors instead
     local = partition_state.get(key)
     present = torch.tensor([1.0 if local is not None and piece.numel else 0.0], device=flat.device)
     buffer = torch.zeros(piece.global_shape.numel(), dtype=torch.float32, device=flat.device)
     if local is not None and piece.numel:
         buffer.narrow(0, piece.start, piece.numel).copy_(local.view(-1).narrow(0, piece.flat_offset, piece.numel))
-    _all_reduce(torch.cat([buffer, present]), group, write_back=(buffer, present))
+    _sum_over(group, buffer, present)
     return buffer.view(piece.global_shape) if present.item() > 0 else None
 
 
-def _all_reduce(packed: Tensor, group: Optional[dist.ProcessGroup], write_back: tuple[Tensor, Tensor]) -> None:
-    buffer, present = write_back
+def _sum_over(group: Optional[dist.ProcessGroup], buffer: Tensor, present: Tensor) -> None:
+    """Sum ``buffer`` and ``present`` in place over ``group`` with ONE all-reduce (exactly one
+    rank holds each element, or the owner alone sends the replicated value: the sum is exact)."""
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        packed = torch.cat([buffer.reshape(-1), present])
         dist.all_reduce(packed, group=group)
         buffer.view(-1).copy_(packed[: buffer.numel()])
         present.copy_(packed[buffer.numel() :])
