@@ -245,3 +245,25 @@ def test_low_precision_steps_are_exact(results: dict, key: tuple[int, str]) -> N
         assert outcome["steps"] == harness.STEPS, outcome
         assert outcome["moved"] > 1e-4, outcome
         assert outcome["excess"] <= 0.0, outcome  # |diff| <= 1e-6 + 1e-4 |reference| everywhere
+
+
+def test_import_registers_without_importing_deepspeed() -> None:
+    """``import dist_cautious`` publishes the names but does not import DeepSpeed; importing
+    DeepSpeed afterwards patches its engine and lists the classes as ZeRO-supported."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch, dist_cautious\n"
+        "assert 'deepspeed' not in sys.modules\n"
+        "assert torch.optim.CAME is dist_cautious.CAME and torch.optim.CautiousLion is dist_cautious.CautiousLion\n"
+        "from deepspeed.runtime.engine import DeepSpeedEngine\n"
+        "from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS\n"
+        "assert DeepSpeedEngine._dist_cautious_patched\n"
+        "assert dist_cautious.CautiousAdamW in ZERO_SUPPORTED_OPTIMIZERS\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
