@@ -14,19 +14,14 @@ hidden.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before any deepspeed import, here and in ranks
-# The sharding tests check fragments and reductions; the kernels are checked against the
-# reference elsewhere. The reference path keeps every rank free of a JIT build at start-up.
-os.environ.setdefault("DIST_CAUTIOUS_KERNELS", "reference")
-
+import contextlib
 import copy
 import datetime
+import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +145,27 @@ def reference_run(case: dict[str, Any], steps: int = STEPS) -> tuple[torch.nn.Mo
     params = copy.deepcopy(case.get("params", PARAMS[case["optimizer"]]))
     params["cautious"] = case["cautious"]
     optimizer = OPTIMIZERS[case["optimizer"]](param_groups(model, case), **params)
+    with reference_kernels():
+        _reference_steps(model, optimizer, case, steps)
+    return model, optimizer
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """The torch reference path (the executable spec) for the single-process run, whatever the
+    session's DIST_CAUTIOUS_KERNELS; restored afterwards."""
+    previous = os.environ.get("DIST_CAUTIOUS_KERNELS")
+    os.environ["DIST_CAUTIOUS_KERNELS"] = "reference"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["DIST_CAUTIOUS_KERNELS"]
+        else:
+            os.environ["DIST_CAUTIOUS_KERNELS"] = previous
+
+
+def _reference_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, case: dict[str, Any], steps: int) -> None:
     for step in range(steps):
         images, targets = batch(step)
         loss_fn(model, images, targets).backward()
@@ -160,7 +176,6 @@ def reference_run(case: dict[str, Any], steps: int = STEPS) -> tuple[torch.nn.Mo
             torch.nn.utils.clip_grad_norm_(trainable(model), case["clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return model, optimizer
 
 
 def reference_weights(case: dict[str, Any], steps: int = STEPS) -> dict[str, torch.Tensor]:
@@ -182,8 +197,11 @@ def free_port() -> int:
 def _entry(rank: int, world_size: int, port: int, fn: Callable[[int, int, Any], Any], payload: Any, out_dir: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size), DS_ACCELERATOR="cpu",
+        LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size), DS_ACCELERATOR="cpu",  # before importing deepspeed
     )
+    # The sharding tests check fragments and reductions; the kernels are checked against the
+    # reference elsewhere. The reference path keeps every rank free of a JIT build at start-up.
+    os.environ.setdefault("DIST_CAUTIOUS_KERNELS", "reference")
     torch.set_num_threads(1)
     import logging
 

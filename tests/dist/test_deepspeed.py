@@ -15,6 +15,7 @@ gradient from DeepSpeed, where torch.optim would skip it; the reference does the
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -265,5 +266,5 @@ def test_import_registers_without_importing_deepspeed() -> None:
     )
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
