@@ -56,7 +56,7 @@ def plan(tmp: Path) -> dict[int, list[dict[str, Any]]]:
     ]
     return {
         4: [
-            *(config_case(p, True) for p in CONFIGS if p.stem.endswith(("zero2", "zero3_offload"))),
+            *(config_case(p, True) for p in CONFIGS if p.stem.endswith(("zero1", "zero2", "zero3_offload"))),
             {"kind": "save_full", "optimizer": "CAME", "cautious": True, "stage": 2, "path": full_state, "id": "save_full"},
             {**invariance("CautiousAdamW", True, 2, dir=str(tmp / "universal-z2")), "kind": "save_universal", "id": "save_universal-zero2"},
             {**invariance("CautiousAdamW", False, 3, dir=str(tmp / "universal-z3")), "kind": "save_universal", "id": "save_universal-zero3"},
