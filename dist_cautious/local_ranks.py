@@ -28,10 +28,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], payload: Any, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def init_gloo(rank: int, world_size: int) -> None:
+    """The default rank set-up: a gloo process group over the environment's rendezvous."""
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+def _entry(
+    rank: int, world_size: int, port: int, fn: Callable[..., Any], payload: Any, out_dir: str, init: Callable[[int, int], None]
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size)
+    )
+    torch.set_num_threads(1)
+    init(rank, world_size)
     try:
         result = fn(rank, world_size, payload)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -39,12 +48,19 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], payloa
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[[int, int, Any], Any], world_size: int, payload: Any = None, timeout: float = 240.0) -> list[Any]:
+def run_ranks(
+    fn: Callable[[int, int, Any], Any],
+    world_size: int,
+    payload: Any = None,
+    timeout: float = 240.0,
+    init: Callable[[int, int], None] = init_gloo,
+) -> list[Any]:
     """``fn(rank, world_size, payload)`` on ``world_size`` spawned ranks; their return values.
-    ``fn`` must be importable by name (a module-level function): spawn pickles it."""
+    ``init(rank, world_size)`` sets up each rank's process group (gloo by default; DeepSpeed
+    passes its own). ``fn`` and ``init`` must be importable by name: spawn pickles them."""
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(
-            _entry, args=(world_size, free_port(), fn, payload, out_dir), nprocs=world_size, join=False, start_method="spawn"
+            _entry, args=(world_size, free_port(), fn, payload, out_dir, init), nprocs=world_size, join=False, start_method="spawn"
         )
         deadline = time.monotonic() + timeout
         try:

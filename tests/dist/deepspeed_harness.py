@@ -18,17 +18,14 @@ import contextlib
 import copy
 import datetime
 import os
-import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 import dist_cautious  # noqa: F401  (registers the optimizer names with DeepSpeed)
+from dist_cautious import local_ranks
 from dist_cautious.integrations.deepspeed import OPTIMIZERS
 from tests.dist.awkward_model import GLOBAL_BATCH, batch, loss_fn, make_model
 
@@ -188,21 +185,12 @@ def reference_weights(case: dict[str, Any], steps: int = STEPS) -> dict[str, tor
 # ---------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, world_size: int, port: int, fn: Callable[[int, int, Any], Any], payload: Any, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size), DS_ACCELERATOR="cpu",  # before importing deepspeed
-    )
+def init_deepspeed_rank(rank: int, world_size: int) -> None:
+    """A spawned rank's set-up: DeepSpeed on the CPU accelerator over gloo."""
+    os.environ["DS_ACCELERATOR"] = "cpu"  # before importing deepspeed
     # The sharding tests check fragments and reductions; the kernels are checked against the
     # reference elsewhere. The reference path keeps every rank free of a JIT build at start-up.
     os.environ.setdefault("DIST_CAUTIOUS_KERNELS", "reference")
-    torch.set_num_threads(1)
     import logging
 
     import deepspeed
@@ -210,31 +198,12 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[[int, int, Any], 
     deepspeed.utils.logger.setLevel(logging.ERROR)
     # a rank stuck in a collective whose peer died fails within the minute, not after 30
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=60))
-    try:
-        result = fn(rank, world_size, payload)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def run_ranks(fn: Callable[[int, int, Any], Any], world_size: int, payload: Any = None, timeout: float = 150.0) -> list[Any]:
-    """``fn(rank, world_size, payload)`` on ``world_size`` spawned gloo ranks; their results.
+    """``fn(rank, world_size, payload)`` on ``world_size`` spawned DeepSpeed ranks; their results.
     On failure or timeout every child is killed and the error is raised here."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(
-            _entry, args=(world_size, free_port(), fn, payload, out_dir), nprocs=world_size, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + timeout
-        try:
-            while not context.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{world_size} DeepSpeed ranks did not finish within {timeout:.0f}s")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-                    process.join(5)
-        return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+    return local_ranks.run_ranks(fn, world_size, payload, timeout=timeout, init=init_deepspeed_rank)
 
 
 def run_cases(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[Any]:

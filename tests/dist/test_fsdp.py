@@ -9,7 +9,6 @@ averaged in a different order (a few fp32 ulps), which the optimizers carry for 
 from __future__ import annotations
 
 import functools
-import tempfile
 from typing import Any
 
 import pytest

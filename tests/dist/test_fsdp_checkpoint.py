@@ -10,7 +10,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import torch
 
 from tests.dist.fsdp_worker import refused_placements, run_cases
 from tests.dist.launcher import run_ranks
