@@ -4,9 +4,10 @@ needs (the checkout on PYTHONPATH, one thread per rank), and a tiny `train` argu
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
+
+from dist_cautious.local_ranks import free_port  # noqa: F401  (re-exported for the launcher tests)
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -18,10 +19,6 @@ TINY_TRAIN = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_env() -> dict[str, str]:
