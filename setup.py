@@ -44,7 +44,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dist_cautious", "dist_cautious.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.6", "tqdm", "matplotlib"],
+    # ninja: torch.utils.cpp_extension JIT-builds the native kernels with it on first use
+    install_requires=["torch>=2.6", "tqdm", "matplotlib", "ninja"],
     extras_require={"deepspeed": ["deepspeed>=0.16"], "mpi": ["mpi4py"]},
     entry_points={"console_scripts": ["dist-cautious=dist_cautious.cli:main"]},
     ext_modules=ext_modules,
