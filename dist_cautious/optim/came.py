@@ -113,18 +113,14 @@ class CAME(FragmentOptimizer):
         reducer.all_reduce()
         factors = []
         for (group, fragments), sums in zip(batches, pending):
-            beta2 = group["betas"][1]
-            batch_factors = []
-            for fragment in fragments:
-                if not fragment.factored:
-                    batch_factors.append(CameFactors(elementwise=fragment.elementwise_state("exp_avg_sq")))
-                    continue
-                row_sums, col_sums = sums[id(fragment)]
-                rows, cols = self._factor_states(fragment, "exp_avg_sq")
-                _ema_(rows, beta2, row_sums, fragment.global_shape[-1])
-                _ema_(cols, beta2, col_sums, fragment.global_shape[-2])
-                batch_factors.append(CameFactors(fragment.layout(), *_normalised_rsqrt(rows, cols, fragment.global_shape[-2])))
-            factors.append(batch_factors)
+            factors.append(
+                [
+                    self._updated_factors(f, "exp_avg_sq", group["betas"][1], *sums[id(f)])
+                    if f.factored
+                    else CameFactors(elementwise=f.elementwise_state("exp_avg_sq"))
+                    for f in fragments
+                ]
+            )
         return factors
 
     def _rms_clip_divisors(self, batches: list[tuple[dict[str, Any], list[Fragment]]], factors: list[list[CameFactors]]) -> list[Tensor]:
@@ -173,17 +169,12 @@ class CAME(FragmentOptimizer):
         reducer.all_reduce()
         confidence, scales = [], []
         for (group, fragments), (res_sums, counts) in zip(batches, pending):
-            beta3 = group["betas"][2]
-            batch_confidence = []
-            for fragment, (row_sums, col_sums) in zip(fragments, res_sums):
-                if not fragment.factored:
-                    batch_confidence.append(CameFactors())
-                    continue
-                rows, cols = self._factor_states(fragment, "exp_avg_res")
-                _ema_(rows, beta3, row_sums, fragment.global_shape[-1])
-                _ema_(cols, beta3, col_sums, fragment.global_shape[-2])
-                batch_confidence.append(CameFactors(fragment.layout(), *_normalised_rsqrt(rows, cols, fragment.global_shape[-2])))
-            confidence.append(batch_confidence)
+            confidence.append(
+                [
+                    self._updated_factors(f, "exp_avg_res", group["betas"][2], *sums) if f.factored else CameFactors()
+                    for f, sums in zip(fragments, res_sums)
+                ]
+            )
             scales.append(mask_scales(counts, [f.numel for f in fragments]) if group["cautious"] else None)
         return confidence, scales
 
@@ -197,6 +188,12 @@ class CAME(FragmentOptimizer):
         return reducer.add(fragment.group, rows), reducer.add(fragment.group, cols)
 
     @staticmethod
-    def _factor_states(fragment: Fragment, prefix: str) -> tuple[Tensor, Tensor]:
+    def _updated_factors(fragment: Fragment, prefix: str, beta: float, row_sums: Tensor, col_sums: Tensor) -> CameFactors:
+        """Fold the reduced row/column sums into the replicated ``{prefix}_row`` / ``_col`` state
+        (a mean over columns / rows) and return the normalised factors they define."""
         row_shape, col_shape = _factor_shapes(fragment.global_shape)
-        return fragment.factor_state(f"{prefix}_row", row_shape), fragment.factor_state(f"{prefix}_col", col_shape)
+        rows = fragment.factor_state(f"{prefix}_row", row_shape)
+        cols = fragment.factor_state(f"{prefix}_col", col_shape)
+        _ema_(rows, beta, row_sums, fragment.global_shape[-1])
+        _ema_(cols, beta, col_sums, fragment.global_shape[-2])
+        return CameFactors(fragment.layout(), *_normalised_rsqrt(rows, cols, fragment.global_shape[-2]))
