@@ -15,7 +15,7 @@ import platform
 import shutil
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 USAGE_ERROR = 2
 
@@ -32,34 +32,25 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(USAGE_ERROR)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _checked_number(convert: Callable[[str], Any], accept: Callable[[Any], bool], unparsable: str, rejected: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the text, then ``accept`` the value, each failure a
+    one-line ``expected ...`` message."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {unparsable}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {rejected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+_positive_int = _checked_number(int, lambda v: v >= 1, "a positive integer", "a positive integer")
+_nonnegative_int = _checked_number(int, lambda v: v >= 0, "an integer >= 0", "an integer >= 0")
+_nonnegative_float = _checked_number(float, lambda v: v >= 0 and v != float("inf"), "a number", "a finite number >= 0")
 
 
 # ----------------------------------------------------------------------------------------- report
