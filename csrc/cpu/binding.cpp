@@ -325,6 +325,50 @@ void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
   }
 }
 
+// Cautious Lion in two passes (see kernels.h): `codes[i]` is a uint8 buffer of lion_code_bytes(n)
+// bytes that the first pass fills and the second reads.
+int64_t lion_code_bytes(int64_t n) { return 2 * ((n + 7) / 8); }
+
+uint8_t* code_ptr(const Tensor& t, int64_t n) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kByte, "codes must be contiguous uint8 CPU tensors");
+  TORCH_CHECK(t.numel() >= lion_code_bytes(n), "code buffer of ", t.numel(), " bytes for ", n, " elements (needs ", lion_code_bytes(n), ")");
+  return t.data_ptr<uint8_t>();
+}
+
+Tensor lion_encode(const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& codes, double update_weight,
+                   double m_weight) {
+  check_lists(grads.size(), {exp_avgs.size(), codes.size()});
+  const auto* k = active();
+  const dc::Lerp wu = lerp_weight(update_weight), wm = lerp_weight(m_weight);
+  std::vector<int64_t> counts(grads.size(), 0);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const int64_t n = grads[i].numel();
+    check_flat(grads[i], n, "grad");
+    const int gt = dtype_code(grads[i], "grad");
+    const void* g = grads[i].data_ptr();
+    float* m = state_ptr(exp_avgs[i], n, "exp_avg");
+    uint8_t* code = code_ptr(codes[i], n);
+    counts[i] = count_tiles(n, [&](int64_t lo, int64_t hi) { return k->lion_encode(g, gt, m, code, lo, hi, wu, wm); });
+  }
+  return as_counts(counts);
+}
+
+void lion_decode_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& codes, double decay, double neg_lr, const Tensor& scales) {
+  check_lists(params.size(), {codes.size()});
+  const auto* k = active();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    check_flat(params[i], n, "param");
+    void* p = params[i].data_ptr();
+    const int pt = dtype_code(params[i], "param");
+    const uint8_t* code = code_ptr(codes[i], n);
+    const float scale = scale_at(scales, i);
+    for_tiles(n, [&](int64_t, int64_t lo, int64_t hi) {
+      k->lion_decode_apply(p, pt, code, lo, hi, static_cast<float>(decay), static_cast<float>(neg_lr), scale);
+    });
+  }
+}
+
 // ---------------------------------------------------------------- CAME --------------------------
 // A fragment's factors arrive as (kind, start, R, C, row, col, elementwise): kind 0 = identity,
 // 1 = elementwise rsqrt(v), 2 = factored row[row(i)] * col[col(i)] over the layout.
@@ -498,6 +542,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adamw_apply", &adamw_apply);
   m.def("lion_mask_counts", &lion_mask_counts);
   m.def("lion_apply", &lion_apply);
+  m.def("lion_code_bytes", &lion_code_bytes, "bytes of the 2-bit code buffer for n elements");
+  m.def("lion_encode", &lion_encode, "cautious Lion pass 1: counts; momentum and 2-bit codes written");
+  m.def("lion_decode_apply", &lion_decode_apply, "cautious Lion pass 2: params from the codes and the scales");
   m.def("came_factored_sq_sums", &came_factored_sq_sums);
   m.def("came_vector_second_moment", &came_vector_second_moment);
   m.def("came_update_sumsq", &came_update_sumsq);

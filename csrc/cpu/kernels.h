@@ -151,6 +151,76 @@ static void lion_apply_t(PT* p, const GT* g, float* m, int64_t lo, int64_t hi, c
   });
 }
 
+// Cautious Lion split at the mask reduction. Count + fused step cost 8 + 20 = 28 B/element; this
+// split costs 12.25 + 8.25 = 20.5 B (DeepSpeedCPULion: 20): the first pass, which must read g and
+// m anyway, also moves the momentum and keeps what the second pass needs, the masked update
+// sign(c) * (phi ? scale : 0) up to its scale, in 2 bits per element.
+//
+// Code layout: elements 8k..8k+7 own bytes 2k (bit j: element 8k+j's update is non-zero, i.e.
+// phi) and 2k+1 (bit j: its sign bit is set, i.e. c < 0, which also gives the -0 of a masked
+// negative entry). Vector steps start at multiples of 8 (tiles are multiples of 8), so a vector
+// writes whole byte pairs and only the scalar tail of the last group sets single bits.
+constexpr int64_t kCodeGroup = 8;
+
+template <class T>
+static inline void store_code(uint8_t* code, int64_t i, typename T::M nonzero, typename T::M negative) {
+  uint8_t* pair = code + 2 * (i / kCodeGroup);
+  if constexpr (T::W == 1) {
+    const uint8_t bit = static_cast<uint8_t>(1u << (i % kCodeGroup));
+    pair[0] = nonzero ? (pair[0] | bit) : (pair[0] & ~bit);
+    pair[1] = negative ? (pair[1] | bit) : (pair[1] & ~bit);
+  } else {
+    const uint32_t nz = T::bits(nonzero), neg = T::bits(negative);
+    for (int k = 0; k < T::W / kCodeGroup; ++k) {
+      pair[2 * k] = static_cast<uint8_t>(nz >> (8 * k));
+      pair[2 * k + 1] = static_cast<uint8_t>(neg >> (8 * k));
+    }
+  }
+}
+
+// The lane bits of byte `which` (0: non-zero, 1: negative) of the code pairs covering i..i+W-1.
+template <class T>
+static inline typename T::M load_code(const uint8_t* code, int64_t i, int which) {
+  const uint8_t* pair = code + 2 * (i / kCodeGroup);
+  if constexpr (T::W == 1) {
+    return T::from_bits(static_cast<uint32_t>(pair[which] >> (i % kCodeGroup)));
+  } else {
+    uint32_t b = 0;
+    for (int k = 0; k < T::W / kCodeGroup; ++k) b |= static_cast<uint32_t>(pair[2 * k + which]) << (8 * k);
+    return T::from_bits(b);
+  }
+}
+
+// Phase 1: c = lerp(m, g, 1 - beta1); code <- (phi = sign(c) g > 0, c < 0); m = lerp(m, g,
+// 1 - beta2); returns the count of phi. Read g, m; write m and the code (12.25 B/element).
+template <class V, class GT>
+static int64_t lion_encode_t(const GT* g, float* m, uint8_t* code, int64_t lo, int64_t hi, Lerp update, Lerp mw) {
+  return count_each<V>(lo, hi, [&](auto t, int64_t i) {
+    using T = decltype(t);
+    auto gf = T::load(g + i);
+    auto mo = T::load(m + i);
+    auto c = lerp<T>(mo, gf, update);
+    auto phi = same_sign<T>(c, gf);
+    store_code<T>(code, i, phi, T::lt0(c));
+    T::store(m + i, lerp<T>(mo, gf, mw));
+    return phi;
+  });
+}
+
+// Phase 2: u = (c < 0 ? -1 : 1) * (phi ? scale : 0), which is sign(c) * (phi ? scale : 0) bit
+// for bit (c = 0 or NaN has phi false and gives +0, as sign(c) = 0 does);
+// p = fma(u, -lr, p (1 - lr wd)). Read p and the code, write p (8.25 B/element fp32).
+template <class V, class PT>
+static void lion_decode_apply_t(PT* p, const uint8_t* code, int64_t lo, int64_t hi, float decay, float neg_lr, float scale) {
+  for_each<V>(lo, hi, [&](auto t, int64_t i) {
+    using T = decltype(t);
+    auto sign = T::select(load_code<T>(code, i, 1), T::set1(-1.0f), T::set1(1.0f));
+    auto u = T::mul(sign, T::select(load_code<T>(code, i, 0), T::set1(scale), T::set1(0.0f)));
+    auto pf = T::mul(T::load(p + i), T::set1(decay));
+    store_param<T>(p, i, T::fma(u, T::set1(neg_lr), pf));
+  });
+}
+
 // ---------------------------------------------------------------- CAME -----------------------
 // Phase 1, factored: q = g^2 + eps1 summed into the row (returned) and the columns (col_acc,
 // fp32 over a run of rows). Read g (4 B/element); the column accumulator stays in cache.
@@ -302,6 +372,12 @@ struct Entry {
   static void lion_apply(void* p, int pt, const void* g, int gt, float* m, int64_t lo, int64_t hi, const LionParams& a) {
     with_mut_dtype(pt, p, [&](auto pp) { with_dtype(gt, g, [&](auto gp) { lion_apply_t<V>(pp, gp, m, lo, hi, a); }); });
   }
+  static int64_t lion_encode(const void* g, int gt, float* m, uint8_t* code, int64_t lo, int64_t hi, Lerp update, Lerp mw) {
+    return with_dtype(gt, g, [&](auto gp) { return lion_encode_t<V>(gp, m, code, lo, hi, update, mw); });
+  }
+  static void lion_decode_apply(void* p, int pt, const uint8_t* code, int64_t lo, int64_t hi, float decay, float neg_lr, float scale) {
+    with_mut_dtype(pt, p, [&](auto pp) { lion_decode_apply_t<V>(pp, code, lo, hi, decay, neg_lr, scale); });
+  }
   static double came_sq_segment(const void* g, int gt, int64_t off, int64_t len, float eps1, float* col_acc) {
     return with_dtype(gt, g, [&](auto gp) { return came_sq_segment_t<V>(gp, off, len, eps1, col_acc); });
   }
@@ -338,6 +414,7 @@ struct Entry {
 // when the library loads, so importing on an older CPU is safe).
 #define DIST_CAUTIOUS_KERNEL_TABLE(E, NAME)                                                         \
   KernelTable{NAME,                 E::W,                  &E::adamw_count,          &E::adamw_apply, \
-              &E::lion_count,       &E::lion_apply,        &E::came_sq_segment,      &E::came_vector_moment, \
+              &E::lion_count,       &E::lion_apply,        &E::lion_encode,          &E::lion_decode_apply, \
+              &E::came_sq_segment,      &E::came_vector_moment, \
               &E::came_sumsq_segment, &E::came_sumsq_elem, &E::came_momentum_segment, &E::came_momentum_elem, \
               &E::came_apply_segment, &E::came_apply_elem}

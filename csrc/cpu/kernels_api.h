@@ -61,6 +61,10 @@ struct KernelTable {
   void (*adamw_apply)(void* p, int pt, const void* g, int gt, float* m, float* v, int64_t lo, int64_t hi, const AdamParams& a);
   int64_t (*lion_count)(const void* g, int gt, const float* m, int64_t lo, int64_t hi, Lerp w);
   void (*lion_apply)(void* p, int pt, const void* g, int gt, float* m, int64_t lo, int64_t hi, const LionParams& a);
+  // Cautious Lion in two passes around the mask reduction, through a 2-bit code per element
+  // (2 bytes per 8 elements, see kernels.h).
+  int64_t (*lion_encode)(const void* g, int gt, float* m, uint8_t* code, int64_t lo, int64_t hi, Lerp update, Lerp m_weight);
+  void (*lion_decode_apply)(void* p, int pt, const uint8_t* code, int64_t lo, int64_t hi, float decay, float neg_lr, float scale);
   // CAME. "segment": `len` elements at local offset `off`, all in one row; `colf` / `col_acc`
   // point at the segment's first column (`col_acc[j] += x_j` in fp32; the dispatcher flushes it
   // into double every few rows). "elem": 1-D / 0-D path, `v` null means identity.

@@ -56,6 +56,9 @@ struct Scalar {
   static inline M mask_and(M a, M b) { return a && b; }
   static inline M mask_or(M a, M b) { return a || b; }
   static inline int count(M m) { return m ? 1 : 0; }
+  // lane bits of a mask (lane k -> bit k) and back: the packed codes of the split Lion step
+  static inline uint32_t bits(M m) { return m ? 1u : 0u; }
+  static inline M from_bits(uint32_t b) { return (b & 1u) != 0; }
   // double accumulators (sums of squares, row sums): D holds W double lanes
   using D = double;
   static inline D dzero() { return 0.0; }
@@ -108,6 +111,11 @@ struct Avx2 {
   static inline M mask_and(M a, M b) { return _mm256_and_ps(a, b); }
   static inline M mask_or(M a, M b) { return _mm256_or_ps(a, b); }
   static inline int count(M m) { return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(m))); }
+  static inline uint32_t bits(M m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }
+  static inline M from_bits(uint32_t b) {
+    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(b)), lane), lane));
+  }
   struct D {
     __m256d lo, hi;
   };
@@ -160,6 +168,8 @@ struct Avx512 {
   static inline M mask_and(M a, M b) { return static_cast<M>(a & b); }
   static inline M mask_or(M a, M b) { return static_cast<M>(a | b); }
   static inline int count(M m) { return __builtin_popcount(static_cast<unsigned>(m)); }
+  static inline uint32_t bits(M m) { return static_cast<uint32_t>(m); }
+  static inline M from_bits(uint32_t b) { return static_cast<M>(b); }
   struct D {
     __m512d lo, hi;
   };

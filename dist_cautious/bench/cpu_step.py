@@ -5,12 +5,14 @@ Not a test: a benchmark to run by hand on an otherwise idle machine::
     DS_ACCELERATOR=cpu python -m dist_cautious.bench.cpu_step            # ~50M fp32 params
     python -m dist_cautious.bench.cpu_step --matrices 4 --steps 3         # smaller, quicker
 
-It times ``step()`` (median of ``--steps`` after one warm-up step, best over ``--rounds`` runs
-of the whole suite) on the same params and grads
-for: CautiousAdamW, CautiousLion and CAME (cautious and not; native kernels, checked to be the
+It builds every optimizer on the same params and grads, then times ``step()`` round-robin: one
+step of each in turn, ``--steps`` rounds after a warm-up step, so that a noisy neighbour slows
+all of them alike rather than one; it reports each one's median step. The contenders:
+CautiousAdamW, CautiousLion and CAME (cautious and not; native kernels, checked to be the
 ones in use), ``DeepSpeedCPUAdam``, ``DeepSpeedCPULion``, ``torch.optim.AdamW(fused=True)``
-(``foreach`` where fused does not run on CPU), ``came_pytorch.CAME``, and a plain memory copy of
-one fp32 tensor (the bandwidth limit: 8 bytes per element moved). It prints Gparam/s, the
+(``foreach`` where fused does not run on CPU), ``came_pytorch.CAME`` (timed in the first
+``--reference-steps`` rounds only: it is slow), and a plain memory copy of one fp32 tensor (the
+bandwidth limit: 8 bytes per element moved). It prints Gparam/s, the
 bandwidth each step implies from its minimal traffic, and the ratios the project targets.
 """
 
@@ -32,7 +34,7 @@ TRAFFIC = {
     "adam": 28,  # read p g m v, write p m v
     "cautious_adam": 36,  # + mask-count pass: read g m
     "lion": 20,  # read p g m, write p m
-    "cautious_lion": 28,
+    "cautious_lion": 20.5,  # encode pass (read g m, write m, 2-bit code) + decode pass (read p code, write p)
     "came": 32,  # factored: sq sums 4 (g), sumsq 4 (g), momentum 12 (g m / m), apply 12 (p m / p)
     "cautious_came": 36,  # apply also reads g: 16
 }
@@ -41,14 +43,10 @@ TRAFFIC = {
 CLOCK = time.perf_counter  # --clock thread: time.thread_time with one thread (see main)
 
 
-def _median_step(step: Callable[[], None], steps: int) -> float:
-    step()  # warm-up: state allocation, JIT builds, first-touch page faults
-    times = []
-    for _ in range(steps):
-        start = CLOCK()
-        step()
-        times.append(CLOCK() - start)
-    return statistics.median(times)
+def _timed(step: Callable[[], None]) -> float:
+    start = CLOCK()
+    step()
+    return CLOCK() - start
 
 
 def _make_params(matrices: int, rows: int, cols: int) -> list[torch.nn.Parameter]:
@@ -59,18 +57,10 @@ def _make_params(matrices: int, rows: int, cols: int) -> list[torch.nn.Parameter
     return params
 
 
-def _time_optimizer(factory: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], params, steps: int) -> float:
-    optimizer = factory(params)
-    seconds = _median_step(optimizer.step, steps)
-    optimizer.state.clear()
-    del optimizer
-    return seconds
-
-
-def _copy_seconds(numel: int, steps: int) -> float:
+def _copier(numel: int) -> Callable[[], None]:
     src = torch.randn(numel)
     dst = torch.empty_like(src)
-    return _median_step(lambda: dst.copy_(src), steps)
+    return lambda: dst.copy_(src)
 
 
 def _ours(name: str, cautious: bool) -> Callable:
@@ -123,9 +113,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--matrices", type=int, default=12, help="number of (rows x cols) params (12 x 2048^2 = 50.3M)")
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--cols", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per optimizer (median reported)")
-    parser.add_argument("--reference-steps", type=int, default=2, help="timed steps for came-pytorch (slow)")
-    parser.add_argument("--rounds", type=int, default=2, help="repeat the whole suite; report each step's best median (shared machines)")
+    parser.add_argument("--steps", type=int, default=9, help="timed rounds: one step of every optimizer per round (median reported)")
+    parser.add_argument("--reference-steps", type=int, default=2, help="rounds that also time came-pytorch (slow)")
     parser.add_argument(
         "--clock",
         choices=("wall", "thread"),
@@ -147,38 +136,37 @@ def main(argv: Optional[list[str]] = None) -> None:
     numel = args.matrices * args.rows * args.cols
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, kernels: {isa}, clock: {args.clock}, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f"# {args.matrices} x ({args.rows} x {args.cols}) fp32 params = {numel / 1e6:.1f}M, median of {args.steps} steps")
+    print(f"# {args.matrices} x ({args.rows} x {args.cols}) fp32 params = {numel / 1e6:.1f}M, median of {args.steps} round-robin steps")
 
     params = _make_params(args.matrices, args.rows, args.cols)
-    best: dict[str, tuple[float, Optional[str]]] = {}  # name -> (seconds, traffic key), in run order
-
-    def record(name: str, seconds: float, traffic: Optional[str]) -> None:
-        best[name] = (min(seconds, best.get(name, (seconds, None))[0]), traffic)
-        print(f"#   {name}: {seconds * 1e3:.1f} ms", flush=True)
-
-    def run(name: str, factory: Optional[Callable], traffic: Optional[str], steps: int = args.steps) -> None:
-        if factory is not None:
-            record(name, _time_optimizer(factory, params, steps), traffic)
-
     torch_name, torch_factory = _torch_adamw(params)
     suite = [
-        ("DeepSpeedCPUAdam", _deepspeed("adam"), "adam", args.steps),
-        ("DeepSpeedCPULion", _deepspeed("lion"), "lion", args.steps),
-        (torch_name, torch_factory, "adam", args.steps),
-        ("came-pytorch CAME", _came_pytorch(), "came", args.reference_steps),
-        ("CautiousAdamW (cautious)", _ours("CautiousAdamW", True), "cautious_adam", args.steps),
-        ("CautiousAdamW (cautious=False)", _ours("CautiousAdamW", False), "adam", args.steps),
-        ("CautiousLion (cautious)", _ours("CautiousLion", True), "cautious_lion", args.steps),
-        ("CautiousLion (cautious=False)", _ours("CautiousLion", False), "lion", args.steps),
-        ("CAME (cautious)", _ours("CAME", True), "cautious_came", args.steps),
-        ("CAME (cautious=False)", _ours("CAME", False), "came", args.steps),
+        ("memory copy (fp32)", lambda _: _copier(numel), "copy"),
+        ("DeepSpeedCPUAdam", _deepspeed("adam"), "adam"),
+        ("DeepSpeedCPULion", _deepspeed("lion"), "lion"),
+        (torch_name, torch_factory, "adam"),
+        ("came-pytorch CAME", _came_pytorch(), "came"),
+        ("CautiousAdamW (cautious)", _ours("CautiousAdamW", True), "cautious_adam"),
+        ("CautiousAdamW (cautious=False)", _ours("CautiousAdamW", False), "adam"),
+        ("CautiousLion (cautious)", _ours("CautiousLion", True), "cautious_lion"),
+        ("CautiousLion (cautious=False)", _ours("CautiousLion", False), "lion"),
+        ("CAME (cautious)", _ours("CAME", True), "cautious_came"),
+        ("CAME (cautious=False)", _ours("CAME", False), "came"),
     ]
-    for round_index in range(args.rounds):
-        print(f"# round {round_index + 1} of {args.rounds}", flush=True)
-        record("memory copy (fp32)", _copy_seconds(numel, args.steps), "copy")
-        for name, factory, traffic, steps in suite:
-            run(name, factory, traffic, steps)
-    rows = [(name, seconds, traffic) for name, (seconds, traffic) in best.items()]
+    steps: dict[str, Callable[[], None]] = {}
+    for name, factory, _ in suite:
+        if factory is not None:
+            made = factory(params)
+            steps[name] = made.step if isinstance(made, torch.optim.Optimizer) else made
+            steps[name]()  # warm-up: state allocation, JIT builds, first-touch page faults
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(args.steps):
+        for name, step in steps.items():
+            if name != "came-pytorch CAME" or round_index < args.reference_steps:
+                times[name].append(_timed(step))
+        print(f"# round {round_index + 1} of {args.steps}: " + ", ".join(f"{n} {t[-1] * 1e3:.1f}" for n, t in times.items()), flush=True)
+    traffic_of = {name: traffic for name, _, traffic in suite}
+    rows = [(name, statistics.median(t), traffic_of[name]) for name, t in times.items()]
 
     rate = {name: numel / seconds / 1e9 for name, seconds, _ in rows}
     print(f"# load average at the end: {os.getloadavg()[0]:.1f}")

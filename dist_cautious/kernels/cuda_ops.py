@@ -136,6 +136,27 @@ class CudaOps:
             _device_scales(scales, grads[0].device),
         )
 
+    def lion_cautious_begin(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], *, beta1: float, beta2: float
+    ) -> tuple[Tensor, object]:
+        """The reference split: read-only counts now, the fused step in ``lion_cautious_finish``."""
+        return self.lion_mask_counts(grads, exp_avgs, beta1), None
+
+    def lion_cautious_finish(
+        self,
+        pending: object,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        weight_decay: float,
+        scales: Tensor,
+    ) -> None:
+        self.lion_apply(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales)
+
     # --- CAME ------------------------------------------------------------------------------
     def came_factored_sq_sums(
         self, grads: Sequence[Tensor], layouts: Sequence[FactoredLayout], eps1: float, row_sums: Sequence[Tensor], col_sums: Sequence[Tensor]
@@ -242,7 +263,8 @@ class CudaOps:
     def namespace(self) -> SimpleNamespace:
         """The module-like object ``kernels.ops_for`` hands to the optimizers."""
         names = [
-            "adamw_mask_counts", "adamw_apply", "lion_mask_counts", "lion_apply", "came_factored_sq_sums",
+            "adamw_mask_counts", "adamw_apply", "lion_mask_counts", "lion_apply", "lion_cautious_begin", "lion_cautious_finish",
+            "came_factored_sq_sums",
             "came_vector_second_moment", "came_update_sumsq", "came_momentum", "came_apply",
         ]
         return SimpleNamespace(CameFactors=CameFactors, mask_scales=mask_scales, native="cuda", **{name: getattr(self, name) for name in names})

@@ -55,6 +55,16 @@ def _check_adamw_lion(ops: Any, device: torch.device) -> None:
         reference.lion_apply(params_ref, grads, ms_ref, **lion_kwargs)
         for a, b in zip(params + ms, params_ref + ms_ref):
             _close("lion_apply", a, b)
+    scales = torch.tensor([1.5, 2.0, 1.0], device=device)
+    params, params_ref = _twins(device, *sizes)
+    ms, ms_ref = _twins(device, *sizes)
+    lion_kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, scales=scales)
+    counts, pending = ops.lion_cautious_begin(params, grads, ms, beta1=0.9, beta2=0.99)
+    _close("lion_cautious_begin counts", counts, reference.lion_mask_counts(grads, ms_ref, 0.9))
+    ops.lion_cautious_finish(pending, params, grads, ms, **lion_kwargs)
+    reference.lion_apply(params_ref, grads, ms_ref, **lion_kwargs)
+    for a, b in zip(params + ms, params_ref + ms_ref):
+        _close("lion_cautious_finish", a, b)
 
 
 def _check_came(ops: Any, device: torch.device) -> None:

@@ -33,22 +33,25 @@ class CautiousLion(FragmentOptimizer):
 
     def step_fragments(self, work: Work) -> None:
         batches = by_group(work)
-        scales = global_mask_scales(
-            batches,
-            lambda group, fragments: kernels_for(fragments).lion_mask_counts(
-                [f.grad for f in fragments], [f.elementwise_state("exp_avg") for f in fragments], group["betas"][0]
-            ),
-        )
+        pending: dict[int, object] = {}
+
+        def begin(group: dict[str, Any], fragments: list) -> Any:
+            # the first of the two phases around the count reduction; native CPU kernels also
+            # move the momentum here (see kernels.reference.lion_cautious_begin)
+            counts, pending[id(fragments)] = kernels_for(fragments).lion_cautious_begin(
+                [f.param for f in fragments], [f.grad for f in fragments], [f.elementwise_state("exp_avg") for f in fragments],
+                beta1=group["betas"][0], beta2=group["betas"][1],
+            )  # fmt: skip
+            return counts
+
+        scales = global_mask_scales(batches, begin)
         for (group, fragments), scale in zip(batches, scales):
             for fragment in fragments:
                 step_count(fragment.state)
-            kernels_for(fragments).lion_apply(
-                [f.param for f in fragments],
-                [f.grad for f in fragments],
-                [f.elementwise_state("exp_avg") for f in fragments],
-                lr=float(group["lr"]),
-                beta1=group["betas"][0],
-                beta2=group["betas"][1],
-                weight_decay=group["weight_decay"],
-                scales=scale,
-            )
+            params, grads = [f.param for f in fragments], [f.grad for f in fragments]
+            exp_avgs = [f.elementwise_state("exp_avg") for f in fragments]
+            hyper = dict(lr=float(group["lr"]), beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"])
+            if scale is None:
+                kernels_for(fragments).lion_apply(params, grads, exp_avgs, **hyper)
+            else:
+                kernels_for(fragments).lion_cautious_finish(pending[id(fragments)], params, grads, exp_avgs, **hyper, scales=scale)

@@ -153,6 +153,68 @@ def test_lion_matches_reference_bitwise(isa_ops, n, param_dtype, grad_dtype, cau
     _assert_equal(p, p_ref, "param")
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that -0 and +0 (a masked negative update leaves p + (+0)) count as different."""
+    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("param_dtype,grad_dtype", DTYPES)
+def test_split_cautious_lion_matches_reference_bitwise(isa_ops, n, param_dtype, grad_dtype):
+    """The two-pass native cautious Lion (momentum + 2-bit codes, then params from the codes)
+    gives the reference's counts, momentum and params bit for bit, signed zeros included."""
+    n = _size(n)
+    p, g, m, _ = _data(n, param_dtype, grad_dtype)
+    g[::5], m[::7] = 0.0, 0.0  # c = 0 and g = 0 entries: masked, update +0
+    p[::11] = -0.0  # p + (+0) turns -0 into +0: the zero's sign must come out as the reference's
+    p_ref, m_ref = p.clone(), m.clone()
+    counts, pending = isa_ops.lion_cautious_begin([p], [g], [m], beta1=0.9, beta2=0.99)
+    _assert_equal(counts, ref.lion_mask_counts([g], [m_ref], 0.9), "mask counts")
+    scales = ref.mask_scales(counts, [max(n, 1)])
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, scales=scales)
+    isa_ops.lion_cautious_finish(pending, [p], [g], [m], **hyper)
+    ref.lion_apply([p_ref], [g], [m_ref], **hyper)
+    _assert_equal(m, m_ref, "exp_avg")
+    assert torch.equal(_bits(p), _bits(p_ref)), "param bits"
+
+
+def test_split_cautious_lion_several_groups_in_flight(ops):
+    """Two begins before either finish (two param groups in one step) get separate code
+    buffers, and a later step reuses them instead of allocating."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = [[5, 40000], [17]]
+    params = [[torch.randn(n, generator=gen) for n in group] for group in sizes]
+    grads = [[torch.randn(n, generator=gen) for n in group] for group in sizes]
+    ms = [[torch.randn(n, generator=gen) * 0.1 for n in group] for group in sizes]
+    expected_p = [[t.clone() for t in group] for group in params]
+    expected_m = [[t.clone() for t in group] for group in ms]
+    buffers = []
+    for _ in range(2):
+        begun = [ops.lion_cautious_begin(p, g, m, beta1=0.9, beta2=0.99) for p, g, m in zip(params, grads, ms)]
+        buffers.append({id(pending.buffer) for _, pending in begun})
+        assert len(buffers[-1]) == 2
+        for (counts, pending), p, g, m, p_ref, m_ref, group in zip(begun, params, grads, ms, expected_p, expected_m, sizes):
+            scales = ref.mask_scales(counts, group)
+            hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0, scales=scales)
+            ops.lion_cautious_finish(pending, p, g, m, **hyper)
+            ref.lion_apply(p_ref, g, m_ref, **hyper)
+    assert buffers[0] == buffers[1]
+    for actual, wanted in zip(sum(params, []) + sum(ms, []), sum(expected_p, []) + sum(expected_m, [])):
+        _assert_equal(actual, wanted, "after two steps")
+
+
+def test_split_cautious_lion_falls_back_for_fp64(ops):
+    """fp64 params are not the extension's: both phases run the reference, same results."""
+    p, g, m = torch.randn(33, dtype=torch.float64), torch.randn(33, dtype=torch.float64), torch.randn(33) * 0.1
+    p_ref, m_ref = p.clone(), m.clone()
+    counts, pending = ops.lion_cautious_begin([p], [g], [m], beta1=0.9, beta2=0.99)
+    scales = ref.mask_scales(counts, [33])
+    ops.lion_cautious_finish(pending, [p], [g], [m], lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, scales=scales)
+    ref.lion_apply([p_ref], [g], [m_ref], lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, scales=scales)
+    _assert_equal(p, p_ref, "param")
+    _assert_equal(m, m_ref, "exp_avg")
+
+
 def test_several_tensors_per_call_and_zero_entries(isa_ops):
     """Lists mixing sizes and dtypes; exact zeros in m and g (masked: product not > 0)."""
     sizes = [0, 5, 17, 1000]

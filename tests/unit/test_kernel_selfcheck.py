@@ -48,3 +48,15 @@ def test_auto_mode_falls_back_to_reference_when_the_check_fails(monkeypatch: pyt
     monkeypatch.setenv("DIST_CAUTIOUS_KERNELS", "native")
     with pytest.raises(RuntimeError, match="native cpu kernels unavailable"):
         kernels.ops_for(torch.device("cpu"))
+
+
+def test_a_wrong_split_lion_finish_is_caught() -> None:
+    ops = types.SimpleNamespace(**{k: getattr(reference, k) for k in dir(reference) if not k.startswith("_")})
+
+    def broken(pending, params, *args, **kwargs):
+        reference.lion_cautious_finish(pending, params, *args, **kwargs)
+        params[0].view(-1)[0] += 1e-3
+
+    ops.lion_cautious_finish = broken
+    with pytest.raises(RuntimeError, match="lion_cautious_finish"):
+        selfcheck.verify(ops, torch.device("cpu"))
