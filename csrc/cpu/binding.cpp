@@ -166,20 +166,27 @@ void for_segments(const Layout& l, int64_t lo, int64_t hi, F&& f) {
 // Rows whose column contributions are added in fp32 before they go into the double accumulator.
 constexpr int64_t kColRun = 64;
 
-// Partial row and column sums over a factored fragment. seg(row, c0, off, len, col_acc, count)
+// What one row block of a pass counts, and the mask bits it keeps (when `mask_words` is given).
+struct BlockOut {
+  int64_t count = 0;
+  dc::MaskBits bits;
+};
+
+// Partial row and column sums over a factored fragment. seg(row, c0, off, len, col_acc, out)
 // processes one row segment, adds into col_acc[0..len) (fp32, starting at column c0) and
 // returns the segment's row sum. Rows are never split between blocks. Column contributions are
 // added in fp32 over runs of at most kColRun rows of one matrix, then into a per-block double
 // accumulator, and blocks are added in block order: the result is independent of the thread
 // count, and each fp32 run carries a relative error of at most kColRun * 2^-24. Returns the sum
-// of the per-block counts.
+// of the per-block counts; each block flushes its mask bits into `mask_words` (may be null).
 template <class Seg>
-int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sums, Seg&& seg) {
+int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sums, Seg&& seg, uint64_t* mask_words = nullptr) {
   if (n == 0) return 0;
   const int64_t R = l.rows, C = l.cols;
   const int64_t g0 = l.start / C, g1 = (l.start + n - 1) / C;  // global rows, inclusive
   const int64_t m0 = g0 / R, m1 = g1 / R;                      // matrices, inclusive
-  auto run_rows = [&](int64_t ra, int64_t rb, int64_t first_matrix, double* col_acc, int64_t* count) {
+  auto run_rows = [&](int64_t ra, int64_t rb, int64_t first_matrix, double* col_acc, BlockOut* out) {
+    out->bits.words = mask_words;
     std::vector<float> run(C, 0.0f);
     int64_t run_matrix = ra / R, rows_in_run = 0;
     auto flush = [&]() {
@@ -195,11 +202,12 @@ int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sum
       }
       const int64_t a = std::max(l.start, row * C), b = std::min(l.start + n, (row + 1) * C);
       const int64_t c0 = a - row * C;
-      const double rs = seg(row, c0, a - l.start, b - a, run.data() + c0, count);
+      const double rs = seg(row, c0, a - l.start, b - a, run.data() + c0, out);
       row_sums[row] = static_cast<float>(static_cast<double>(row_sums[row]) + rs);
       ++rows_in_run;
     }
     flush();
+    out->bits.flush();
   };
   auto flush_cols = [&](int64_t first_matrix, int64_t matrices, const double* acc) {
     float* out = col_sums + first_matrix * C;
@@ -209,16 +217,16 @@ int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sum
     // Small matrices: each block owns whole matrices, so no two blocks share a column sum.
     const int64_t per_block = std::max<int64_t>(1, kTile / (R * C));
     const int64_t blocks = (m1 - m0 + per_block) / per_block;
-    std::vector<int64_t> counts(blocks, 0);
+    std::vector<BlockOut> outs(blocks);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads()) if (blocks > 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t ma = m0 + b * per_block, mb = std::min(m1, ma + per_block - 1);
       std::vector<double> acc((mb - ma + 1) * C, 0.0);
-      run_rows(std::max(g0, ma * R), std::min(g1, mb * R + R - 1), ma, acc.data(), &counts[b]);
+      run_rows(std::max(g0, ma * R), std::min(g1, mb * R + R - 1), ma, acc.data(), &outs[b]);
       flush_cols(ma, mb - ma + 1, acc.data());
     }
     int64_t total = 0;
-    for (int64_t c : counts) total += c;
+    for (const BlockOut& o : outs) total += o.count;
     return total;
   }
   // Large matrices: split each matrix's rows into blocks with private column accumulators.
@@ -228,11 +236,11 @@ int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sum
     const int64_t nr = rb - ra + 1;
     const int64_t blocks = std::max<int64_t>(1, std::min({nr, kMaxBlocksPerMatrix, nr * C / kTile}));
     std::vector<double> acc(blocks * C, 0.0);
-    std::vector<int64_t> counts(blocks, 0);
+    std::vector<BlockOut> outs(blocks);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads()) if (blocks > 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t lo = ra + nr * b / blocks, hi = ra + nr * (b + 1) / blocks - 1;
-      run_rows(lo, hi, mat, acc.data() + b * C, &counts[b]);
+      run_rows(lo, hi, mat, acc.data() + b * C, &outs[b]);
     }
     float* out = col_sums + mat * C;
 #pragma omp parallel for schedule(static) num_threads(threads()) if (C >= kTile)
@@ -241,7 +249,7 @@ int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sum
       for (int64_t b = 0; b < blocks; ++b) s += acc[b * C + c];
       out[c] = static_cast<float>(static_cast<double>(out[c]) + s);
     }
-    for (int64_t c : counts) total += c;
+    for (const BlockOut& o : outs) total += o.count;
   }
   return total;
 }
@@ -417,7 +425,7 @@ void came_factored_sq_sums(const std::vector<Tensor>& grads, const std::vector<i
     float* rs = state_ptr(row_sums[i], row_sums[i].numel(), "row sums");
     float* cs = state_ptr(col_sums[i], col_sums[i].numel(), "column sums");
     TORCH_CHECK(n == 0 || row_sums[i].numel() >= (l.start + n + l.cols - 1) / l.cols, "row sums too short for the layout");
-    row_col_sums(l, n, rs, cs, [&](int64_t, int64_t, int64_t off, int64_t len, float* acc, int64_t*) {
+    row_col_sums(l, n, rs, cs, [&](int64_t, int64_t, int64_t off, int64_t len, float* acc, BlockOut*) {
       return k->came_sq_segment(g, gt, off, len, e1, acc);
     });
   }
@@ -468,13 +476,24 @@ Tensor came_update_sumsq(const std::vector<Tensor>& grads, const std::vector<int
   return out;
 }
 
+// CAME's kept mask: one bit per element in 64-bit words, plus 8 bytes of padding for the
+// unaligned 8-byte reads of dc::mask_bits_at. The momentum pass needs it zeroed.
+int64_t came_mask_bytes(int64_t n) { return (n + 63) / 64 * 8 + 8; }
+
+uint8_t* mask_ptr(const Tensor& t, int64_t n) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kByte, "masks must be contiguous uint8 CPU tensors");
+  TORCH_CHECK(t.numel() >= came_mask_bytes(n), "mask buffer of ", t.numel(), " bytes for ", n, " elements (needs ", came_mask_bytes(n), ")");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 8 == 0, "mask buffer must be 8-byte aligned");
+  return t.data_ptr<uint8_t>();
+}
+
 Tensor came_momentum(const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, const std::vector<int64_t>& kinds,
                      const std::vector<int64_t>& starts, const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
                      const std::vector<OptTensor>& row_f, const std::vector<OptTensor>& col_f, const std::vector<OptTensor>& elem_f,
                      const std::vector<double>& clips, double beta1, double one_minus_beta1, double eps2, const std::vector<OptTensor>& res_rows,
-                     const std::vector<OptTensor>& res_cols) {
+                     const std::vector<OptTensor>& res_cols, const std::vector<OptTensor>& masks) {
   check_lists(grads.size(), {exp_avgs.size(), kinds.size(), starts.size(), rows.size(), cols.size(), row_f.size(), col_f.size(),
-                             elem_f.size(), clips.size(), res_rows.size(), res_cols.size()});
+                             elem_f.size(), clips.size(), res_rows.size(), res_cols.size(), masks.size()});
   const auto* k = active();
   std::vector<int64_t> counts(grads.size(), 0);
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -486,16 +505,25 @@ Tensor came_momentum(const std::vector<Tensor>& grads, const std::vector<Tensor>
     const Factors f = factors_at(i, n, kinds, starts, rows, cols, row_f, col_f, elem_f);
     const dc::CameMomentumParams a{static_cast<float>(clips[i]), static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
                                    static_cast<float>(eps2)};
+    uint64_t* words = masks[i].has_value() ? reinterpret_cast<uint64_t*>(mask_ptr(*masks[i], n)) : nullptr;
     if (f.kind == kFactored) {
       TORCH_CHECK(res_rows[i].has_value() && res_cols[i].has_value(), "factored fragment without residual sum buffers");
       float* rs = state_ptr(*res_rows[i], res_rows[i]->numel(), "residual row sums");
       float* cs = state_ptr(*res_cols[i], res_cols[i]->numel(), "residual column sums");
       TORCH_CHECK(res_rows[i]->numel() >= f.layout.start / f.layout.cols + 1 || n == 0, "residual row sums too short");
-      counts[i] = row_col_sums(f.layout, n, rs, cs, [&](int64_t row, int64_t c0, int64_t off, int64_t len, float* acc, int64_t* count) {
-        return k->came_momentum_segment(g, gt, m, off, len, f.row[row], f.col + (row / f.layout.rows) * f.layout.cols + c0, a, acc, count);
-      });
+      auto seg = [&](int64_t row, int64_t c0, int64_t off, int64_t len, float* acc, BlockOut* out) {
+        return k->came_momentum_segment(g, gt, m, off, len, f.row[row], f.col + (row / f.layout.rows) * f.layout.cols + c0, a, acc,
+                                        &out->count, words != nullptr ? &out->bits : nullptr);
+      };
+      counts[i] = row_col_sums(f.layout, n, rs, cs, seg, words);
     } else {
-      counts[i] = count_tiles(n, [&](int64_t lo, int64_t hi) { return k->came_momentum_elem(g, gt, m, f.elem, lo, hi, a); });
+      counts[i] = count_tiles(n, [&](int64_t lo, int64_t hi) {
+        dc::MaskBits bits;
+        bits.words = words;
+        const int64_t c = k->came_momentum_elem(g, gt, m, f.elem, lo, hi, a, words != nullptr ? &bits : nullptr);
+        bits.flush();
+        return c;
+      });
     }
   }
   return as_counts(counts);
@@ -504,9 +532,9 @@ Tensor came_momentum(const std::vector<Tensor>& grads, const std::vector<Tensor>
 void came_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
                 const std::vector<int64_t>& kinds, const std::vector<int64_t>& starts, const std::vector<int64_t>& rows,
                 const std::vector<int64_t>& cols, const std::vector<OptTensor>& row_f, const std::vector<OptTensor>& col_f,
-                const std::vector<OptTensor>& elem_f, double decay, double neg_lr, const OptTensor& scales) {
+                const std::vector<OptTensor>& elem_f, double decay, double neg_lr, const OptTensor& scales, const std::vector<OptTensor>& masks) {
   check_lists(params.size(), {grads.size(), exp_avgs.size(), kinds.size(), starts.size(), rows.size(), cols.size(), row_f.size(), col_f.size(),
-                              elem_f.size()});
+                              elem_f.size(), masks.size()});
   const auto* k = active();
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
@@ -518,13 +546,14 @@ void came_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
     const float* m = state_ptr(exp_avgs[i], n, "exp_avg");
     const Factors f = factors_at(i, n, kinds, starts, rows, cols, row_f, col_f, elem_f);
     const dc::CameApplyParams a{static_cast<float>(decay), static_cast<float>(neg_lr), scales.has_value(), scale_at(scales, i)};
+    const uint8_t* mask = masks[i].has_value() ? mask_ptr(*masks[i], n) : nullptr;
     for_tiles(n, [&](int64_t, int64_t lo, int64_t hi) {
       if (f.kind == kFactored) {
         for_segments(f.layout, lo, hi, [&](int64_t row, int64_t c0, int64_t off, int64_t len) {
-          k->came_apply_segment(p, pt, g, gt, m, off, len, f.row[row], f.col + (row / f.layout.rows) * f.layout.cols + c0, a);
+          k->came_apply_segment(p, pt, g, gt, m, off, len, f.row[row], f.col + (row / f.layout.rows) * f.layout.cols + c0, a, mask);
         });
       } else {
-        k->came_apply_elem(p, pt, g, gt, m, f.elem, lo, hi, a);
+        k->came_apply_elem(p, pt, g, gt, m, f.elem, lo, hi, a, mask);
       }
     });
   }
@@ -548,6 +577,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("came_factored_sq_sums", &came_factored_sq_sums);
   m.def("came_vector_second_moment", &came_vector_second_moment);
   m.def("came_update_sumsq", &came_update_sumsq);
+  m.def("came_mask_bytes", &came_mask_bytes, "bytes of the kept-mask buffer for n elements");
   m.def("came_momentum", &came_momentum);
   m.def("came_apply", &came_apply);
 }

@@ -276,10 +276,14 @@ static double came_sumsq_elem_t(const GT* g, const float* v, int64_t lo, int64_t
 // Phase 3, factored: uh = (row * col) * g / clip; m = beta1 m + (1 - beta1) uh; residual
 // (uh - m)^2 + eps2 into row (returned) and column (col_acc) sums; count m * g > 0.
 // Read g, m; write m (12 B/element).
-template <class V, class GT>
+// KEEP: also write the mask into `bits` (a register copy during the loop: through the pointer,
+// every vector would load and store the accumulator).
+template <class V, bool KEEP, class GT>
 static double came_momentum_segment_t(const GT* g, float* m, int64_t off, int64_t len, float rowf, const float* colf,
-                                      const CameMomentumParams& a, float* col_acc, int64_t* count) {
+                                      const CameMomentumParams& a, float* col_acc, int64_t* count, MaskBits* bits) {
   int64_t agree = 0;
+  MaskBits kept;
+  if constexpr (KEEP) kept = *bits;
   double row = sum_each<V>(0, len, [&](auto t, int64_t j) {
     using T = decltype(t);
     auto gf = T::load(g + off + j);
@@ -289,50 +293,69 @@ static double came_momentum_segment_t(const GT* g, float* m, int64_t off, int64_
     auto d = T::sub(uh, m1);
     auto res = T::add(T::mul(d, d), T::set1(a.eps2));
     T::store(col_acc + j, T::add(T::load(col_acc + j), res));
-    agree += T::count(T::gt0(T::mul(m1, gf)));
+    auto phi = T::gt0(T::mul(m1, gf));
+    agree += T::count(phi);
+    if constexpr (KEEP) kept.put(off + j, T::bits(phi), T::W);
     return res;
   });
+  if constexpr (KEEP) *bits = kept;
   *count += agree;
   return row;
 }
 
-// Phase 3, 1-D / 0-D: uh = rsqrt(v) * g / clip; m update; count m * g > 0.
+// Phase 3, 1-D / 0-D: uh = rsqrt(v) * g / clip; m update; count m * g > 0 (and keep it in `bits`).
 // Read g, v, m; write m (16 B/element).
-template <class V, class GT>
-static int64_t came_momentum_elem_t(const GT* g, float* m, const float* v, int64_t lo, int64_t hi, const CameMomentumParams& a) {
-  return count_each<V>(lo, hi, [&](auto t, int64_t i) {
+template <class V, bool KEEP, class GT>
+static int64_t came_momentum_elem_t(const GT* g, float* m, const float* v, int64_t lo, int64_t hi, const CameMomentumParams& a,
+                                    MaskBits* bits) {
+  MaskBits kept;
+  if constexpr (KEEP) kept = *bits;
+  const int64_t agree = count_each<V>(lo, hi, [&](auto t, int64_t i) {
     using T = decltype(t);
     auto gf = T::load(g + i);
     auto uh = T::div(rsqrt_times<T>(v, i, gf), T::set1(a.clip));
     auto m1 = T::fma(uh, T::set1(a.one_minus_beta1), T::mul(T::load(m + i), T::set1(a.beta1)));
     T::store(m + i, m1);
-    return T::gt0(T::mul(m1, gf));
+    auto phi = T::gt0(T::mul(m1, gf));
+    if constexpr (KEEP) kept.put(i, T::bits(phi), T::W);
+    return phi;
   });
+  if constexpr (KEEP) *bits = kept;
+  return agree;
+}
+
+// The cautious mask of element i..: from the momentum pass's bits when kept, else m * g > 0.
+template <class T, class GT>
+static inline typename T::M came_mask(const uint8_t* mask, const GT* g, int64_t i, typename T::R mf) {
+  return mask != nullptr ? T::from_bits(mask_bits_at(mask, i, T::W)) : T::gt0(T::mul(mf, T::load(g + i)));
 }
 
 // Phase 4, factored: u = (row * col) * m, masked where m * g <= 0; p = p (1 - lr wd) - lr u.
-// Read p, m (+ g when cautious); write p (12 B/element, 16 B cautious).
+// Read p, m (+ the mask bits, or g, when cautious); write p (12 B/element; 12.125 B cautious with
+// the bits, 16 B reading g).
 template <class V, class PT, class GT>
 static void came_apply_segment_t(PT* p, const GT* g, const float* m, int64_t off, int64_t len, float rowf, const float* colf,
-                                 const CameApplyParams& a) {
+                                 const CameApplyParams& a, const uint8_t* mask) {
   for_each<V>(0, len, [&](auto t, int64_t j) {
     using T = decltype(t);
     auto mf = T::load(m + off + j);
     auto u = T::mul(T::mul(T::set1(rowf), T::load(colf + j)), mf);
-    if (a.cautious) u = masked<T>(u, T::gt0(T::mul(mf, T::load(g + off + j))), a.scale);
+    if (a.cautious) u = masked<T>(u, came_mask<T>(mask, g, off + j, mf), a.scale);
     auto pf = T::mul(T::load(p + off + j), T::set1(a.decay));
     store_param<T>(p, off + j, T::fma(u, T::set1(a.neg_lr), pf));
   });
 }
 
-// Phase 4, 1-D / 0-D: u = m (or rsqrt(v) * m), same mask and update. 12 B/element (16 cautious).
+// Phase 4, 1-D / 0-D: u = m (or rsqrt(v) * m), same mask and update. 12 B/element (cautious:
+// 12.125 with the bits, 16 reading g).
 template <class V, class PT, class GT>
-static void came_apply_elem_t(PT* p, const GT* g, const float* m, const float* v, int64_t lo, int64_t hi, const CameApplyParams& a) {
+static void came_apply_elem_t(PT* p, const GT* g, const float* m, const float* v, int64_t lo, int64_t hi, const CameApplyParams& a,
+                              const uint8_t* mask) {
   for_each<V>(lo, hi, [&](auto t, int64_t i) {
     using T = decltype(t);
     auto mf = T::load(m + i);
     auto u = rsqrt_times<T>(v, i, mf);
-    if (a.cautious) u = masked<T>(u, T::gt0(T::mul(mf, T::load(g + i))), a.scale);
+    if (a.cautious) u = masked<T>(u, came_mask<T>(mask, g, i, mf), a.scale);
     auto pf = T::mul(T::load(p + i), T::set1(a.decay));
     store_param<T>(p, i, T::fma(u, T::set1(a.neg_lr), pf));
   });
@@ -391,19 +414,25 @@ struct Entry {
     return with_dtype(gt, g, [&](auto gp) { return came_sumsq_elem_t<V>(gp, v, lo, hi); });
   }
   static double came_momentum_segment(const void* g, int gt, float* m, int64_t off, int64_t len, float rowf, const float* colf,
-                                      const CameMomentumParams& a, float* col_acc, int64_t* count) {
-    return with_dtype(gt, g, [&](auto gp) { return came_momentum_segment_t<V>(gp, m, off, len, rowf, colf, a, col_acc, count); });
+                                      const CameMomentumParams& a, float* col_acc, int64_t* count, MaskBits* bits) {
+    return with_dtype(gt, g, [&](auto gp) {
+      return bits != nullptr ? came_momentum_segment_t<V, true>(gp, m, off, len, rowf, colf, a, col_acc, count, bits)
+                             : came_momentum_segment_t<V, false>(gp, m, off, len, rowf, colf, a, col_acc, count, bits);
+    });
   }
-  static int64_t came_momentum_elem(const void* g, int gt, float* m, const float* v, int64_t lo, int64_t hi, const CameMomentumParams& a) {
-    return with_dtype(gt, g, [&](auto gp) { return came_momentum_elem_t<V>(gp, m, v, lo, hi, a); });
+  static int64_t came_momentum_elem(const void* g, int gt, float* m, const float* v, int64_t lo, int64_t hi, const CameMomentumParams& a,
+                                    MaskBits* bits) {
+    return with_dtype(gt, g, [&](auto gp) {
+      return bits != nullptr ? came_momentum_elem_t<V, true>(gp, m, v, lo, hi, a, bits) : came_momentum_elem_t<V, false>(gp, m, v, lo, hi, a, bits);
+    });
   }
   static void came_apply_segment(void* p, int pt, const void* g, int gt, const float* m, int64_t off, int64_t len, float rowf,
-                                 const float* colf, const CameApplyParams& a) {
-    with_mut_dtype(pt, p, [&](auto pp) { with_dtype(gt, g, [&](auto gp) { came_apply_segment_t<V>(pp, gp, m, off, len, rowf, colf, a); }); });
+                                 const float* colf, const CameApplyParams& a, const uint8_t* mask) {
+    with_mut_dtype(pt, p, [&](auto pp) { with_dtype(gt, g, [&](auto gp) { came_apply_segment_t<V>(pp, gp, m, off, len, rowf, colf, a, mask); }); });
   }
   static void came_apply_elem(void* p, int pt, const void* g, int gt, const float* m, const float* v, int64_t lo, int64_t hi,
-                              const CameApplyParams& a) {
-    with_mut_dtype(pt, p, [&](auto pp) { with_dtype(gt, g, [&](auto gp) { came_apply_elem_t<V>(pp, gp, m, v, lo, hi, a); }); });
+                              const CameApplyParams& a, const uint8_t* mask) {
+    with_mut_dtype(pt, p, [&](auto pp) { with_dtype(gt, g, [&](auto gp) { came_apply_elem_t<V>(pp, gp, m, v, lo, hi, a, mask); }); });
   }
 };
 

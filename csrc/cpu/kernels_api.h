@@ -54,6 +54,44 @@ struct CameApplyParams {
   float scale;
 };
 
+// CAME's cautious mask, one bit per element (bit e % 8 of byte e / 8), written by the momentum
+// pass so that the apply pass need not read g again (1/8 B instead of 4 B per element). Bits of
+// consecutive elements gather in a register word and are OR-ed into the zeroed buffer one 64-bit
+// word at a time, atomically: the row blocks of two threads may meet inside one word.
+struct MaskBits {
+  uint64_t* words = nullptr;
+  int64_t word = -1;
+  uint64_t acc = 0;
+
+  // The low `nbits` of `bits` belong to elements e, e + 1, ...
+  void put(int64_t e, uint64_t bits, int nbits) {
+    const int64_t w = e >> 6;
+    const int shift = static_cast<int>(e & 63);
+    if (w != word) {
+      flush();
+      word = w;
+    }
+    acc |= bits << shift;
+    if (shift + nbits > 64) {
+      flush();
+      word = w + 1;
+      acc = bits >> (64 - shift);
+    }
+  }
+
+  void flush() {
+    if (word >= 0 && acc != 0) __atomic_fetch_or(words + word, acc, __ATOMIC_RELAXED);
+    acc = 0;
+  }
+};
+
+// Bits e .. e + nbits - 1 (nbits <= 16) of a mask buffer; the buffer has 8 bytes of padding.
+inline uint32_t mask_bits_at(const uint8_t* mask, int64_t e, int nbits) {
+  uint64_t x;
+  __builtin_memcpy(&x, mask + (e >> 3), sizeof(x));
+  return static_cast<uint32_t>((x >> (e & 7)) & ((uint64_t{1} << nbits) - 1));
+}
+
 struct KernelTable {
   const char* name;
   int width;  // fp32 lanes per vector
@@ -72,13 +110,15 @@ struct KernelTable {
   void (*came_vector_moment)(const void* g, int gt, float* v, int64_t lo, int64_t hi, float beta2, float one_minus_beta2, float eps1);
   double (*came_sumsq_segment)(const void* g, int gt, int64_t off, int64_t len, float rowf, const float* colf);
   double (*came_sumsq_elem)(const void* g, int gt, const float* v, int64_t lo, int64_t hi);
+  // `bits` (may be null) receives the mask m * g > 0; `mask` (may be null) replaces reading g.
   double (*came_momentum_segment)(const void* g, int gt, float* m, int64_t off, int64_t len, float rowf, const float* colf,
-                                  const CameMomentumParams& a, float* col_acc, int64_t* count);
-  int64_t (*came_momentum_elem)(const void* g, int gt, float* m, const float* v, int64_t lo, int64_t hi, const CameMomentumParams& a);
+                                  const CameMomentumParams& a, float* col_acc, int64_t* count, MaskBits* bits);
+  int64_t (*came_momentum_elem)(const void* g, int gt, float* m, const float* v, int64_t lo, int64_t hi, const CameMomentumParams& a,
+                                MaskBits* bits);
   void (*came_apply_segment)(void* p, int pt, const void* g, int gt, const float* m, int64_t off, int64_t len, float rowf,
-                             const float* colf, const CameApplyParams& a);
+                             const float* colf, const CameApplyParams& a, const uint8_t* mask);
   void (*came_apply_elem)(void* p, int pt, const void* g, int gt, const float* m, const float* v, int64_t lo, int64_t hi,
-                          const CameApplyParams& a);
+                          const CameApplyParams& a, const uint8_t* mask);
 };
 
 // Defined by kernels_scalar.cpp (always), kernels_avx2.cpp and kernels_avx512.cpp (x86-64 only).

@@ -111,6 +111,14 @@ class _ByteScratch:
         self._free.append(buffer)
 
 
+class _CameMask:
+    """The mask bits the native momentum pass of a cautious CAME step keeps for the apply pass."""
+
+    def __init__(self, buffer: Tensor, masks: list[Tensor]) -> None:
+        self.buffer = buffer
+        self.masks = masks
+
+
 class _LionCodes:
     """What the native first pass of a cautious Lion step leaves for the second."""
 
@@ -262,8 +270,37 @@ class CpuOps:
         self._check_factors(grads, factors)
         clips = clip_divisors.detach().to(device="cpu", dtype=torch.float32).tolist()
         return self.module.came_momentum(
-            list(grads), list(exp_avgs), *packed.args(), clips, beta1, 1 - beta1, eps2, list(res_row_sums), list(res_col_sums)
+            list(grads), list(exp_avgs), *packed.args(), clips, beta1, 1 - beta1, eps2, list(res_row_sums), list(res_col_sums), [None] * len(grads)
         )
+
+    def came_cautious_begin(
+        self,
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        factors: Sequence[CameFactors],
+        clip_divisors: Tensor,
+        *,
+        beta1: float,
+        eps2: float,
+        res_row_sums: Sequence[Optional[Tensor]],
+        res_col_sums: Sequence[Optional[Tensor]],
+    ) -> tuple[Tensor, object]:
+        """``came_momentum`` that also keeps the mask ``m * g > 0`` as one bit per element (n / 8
+        bytes of scratch until ``came_cautious_finish``), so the apply pass does not read g."""
+        packed = _FactorArgs(factors)
+        if not _native_ok(grads, [*exp_avgs, *packed.tensors(), *res_row_sums, *res_col_sums]):
+            return reference.came_cautious_begin(
+                grads, exp_avgs, factors, clip_divisors, beta1=beta1, eps2=eps2, res_row_sums=res_row_sums, res_col_sums=res_col_sums
+            )
+        self._check_factors(grads, factors)
+        clips = clip_divisors.detach().to(device="cpu", dtype=torch.float32).tolist()
+        buffer, masks = self._scratch.take([self.module.came_mask_bytes(g.numel()) for g in grads])
+        for mask in masks:
+            mask.zero_()
+        counts = self.module.came_momentum(
+            list(grads), list(exp_avgs), *packed.args(), clips, beta1, 1 - beta1, eps2, list(res_row_sums), list(res_col_sums), masks
+        )
+        return counts, _CameMask(buffer, masks)
 
     def came_apply(
         self,
@@ -281,7 +318,30 @@ class CpuOps:
             reference.came_apply(params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales)
             return
         self._check_factors(grads, confidence)
-        self.module.came_apply(list(params), list(grads), list(exp_avgs), *packed.args(), 1 - lr * weight_decay, -lr, scales)
+        self.module.came_apply(list(params), list(grads), list(exp_avgs), *packed.args(), 1 - lr * weight_decay, -lr, scales, [None] * len(params))
+
+    def came_cautious_finish(
+        self,
+        pending: object,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        confidence: Sequence[CameFactors],
+        *,
+        lr: float,
+        weight_decay: float,
+        scales: Tensor,
+    ) -> None:
+        packed = _FactorArgs(confidence)
+        if not isinstance(pending, _CameMask) or not _native_ok(params, [*exp_avgs, *packed.tensors()]):
+            reference.came_cautious_finish(pending, params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales)
+            return
+        self._check_factors(grads, confidence)
+        cpu_scales = scales.detach().to(device="cpu", dtype=torch.float32)
+        self.module.came_apply(
+            list(params), list(grads), list(exp_avgs), *packed.args(), 1 - lr * weight_decay, -lr, cpu_scales, pending.masks
+        )
+        self._scratch.give_back(pending.buffer)
 
     # --- argument checks -----------------------------------------------------------------
     @staticmethod

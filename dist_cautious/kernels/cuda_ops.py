@@ -260,12 +260,19 @@ class CudaOps:
                 decay, neg_lr, device_scales, len(grads),
             )
 
+    def came_cautious_begin(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], factors: Sequence[CameFactors], clip_divisors: Tensor, **kwargs: Any) -> tuple[Tensor, object]:
+        """The reference pairing: ``came_momentum`` now, ``came_apply`` (reading g) to finish."""
+        return self.came_momentum(grads, exp_avgs, factors, clip_divisors, **kwargs), None
+
+    def came_cautious_finish(self, pending: object, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], confidence: Sequence[CameFactors], **kwargs: Any) -> None:
+        self.came_apply(params, grads, exp_avgs, confidence, **kwargs)
+
     def namespace(self) -> SimpleNamespace:
         """The module-like object ``kernels.ops_for`` hands to the optimizers."""
         names = [
             "adamw_mask_counts", "adamw_apply", "lion_mask_counts", "lion_apply", "lion_cautious_begin", "lion_cautious_finish",
             "came_factored_sq_sums",
-            "came_vector_second_moment", "came_update_sumsq", "came_momentum", "came_apply",
+            "came_vector_second_moment", "came_update_sumsq", "came_momentum", "came_apply", "came_cautious_begin", "came_cautious_finish",
         ]
         return SimpleNamespace(CameFactors=CameFactors, mask_scales=mask_scales, native="cuda", **{name: getattr(self, name) for name in names})
 

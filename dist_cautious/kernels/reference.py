@@ -237,3 +237,39 @@ def came_apply(
         p.mul_(1 - lr * weight_decay)
         p.add_(update, alpha=-lr)
         _store(param, p)
+
+
+# The cautious CAME momentum and apply phases as a pair, like the cautious Lion pair above: here
+# the plain two calls (the apply phase reads g again for the mask); the native CPU kernels keep
+# the mask as one bit per element between them instead.
+
+
+def came_cautious_begin(
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    factors: Sequence[CameFactors],
+    clip_divisors: Tensor,
+    *,
+    beta1: float,
+    eps2: float,
+    res_row_sums: Sequence[Optional[Tensor]],
+    res_col_sums: Sequence[Optional[Tensor]],
+) -> tuple[Tensor, object]:
+    """``came_momentum`` of a cautious step: its counts, and what ``came_cautious_finish`` needs."""
+    counts = came_momentum(grads, exp_avgs, factors, clip_divisors, beta1=beta1, eps2=eps2, res_row_sums=res_row_sums, res_col_sums=res_col_sums)
+    return counts, None
+
+
+def came_cautious_finish(
+    pending: object,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    confidence: Sequence[CameFactors],
+    *,
+    lr: float,
+    weight_decay: float,
+    scales: Tensor,
+) -> None:
+    """``came_apply`` of a cautious step, after ``came_cautious_begin`` on the same tensors."""
+    came_apply(params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales)

@@ -95,6 +95,16 @@ def _check_came(ops: Any, device: torch.device) -> None:
     _close("came_momentum counts", counts, counts_ref)
     for a, b in zip(ms + [res[0][0], res[1][0]], ms_ref + [res_ref[0][0], res_ref[1][0]]):
         _close("came_momentum", a, b)
+    kept, _ = _twins(device, end - start, 11)  # the same start values as ms
+    kept_res = [torch.zeros(layout.num_row_factors, device=device), None], [torch.zeros(layout.num_col_factors, device=device), None]
+    kept_counts, pending = ops.came_cautious_begin(grads, kept, factors, divisors, beta1=0.9, eps2=1e-16, res_row_sums=kept_res[0], res_col_sums=kept_res[1])
+    _close("came_cautious_begin counts", kept_counts, counts_ref)
+    params, params_ref = _twins(device, end - start, 11)
+    kept_scales = torch.tensor([1.25, 3.0], device=device)
+    ops.came_cautious_finish(pending, params, grads, kept, [CameFactors(layout, row_f, col_f), CameFactors()], lr=1e-2, weight_decay=0.1, scales=kept_scales)
+    reference.came_apply(params_ref, grads, ms_ref, [CameFactors(layout, row_f, col_f), CameFactors()], lr=1e-2, weight_decay=0.1, scales=kept_scales)
+    for a, b in zip(params + kept, params_ref + ms_ref):
+        _close("came_cautious_finish", a, b)
     params, params_ref = _twins(device, end - start, 11)
     confidence = [CameFactors(layout, row_f, col_f), CameFactors()]
     for scales in (None, torch.tensor([1.25, 3.0], device=device)):

@@ -85,17 +85,16 @@ class CAME(FragmentOptimizer):
                 step_count(fragment.state)
         factors = self._second_moment_factors(batches)
         clip_divisors = self._rms_clip_divisors(batches, factors)
-        confidence, scales = self._momentum_and_confidence(batches, factors, clip_divisors)
-        for (group, fragments), batch_confidence, batch_scales in zip(batches, confidence, scales):
-            kernels_for(fragments).came_apply(
-                [f.param for f in fragments],
-                [f.grad for f in fragments],
-                [f.elementwise_state("exp_avg") for f in fragments],
-                batch_confidence,
-                lr=float(group["lr"]),
-                weight_decay=group["weight_decay"],
-                scales=batch_scales,
-            )
+        confidence, scales, pending = self._momentum_and_confidence(batches, factors, clip_divisors)
+        for (group, fragments), batch_confidence, batch_scales, batch_pending in zip(batches, confidence, scales, pending):
+            ops = kernels_for(fragments)
+            params, grads = [f.param for f in fragments], [f.grad for f in fragments]
+            exp_avgs = [f.elementwise_state("exp_avg") for f in fragments]
+            hyper = dict(lr=float(group["lr"]), weight_decay=group["weight_decay"], scales=batch_scales)
+            if group["cautious"]:
+                ops.came_cautious_finish(batch_pending, params, grads, exp_avgs, batch_confidence, **hyper)
+            else:
+                ops.came_apply(params, grads, exp_avgs, batch_confidence, **hyper)
 
     def _second_moment_factors(self, batches: list[tuple[dict[str, Any], list[Fragment]]]) -> list[list[CameFactors]]:
         """Phase 1 + reduction 1: update the second moments, return each fragment's preconditioner."""
@@ -145,30 +144,28 @@ class CAME(FragmentOptimizer):
         batches: list[tuple[dict[str, Any], list[Fragment]]],
         factors: list[list[CameFactors]],
         clip_divisors: list[Tensor],
-    ) -> tuple[list[list[CameFactors]], list[Optional[Tensor]]]:
+    ) -> tuple[list[list[CameFactors]], list[Optional[Tensor]], list[object]]:
         """Phase 3 + reduction 3: momentum, residual sums and mask counts; return the confidence
-        factors of the final update and the mask scales (``None`` where not cautious)."""
+        factors of the final update, the mask scales (``None`` where not cautious) and what the
+        kernels keep for the apply phase of cautious groups (``came_cautious_begin``)."""
         reducer = BatchedReducer()
         pending = []
         for (group, fragments), batch_factors, divisors in zip(batches, factors, clip_divisors):
             res_sums = [self._new_factor_sums(f, reducer) if f.factored else (None, None) for f in fragments]
-            counts = kernels_for(fragments).came_momentum(
-                [f.grad for f in fragments],
-                [f.elementwise_state("exp_avg") for f in fragments],
-                batch_factors,
-                divisors,
-                beta1=group["betas"][0],
-                eps2=group["eps"][1],
-                res_row_sums=[s[0] for s in res_sums],
-                res_col_sums=[s[1] for s in res_sums],
-            )
+            ops = kernels_for(fragments)
+            args = ([f.grad for f in fragments], [f.elementwise_state("exp_avg") for f in fragments], batch_factors, divisors)
+            kwargs = dict(beta1=group["betas"][0], eps2=group["eps"][1], res_row_sums=[s[0] for s in res_sums], res_col_sums=[s[1] for s in res_sums])
+            kept = None
             if group["cautious"]:
+                counts, kept = ops.came_cautious_begin(*args, **kwargs)
                 for index, fragment in enumerate(fragments):
                     reducer.add(fragment.group, counts[index : index + 1])
-            pending.append((res_sums, counts))
+            else:
+                counts = ops.came_momentum(*args, **kwargs)
+            pending.append((res_sums, counts, kept))
         reducer.all_reduce()
         confidence, scales = [], []
-        for (group, fragments), (res_sums, counts) in zip(batches, pending):
+        for (group, fragments), (res_sums, counts, _) in zip(batches, pending):
             confidence.append(
                 [
                     self._updated_factors(f, "exp_avg_res", group["betas"][2], *sums) if f.factored else CameFactors()
@@ -176,7 +173,7 @@ class CAME(FragmentOptimizer):
                 ]
             )
             scales.append(mask_scales(counts, [f.numel for f in fragments]) if group["cautious"] else None)
-        return confidence, scales
+        return confidence, scales, [kept for _, _, kept in pending]
 
     @staticmethod
     def _new_factor_sums(fragment: Fragment, reducer: BatchedReducer) -> tuple[Tensor, Tensor]:

@@ -288,6 +288,25 @@ def test_came_factored_phases(isa_ops, shape, start, end, param_dtype, grad_dtyp
         isa_ops.came_apply([p_native], [g], [m], [factors], lr=1e-3, weight_decay=0.1, scales=scales)
         ref.came_apply([p_ref], [g], [m_ref], [factors], lr=1e-3, weight_decay=0.1, scales=scales)
         _assert_equal(p_native, p_ref, "param")
+    _check_came_kept_mask(isa_ops, p, g, m_ref, [factors], clip, [torch.zeros(rows)], [torch.zeros(cols)], math.prod(shape))
+
+
+def _check_came_kept_mask(ops, p, g, m_start, factors, clip, res_rows, res_cols, numel):
+    """The cautious pair (momentum keeping the mask as bits, apply reading the bits instead of g)
+    gives came_momentum + came_apply's counts, momentum and params bit for bit."""
+    m, m_ref = m_start.clone(), m_start.clone()
+    hyper = dict(beta1=0.9, eps2=1e-16)
+    counts, pending = ops.came_cautious_begin([g], [m], factors, clip, **hyper, res_row_sums=res_rows, res_col_sums=res_cols)
+    ref_rows = [None if t is None else torch.zeros_like(t) for t in res_rows]
+    ref_cols = [None if t is None else torch.zeros_like(t) for t in res_cols]
+    counts_ref = ref.came_momentum([g], [m_ref], factors, clip, **hyper, res_row_sums=ref_rows, res_col_sums=ref_cols)
+    _assert_equal(counts, counts_ref, "kept-mask counts")
+    _assert_equal(m, m_ref, "kept-mask exp_avg")
+    scales = ref.mask_scales(counts, [numel])
+    p_native, p_ref = p.clone(), p.clone()
+    ops.came_cautious_finish(pending, [p_native], [g], [m], factors, lr=1e-3, weight_decay=0.1, scales=scales)
+    ref.came_apply([p_ref], [g], [m_ref], factors, lr=1e-3, weight_decay=0.1, scales=scales)
+    _assert_equal(p_native, p_ref, "kept-mask param")
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -313,6 +332,7 @@ def test_came_vector_phases(isa_ops, n, param_dtype, grad_dtype):
             isa_ops.came_apply([p_native], [g], [m], [confidence], lr=1e-3, weight_decay=0.1, scales=scales)
             ref.came_apply([p_ref], [g], [m_ref], [confidence], lr=1e-3, weight_decay=0.1, scales=scales)
             _assert_equal(p_native, p_ref, "param")
+    _check_came_kept_mask(isa_ops, p, g, m_ref, [factors], clip, [None], [None], max(n, 1))
 
 
 def test_came_sums_add_into_existing_buffers(ops):

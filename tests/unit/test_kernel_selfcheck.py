@@ -60,3 +60,15 @@ def test_a_wrong_split_lion_finish_is_caught() -> None:
     ops.lion_cautious_finish = broken
     with pytest.raises(RuntimeError, match="lion_cautious_finish"):
         selfcheck.verify(ops, torch.device("cpu"))
+
+
+def test_a_wrong_split_came_finish_is_caught() -> None:
+    ops = types.SimpleNamespace(**{k: getattr(reference, k) for k in dir(reference) if not k.startswith("_")})
+
+    def broken(pending, params, *args, **kwargs):
+        reference.came_cautious_finish(pending, params, *args, **kwargs)
+        params[0].view(-1)[0] += 1e-3
+
+    ops.came_cautious_finish = broken
+    with pytest.raises(RuntimeError, match="came_cautious_finish"):
+        selfcheck.verify(ops, torch.device("cpu"))
