@@ -173,25 +173,29 @@ struct BlockOut {
 };
 
 // Partial row and column sums over a factored fragment. seg(row, c0, off, len, col_acc, out)
-// processes one row segment, adds into col_acc[0..len) (fp32, starting at column c0) and
-// returns the segment's row sum. Rows are never split between blocks. Column contributions are
-// added in fp32 over runs of at most kColRun rows of one matrix, then into a per-block double
-// accumulator, and blocks are added in block order: the result is independent of the thread
-// count, and each fp32 run carries a relative error of at most kColRun * 2^-24. Returns the sum
-// of the per-block counts; each block flushes its mask bits into `mask_words` (may be null).
+// processes one row segment, adds into col_acc[0..len) (fp32, starting at column c0) and, when a
+// second column output `col_sums2` is given, into col_acc[C..C + len), and returns the segment's
+// row sum. Rows are never split between blocks. Column contributions are added in fp32 over runs
+// of at most kColRun rows of one matrix, then into a per-block double accumulator, and blocks are
+// added in block order: the result is independent of the thread count, and each fp32 run carries
+// a relative error of at most kColRun * 2^-24. Returns the sum of the per-block counts; each
+// block flushes its mask bits into `mask_words` (may be null).
 template <class Seg>
-int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sums, Seg&& seg, uint64_t* mask_words = nullptr) {
+int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sums, Seg&& seg, uint64_t* mask_words = nullptr,
+                     float* col_sums2 = nullptr) {
   if (n == 0) return 0;
   const int64_t R = l.rows, C = l.cols;
+  const int64_t K = col_sums2 != nullptr ? 2 : 1, S = K * C;  // column outputs; accumulator stride per matrix
+  float* const outputs[2] = {col_sums, col_sums2};
   const int64_t g0 = l.start / C, g1 = (l.start + n - 1) / C;  // global rows, inclusive
   const int64_t m0 = g0 / R, m1 = g1 / R;                      // matrices, inclusive
   auto run_rows = [&](int64_t ra, int64_t rb, int64_t first_matrix, double* col_acc, BlockOut* out) {
     out->bits.words = mask_words;
-    std::vector<float> run(C, 0.0f);
+    std::vector<float> run(S, 0.0f);
     int64_t run_matrix = ra / R, rows_in_run = 0;
     auto flush = [&]() {
-      double* out = col_acc + (run_matrix - first_matrix) * C;
-      for (int64_t c = 0; c < C; ++c) out[c] += static_cast<double>(run[c]);
+      double* acc = col_acc + (run_matrix - first_matrix) * S;
+      for (int64_t c = 0; c < S; ++c) acc[c] += static_cast<double>(run[c]);
       std::fill(run.begin(), run.end(), 0.0f);
       rows_in_run = 0;
     };
@@ -209,9 +213,9 @@ int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sum
     flush();
     out->bits.flush();
   };
-  auto flush_cols = [&](int64_t first_matrix, int64_t matrices, const double* acc) {
-    float* out = col_sums + first_matrix * C;
-    for (int64_t c = 0; c < matrices * C; ++c) out[c] = static_cast<float>(static_cast<double>(out[c]) + acc[c]);
+  auto add_into = [&](int64_t k, int64_t mat, int64_t c, double value) {
+    float* o = outputs[k] + mat * C + c;
+    *o = static_cast<float>(static_cast<double>(*o) + value);
   };
   if (R * C <= kTile) {
     // Small matrices: each block owns whole matrices, so no two blocks share a column sum.
@@ -221,9 +225,11 @@ int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sum
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads()) if (blocks > 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t ma = m0 + b * per_block, mb = std::min(m1, ma + per_block - 1);
-      std::vector<double> acc((mb - ma + 1) * C, 0.0);
+      std::vector<double> acc((mb - ma + 1) * S, 0.0);
       run_rows(std::max(g0, ma * R), std::min(g1, mb * R + R - 1), ma, acc.data(), &outs[b]);
-      flush_cols(ma, mb - ma + 1, acc.data());
+      for (int64_t mat = ma; mat <= mb; ++mat)
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t c = 0; c < C; ++c) add_into(k, mat, c, acc[(mat - ma) * S + k * C + c]);
     }
     int64_t total = 0;
     for (const BlockOut& o : outs) total += o.count;
@@ -235,19 +241,20 @@ int64_t row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sum
     const int64_t ra = std::max(g0, mat * R), rb = std::min(g1, mat * R + R - 1);
     const int64_t nr = rb - ra + 1;
     const int64_t blocks = std::max<int64_t>(1, std::min({nr, kMaxBlocksPerMatrix, nr * C / kTile}));
-    std::vector<double> acc(blocks * C, 0.0);
+    std::vector<double> acc(blocks * S, 0.0);
     std::vector<BlockOut> outs(blocks);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads()) if (blocks > 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t lo = ra + nr * b / blocks, hi = ra + nr * (b + 1) / blocks - 1;
-      run_rows(lo, hi, mat, acc.data() + b * C, &outs[b]);
+      run_rows(lo, hi, mat, acc.data() + b * S, &outs[b]);
     }
-    float* out = col_sums + mat * C;
 #pragma omp parallel for schedule(static) num_threads(threads()) if (C >= kTile)
     for (int64_t c = 0; c < C; ++c) {
-      double s = 0.0;
-      for (int64_t b = 0; b < blocks; ++b) s += acc[b * C + c];
-      out[c] = static_cast<float>(static_cast<double>(out[c]) + s);
+      for (int64_t k = 0; k < K; ++k) {
+        double sum = 0.0;
+        for (int64_t b = 0; b < blocks; ++b) sum += acc[b * S + k * C + c];
+        add_into(k, mat, c, sum);
+      }
     }
     for (const BlockOut& o : outs) total += o.count;
   }
@@ -411,11 +418,16 @@ Factors factors_at(size_t i, int64_t n, const std::vector<int64_t>& kinds, const
   return f;
 }
 
+// Phase 1 of CAME over factored fragments. With `folded[i]` (a zeroed B*C buffer) and the row
+// state before this step's update (`row_states[i]`), whole rows also add g^2 / R_i into folded[i]
+// (R_i: the row's updated second moment, computed here as the optimizer will), so that phase 2
+// needs no pass over g (came_update_sumsq with `folded`).
 void came_factored_sq_sums(const std::vector<Tensor>& grads, const std::vector<int64_t>& starts, const std::vector<int64_t>& rows,
-                           const std::vector<int64_t>& cols, double eps1, const std::vector<Tensor>& row_sums, const std::vector<Tensor>& col_sums) {
-  check_lists(grads.size(), {starts.size(), rows.size(), cols.size(), row_sums.size(), col_sums.size()});
+                           const std::vector<int64_t>& cols, double eps1, const std::vector<Tensor>& row_sums, const std::vector<Tensor>& col_sums,
+                           const std::vector<OptTensor>& row_states, double beta2, double one_minus_beta2, const std::vector<OptTensor>& folded) {
+  check_lists(grads.size(), {starts.size(), rows.size(), cols.size(), row_sums.size(), col_sums.size(), row_states.size(), folded.size()});
   const auto* k = active();
-  const float e1 = static_cast<float>(eps1);
+  const float e1 = static_cast<float>(eps1), b2 = static_cast<float>(beta2), omb2 = static_cast<float>(one_minus_beta2);
   for (size_t i = 0; i < grads.size(); ++i) {
     const int64_t n = grads[i].numel();
     check_flat(grads[i], n, "grad");
@@ -425,9 +437,26 @@ void came_factored_sq_sums(const std::vector<Tensor>& grads, const std::vector<i
     float* rs = state_ptr(row_sums[i], row_sums[i].numel(), "row sums");
     float* cs = state_ptr(col_sums[i], col_sums[i].numel(), "column sums");
     TORCH_CHECK(n == 0 || row_sums[i].numel() >= (l.start + n + l.cols - 1) / l.cols, "row sums too short for the layout");
-    row_col_sums(l, n, rs, cs, [&](int64_t, int64_t, int64_t off, int64_t len, float* acc, BlockOut*) {
-      return k->came_sq_segment(g, gt, off, len, e1, acc);
-    });
+    float* fold = nullptr;
+    const float* r_old = nullptr;
+    if (folded[i].has_value()) {
+      TORCH_CHECK(row_states[i].has_value(), "folding the sum of squares needs the row state");
+      fold = state_ptr(*folded[i], col_sums[i].numel(), "folded column sums");
+      r_old = state_ptr(*row_states[i], row_sums[i].numel(), "row state");
+    }
+    const float c_count = static_cast<float>(l.cols);
+    row_col_sums(
+        l, n, rs, cs,
+        [&](int64_t row, int64_t c0, int64_t off, int64_t len, float* acc, BlockOut*) {
+          const double sum = k->came_sq_segment(g, gt, off, len, e1, acc);
+          if (fold != nullptr && c0 == 0 && len == l.cols) {
+            // torch: rows.mul_(beta2).add_(row_sums / C, alpha=1 - beta2), row_sums[row] = sum here
+            const float r_new = std::fma(static_cast<float>(sum) / c_count, omb2, r_old[row] * b2);
+            k->came_fold_segment(g, gt, off, len, 1.0f / r_new, acc + l.cols);
+          }
+          return sum;
+        },
+        nullptr, fold);
   }
 }
 
@@ -447,10 +476,15 @@ void came_vector_second_moment(const std::vector<Tensor>& grads, const std::vect
   }
 }
 
+// The sum of squares of uh = g * factors per fragment. A factored fragment with `folded[i]` (from
+// came_factored_sq_sums) and its per-matrix row-state means takes its whole rows from
+// mean_b * sum_j c_j^2 * folded_j and reads g only in its (at most two) partial rows.
 Tensor came_update_sumsq(const std::vector<Tensor>& grads, const std::vector<int64_t>& kinds, const std::vector<int64_t>& starts,
                          const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, const std::vector<OptTensor>& row_f,
-                         const std::vector<OptTensor>& col_f, const std::vector<OptTensor>& elem_f) {
-  check_lists(grads.size(), {kinds.size(), starts.size(), rows.size(), cols.size(), row_f.size(), col_f.size(), elem_f.size()});
+                         const std::vector<OptTensor>& col_f, const std::vector<OptTensor>& elem_f, const std::vector<OptTensor>& folded,
+                         const std::vector<OptTensor>& row_means) {
+  check_lists(grads.size(), {kinds.size(), starts.size(), rows.size(), cols.size(), row_f.size(), col_f.size(), elem_f.size(), folded.size(),
+                             row_means.size()});
   const auto* k = active();
   Tensor out = torch::empty({static_cast<int64_t>(grads.size())}, torch::kFloat32);
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -459,13 +493,37 @@ Tensor came_update_sumsq(const std::vector<Tensor>& grads, const std::vector<int
     const int gt = dtype_code(grads[i], "grad");
     const void* g = grads[i].data_ptr();
     const Factors f = factors_at(i, n, kinds, starts, rows, cols, row_f, col_f, elem_f);
-    double s;
-    if (f.kind == kFactored) {
+    auto segment_sumsq = [&](int64_t row, int64_t c0, int64_t off, int64_t len) {
+      return k->came_sumsq_segment(g, gt, off, len, f.row[row], f.col + (row / f.layout.rows) * f.layout.cols + c0);
+    };
+    double s = 0.0;
+    if (f.kind == kFactored && folded[i].has_value() && n > 0) {
+      TORCH_CHECK(row_means[i].has_value(), "folded sums need the row-state means");
+      const Layout& l = f.layout;
+      const int64_t C = l.cols, m0 = l.start / C / l.rows, m1 = (l.start + n - 1) / C / l.rows;
+      const float* fold = state_ptr(*folded[i], folded[i]->numel(), "folded column sums");
+      const float* means = state_ptr(*row_means[i], row_means[i]->numel(), "row-state means");
+      TORCH_CHECK(folded[i]->numel() >= (m1 + 1) * C && row_means[i]->numel() > m1, "folded sums too short for the layout");
+      for (int64_t mat = m0; mat <= m1; ++mat) {
+        double cols_sum = 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+          const double cf = f.col[mat * C + c];
+          cols_sum += cf * cf * static_cast<double>(fold[mat * C + c]);
+        }
+        s += static_cast<double>(means[mat]) * cols_sum;
+      }
+      // the partial first and last rows, which phase 1 could not fold
+      for_segments(l, 0, std::min(n, C - l.start % C), [&](int64_t row, int64_t c0, int64_t off, int64_t len) {
+        if (len != C) s += segment_sumsq(row, c0, off, len);
+      });
+      const int64_t last = std::max<int64_t>(std::min(n, C - l.start % C), (l.start + n - 1) / C * C - l.start);
+      for_segments(l, last, n, [&](int64_t row, int64_t c0, int64_t off, int64_t len) {
+        if (len != C) s += segment_sumsq(row, c0, off, len);
+      });
+    } else if (f.kind == kFactored) {
       s = sum_tiles(n, [&](int64_t lo, int64_t hi) {
         double acc = 0.0;
-        for_segments(f.layout, lo, hi, [&](int64_t row, int64_t c0, int64_t off, int64_t len) {
-          acc += k->came_sumsq_segment(g, gt, off, len, f.row[row], f.col + (row / f.layout.rows) * f.layout.cols + c0);
-        });
+        for_segments(f.layout, lo, hi, [&](int64_t row, int64_t c0, int64_t off, int64_t len) { acc += segment_sumsq(row, c0, off, len); });
         return acc;
       });
     } else {

@@ -235,6 +235,19 @@ static double came_sq_segment_t(const GT* g, int64_t off, int64_t len, float eps
   });
 }
 
+// Phase 1, factored, whole rows only: col_acc += g^2 * a with a = 1 / R_i, R_i the row's updated
+// second moment. Summed over rows, this folds phase 2's sum of squares into phase 1:
+// sum_ij (r_i c_j g_ij)^2 = mean(R) sum_j c_j^2 sum_i g_ij^2 / R_i, r_i^2 = mean(R) / R_i. The
+// dispatcher calls it right after the row's own sum, so g is read from cache (no memory traffic).
+template <class V, class GT>
+static void came_fold_segment_t(const GT* g, int64_t off, int64_t len, float a, float* col_acc) {
+  for_each<V>(0, len, [&](auto t, int64_t j) {
+    using T = decltype(t);
+    auto gf = T::load(g + off + j);
+    T::store(col_acc + j, T::fma(T::mul(gf, gf), T::set1(a), T::load(col_acc + j)));
+  });
+}
+
 // Phase 1, 1-D / 0-D: v = beta2 v + (1 - beta2)(g^2 + eps1). Read g, v; write v (12 B/element).
 template <class V, class GT>
 static void came_vector_moment_t(const GT* g, float* v, int64_t lo, int64_t hi, float beta2, float one_minus_beta2, float eps1) {
@@ -404,6 +417,9 @@ struct Entry {
   static double came_sq_segment(const void* g, int gt, int64_t off, int64_t len, float eps1, float* col_acc) {
     return with_dtype(gt, g, [&](auto gp) { return came_sq_segment_t<V>(gp, off, len, eps1, col_acc); });
   }
+  static void came_fold_segment(const void* g, int gt, int64_t off, int64_t len, float a, float* col_acc) {
+    with_dtype(gt, g, [&](auto gp) { came_fold_segment_t<V>(gp, off, len, a, col_acc); });
+  }
   static void came_vector_moment(const void* g, int gt, float* v, int64_t lo, int64_t hi, float b2, float omb2, float eps1) {
     with_dtype(gt, g, [&](auto gp) { came_vector_moment_t<V>(gp, v, lo, hi, b2, omb2, eps1); });
   }
@@ -444,6 +460,6 @@ struct Entry {
 #define DIST_CAUTIOUS_KERNEL_TABLE(E, NAME)                                                         \
   KernelTable{NAME,                 E::W,                  &E::adamw_count,          &E::adamw_apply, \
               &E::lion_count,       &E::lion_apply,        &E::lion_encode,          &E::lion_decode_apply, \
-              &E::came_sq_segment,      &E::came_vector_moment, \
+              &E::came_sq_segment,      &E::came_fold_segment,  &E::came_vector_moment, \
               &E::came_sumsq_segment, &E::came_sumsq_elem, &E::came_momentum_segment, &E::came_momentum_elem, \
               &E::came_apply_segment, &E::came_apply_elem}

@@ -107,6 +107,7 @@ struct KernelTable {
   // point at the segment's first column (`col_acc[j] += x_j` in fp32; the dispatcher flushes it
   // into double every few rows). "elem": 1-D / 0-D path, `v` null means identity.
   double (*came_sq_segment)(const void* g, int gt, int64_t off, int64_t len, float eps1, float* col_acc);
+  void (*came_fold_segment)(const void* g, int gt, int64_t off, int64_t len, float a, float* col_acc);
   void (*came_vector_moment)(const void* g, int gt, float* v, int64_t lo, int64_t hi, float beta2, float one_minus_beta2, float eps1);
   double (*came_sumsq_segment)(const void* g, int gt, int64_t off, int64_t len, float rowf, const float* colf);
   double (*came_sumsq_elem)(const void* g, int gt, const float* v, int64_t lo, int64_t hi);

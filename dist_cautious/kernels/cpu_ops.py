@@ -235,9 +235,34 @@ class CpuOps:
             reference.came_factored_sq_sums(grads, layouts, eps1, row_sums, col_sums)
             return
         self._check_layouts(grads, layouts)
+        none = [None] * len(grads)
         self.module.came_factored_sq_sums(
-            list(grads), [l.start for l in layouts], [l.rows for l in layouts], [l.cols for l in layouts], eps1, list(row_sums), list(col_sums)
-        )
+            list(grads), [l.start for l in layouts], [l.rows for l in layouts], [l.cols for l in layouts], eps1, list(row_sums), list(col_sums),
+            none, 0.0, 0.0, none,
+        )  # fmt: skip
+
+    def came_factored_sq_sums_begin(
+        self,
+        grads: Sequence[Tensor],
+        layouts: Sequence[FactoredLayout],
+        eps1: float,
+        row_sums: Sequence[Tensor],
+        col_sums: Sequence[Tensor],
+        *,
+        row_states: Sequence[Tensor],
+        beta2: float,
+    ) -> list[Optional[Tensor]]:
+        """Phase 1 that also folds phase 2's sum of squares over whole rows into a B*C buffer per
+        fragment (``CameFactors.folded``): phase 2 then reads g only in partial rows."""
+        if not _native_ok(grads, [*row_sums, *col_sums, *row_states]):
+            return reference.came_factored_sq_sums_begin(grads, layouts, eps1, row_sums, col_sums, row_states=row_states, beta2=beta2)
+        self._check_layouts(grads, layouts)
+        folded = [torch.zeros_like(cols) for cols in col_sums]
+        self.module.came_factored_sq_sums(
+            list(grads), [l.start for l in layouts], [l.rows for l in layouts], [l.cols for l in layouts], eps1, list(row_sums), list(col_sums),
+            list(row_states), beta2, 1 - beta2, folded,
+        )  # fmt: skip
+        return folded
 
     def came_vector_second_moment(self, grads: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], beta2: float, eps1: float) -> None:
         if not _native_ok(grads, exp_avg_sqs):
@@ -250,7 +275,11 @@ class CpuOps:
         if not _native_ok(grads, packed.tensors()):
             return reference.came_update_sumsq(grads, factors)
         self._check_factors(grads, factors)
-        return self.module.came_update_sumsq(list(grads), *packed.args())
+        folded = [f.folded if f.layout is not None and f.folded is not None and f.row_means is not None else None for f in factors]
+        row_means = [f.row_means if fold is not None else None for f, fold in zip(factors, folded)]
+        if not _native_ok([], [t for t in folded + row_means if t is not None]):
+            folded, row_means = [None] * len(factors), [None] * len(factors)
+        return self.module.came_update_sumsq(list(grads), *packed.args(), folded, row_means)
 
     def came_momentum(
         self,

@@ -260,6 +260,11 @@ class CudaOps:
                 decay, neg_lr, device_scales, len(grads),
             )
 
+    def came_factored_sq_sums_begin(self, grads: Sequence[Tensor], layouts: Sequence[Any], eps1: float, row_sums: Sequence[Tensor], col_sums: Sequence[Tensor], **_: Any) -> list[Optional[Tensor]]:
+        """The reference pairing: phase 1 here, phase 2 a pass of its own (nothing folded)."""
+        self.came_factored_sq_sums(grads, layouts, eps1, row_sums, col_sums)
+        return [None] * len(grads)
+
     def came_cautious_begin(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], factors: Sequence[CameFactors], clip_divisors: Tensor, **kwargs: Any) -> tuple[Tensor, object]:
         """The reference pairing: ``came_momentum`` now, ``came_apply`` (reading g) to finish."""
         return self.came_momentum(grads, exp_avgs, factors, clip_divisors, **kwargs), None
@@ -273,6 +278,7 @@ class CudaOps:
             "adamw_mask_counts", "adamw_apply", "lion_mask_counts", "lion_apply", "lion_cautious_begin", "lion_cautious_finish",
             "came_factored_sq_sums",
             "came_vector_second_moment", "came_update_sumsq", "came_momentum", "came_apply", "came_cautious_begin", "came_cautious_finish",
+            "came_factored_sq_sums_begin",
         ]
         return SimpleNamespace(CameFactors=CameFactors, mask_scales=mask_scales, native="cuda", **{name: getattr(self, name) for name in names})
 

@@ -155,12 +155,19 @@ class CameFactors:
     Factored: ``row[row(i)] * col[col(i)]`` over ``layout`` (``row`` already divided by its
     per-matrix mean and rsqrt-ed, ``col`` rsqrt-ed). Elementwise: ``rsqrt(elementwise)``
     (the 1-D second moment); ``None`` everywhere means the identity (CAME's 1-D confidence step).
+
+    ``folded`` and ``row_means`` are an optional shortcut for ``came_update_sumsq`` that a kernel
+    set may use or ignore (this reference ignores it): the per-column sums of ``g^2 / R_i`` over
+    the fragment's whole rows that ``came_factored_sq_sums_begin`` of the native CPU kernels
+    gathered in phase 1, and each matrix's mean of the updated row state.
     """
 
     layout: Optional[FactoredLayout] = None
     row: Optional[Tensor] = None
     col: Optional[Tensor] = None
     elementwise: Optional[Tensor] = None
+    folded: Optional[Tensor] = None
+    row_means: Optional[Tensor] = None
 
     def apply_to(self, tensor: Tensor) -> Tensor:
         if self.layout is not None:
@@ -177,6 +184,23 @@ def came_factored_sq_sums(
     for grad, layout, rows, cols in zip(grads, layouts, row_sums, col_sums):
         g = _fp32(grad)
         layout.add_row_col_sums(g * g + eps1, rows, cols)
+
+
+def came_factored_sq_sums_begin(
+    grads: Sequence[Tensor],
+    layouts: Sequence[FactoredLayout],
+    eps1: float,
+    row_sums: Sequence[Tensor],
+    col_sums: Sequence[Tensor],
+    *,
+    row_states: Sequence[Tensor],
+    beta2: float,
+) -> list[Optional[Tensor]]:
+    """``came_factored_sq_sums``, and per fragment what it folded for ``came_update_sumsq``
+    (``CameFactors.folded``): nothing here, where phase 2 is its own pass over g. ``row_states``
+    are the row second moments before this step's update."""
+    came_factored_sq_sums(grads, layouts, eps1, row_sums, col_sums)
+    return [None] * len(grads)
 
 
 def came_vector_second_moment(grads: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], beta2: float, eps1: float) -> None:

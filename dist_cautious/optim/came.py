@@ -29,11 +29,12 @@ def _factor_shapes(shape: torch.Size) -> tuple[tuple[int, ...], tuple[int, ...]]
     return tuple(shape[:-1]), tuple(shape[:-2]) + tuple(shape[-1:])
 
 
-def _normalised_rsqrt(rows: Tensor, cols: Tensor, rows_per_matrix: int) -> tuple[Tensor, Tensor]:
-    """CAME's ``rsqrt(r / mean(r))`` (mean over each matrix's rows) and ``rsqrt(c)``."""
+def _normalised_rsqrt(rows: Tensor, cols: Tensor, rows_per_matrix: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CAME's ``rsqrt(r / mean(r))`` (mean over each matrix's rows), ``rsqrt(c)``, and the means."""
     by_matrix = rows.view(-1, rows_per_matrix)
-    row_factor = (by_matrix / by_matrix.mean(dim=-1, keepdim=True)).rsqrt().view(-1)
-    return row_factor, cols.rsqrt()
+    means = by_matrix.mean(dim=-1, keepdim=True)
+    row_factor = (by_matrix / means).rsqrt().view(-1)
+    return row_factor, cols.rsqrt(), means.view(-1)
 
 
 def _ema_(state: Tensor, beta: float, sums: Tensor, count: int) -> None:
@@ -104,11 +105,15 @@ class CAME(FragmentOptimizer):
             eps1, beta2 = group["eps"][0], group["betas"][1]
             factored = [f for f in fragments if f.factored]
             sums = [self._new_factor_sums(f, reducer) for f in factored]
+            row_states = [f.factor_state("exp_avg_sq_row", _factor_shapes(f.global_shape)[0]) for f in factored]
             ops = kernels_for(fragments)
-            ops.came_factored_sq_sums([f.grad for f in factored], [f.layout() for f in factored], eps1, [s[0] for s in sums], [s[1] for s in sums])
+            folded = ops.came_factored_sq_sums_begin(
+                [f.grad for f in factored], [f.layout() for f in factored], eps1, [s[0] for s in sums], [s[1] for s in sums],
+                row_states=row_states, beta2=beta2,
+            )  # fmt: skip
             vectors = [f for f in fragments if not f.factored]
             ops.came_vector_second_moment([f.grad for f in vectors], [f.elementwise_state("exp_avg_sq") for f in vectors], beta2, eps1)
-            pending.append(dict(zip(map(id, factored), sums)))
+            pending.append({id(f): (*s, fold) for f, s, fold in zip(factored, sums, folded)})
         reducer.all_reduce()
         factors = []
         for (group, fragments), sums in zip(batches, pending):
@@ -185,12 +190,18 @@ class CAME(FragmentOptimizer):
         return reducer.add(fragment.group, rows), reducer.add(fragment.group, cols)
 
     @staticmethod
-    def _updated_factors(fragment: Fragment, prefix: str, beta: float, row_sums: Tensor, col_sums: Tensor) -> CameFactors:
+    def _updated_factors(
+        fragment: Fragment, prefix: str, beta: float, row_sums: Tensor, col_sums: Tensor, folded: Optional[Tensor] = None
+    ) -> CameFactors:
         """Fold the reduced row/column sums into the replicated ``{prefix}_row`` / ``_col`` state
-        (a mean over columns / rows) and return the normalised factors they define."""
+        (a mean over columns / rows) and return the normalised factors they define (with what
+        phase 1 ``folded`` of phase 2, if anything)."""
         row_shape, col_shape = _factor_shapes(fragment.global_shape)
         rows = fragment.factor_state(f"{prefix}_row", row_shape)
         cols = fragment.factor_state(f"{prefix}_col", col_shape)
         _ema_(rows, beta, row_sums, fragment.global_shape[-1])
         _ema_(cols, beta, col_sums, fragment.global_shape[-2])
-        return CameFactors(fragment.layout(), *_normalised_rsqrt(rows, cols, fragment.global_shape[-2]))
+        row_factor, col_factor, row_means = _normalised_rsqrt(rows, cols, fragment.global_shape[-2])
+        if folded is None:
+            return CameFactors(fragment.layout(), row_factor, col_factor)
+        return CameFactors(fragment.layout(), row_factor, col_factor, folded=folded, row_means=row_means)

@@ -309,6 +309,35 @@ def _check_came_kept_mask(ops, p, g, m_start, factors, clip, res_rows, res_cols,
     _assert_equal(p_native, p_ref, "kept-mask param")
 
 
+@pytest.mark.parametrize("shape,start,end", LAYOUTS)
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_came_sumsq_folded_into_phase_one(isa_ops, shape, start, end, grad_dtype):
+    """Phase 1 with the row state folds phase 2 over whole rows: the sum of squares from the
+    folded column sums (+ the partial rows read again) matches the reference's full pass.
+
+    Bound: the reference rounds each term ``((r_i c_j) g)^2`` about 10 times (r_i alone: a division,
+    a sqrt and a reciprocal), the folded form ``mean * c_j^2 * g^2 / R_i`` about as often, so
+    terms differ by at most ~20 ulps relative; on top of the summation bound (n + 64) ulps that
+    stays below (n + 64 + 20) * 2^-24 of the sum."""
+    from dist_cautious.optim.came import _ema_, _normalised_rsqrt
+
+    layout = FactoredLayout(shape, start, end)
+    n = end - start
+    _, g, _, _ = _data(n, torch.float32, grad_dtype)
+    gen = torch.Generator().manual_seed(11)
+    row_state = torch.rand(layout.num_row_factors, generator=gen) * 1e-2 + 1e-3
+    col_state = torch.rand(layout.num_col_factors, generator=gen) * 1e-2 + 1e-3
+    row_sums, col_sums = torch.zeros(layout.num_row_factors), torch.zeros(layout.num_col_factors)
+    (folded,) = isa_ops.came_factored_sq_sums_begin([g], [layout], 1e-30, [row_sums], [col_sums], row_states=[row_state], beta2=0.999)
+    assert folded is not None and folded.shape == col_sums.shape
+    _ema_(row_state, 0.999, row_sums, layout.cols)
+    _ema_(col_state, 0.999, col_sums, layout.rows)
+    row_f, col_f, means = _normalised_rsqrt(row_state, col_state, layout.rows)
+    with_fold = isa_ops.came_update_sumsq([g], [CameFactors(layout, row_f, col_f, folded=folded, row_means=means)])
+    expected = ref.came_update_sumsq([g], [CameFactors(layout, row_f, col_f)])
+    _assert_sum_close(with_fold, expected, n + 20, "folded update sumsq")
+
+
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("param_dtype,grad_dtype", DTYPES)
 def test_came_vector_phases(isa_ops, n, param_dtype, grad_dtype):
