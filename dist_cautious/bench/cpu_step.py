@@ -35,8 +35,8 @@ TRAFFIC = {
     "cautious_adam": 36,  # + mask-count pass: read g m
     "lion": 20,  # read p g m, write p m
     "cautious_lion": 20.5,  # encode pass (read g m, write m, 2-bit code) + decode pass (read p code, write p)
-    "came": 32,  # factored: sq sums 4 (g), sumsq 4 (g), momentum 12 (g m / m), apply 12 (p m / p)
-    "cautious_came": 36,  # apply also reads g: 16
+    "came": 28,  # factored: sq sums + folded sumsq 4 (g), momentum 12 (g m / m), apply 12 (p m / p)
+    "cautious_came": 28.25,  # the momentum pass writes the mask as bits (1/8 B), apply reads them (1/8 B), not g
 }
 
 

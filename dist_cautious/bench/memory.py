@@ -17,6 +17,9 @@ Lion / CautiousLion ``exp_avg`` (4); CAME / C-CAME ``exp_avg`` plus, for tensors
 row and column factors of the second moment and of the residual (``S[:-1]`` and
 ``S[:-2] + S[-1:]`` each, replicated on every rank that holds a piece of the tensor), for 1-D
 tensors ``exp_avg_sq``; plus a 4-byte ``step`` per tensor held. The cautious mask adds no state.
+Not counted: on CPU tensors (CPU training, ZeRO-Offload, FSDP2 CPU offload) the native kernels
+keep a reusable scratch buffer between steps, 1/4 byte per local element for CautiousLion and
+1/8 for cautious CAME (6% and 3% of their fp32 state).
 
 Precision: ``fp32`` (4-byte params and grads); ``bf16-mixed`` (2-byte params and grads and a 4-byte
 master copy sharded like the optimizer state; under FSDP2's mixed precision the sharded params

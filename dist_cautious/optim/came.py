@@ -6,7 +6,8 @@ preconditioned update, no bias correction. Every mean is over the WHOLE original
 step runs in four phases around three batched reductions (one all-reduce per process group
 each): (1) row/col sums of ``g^2 + eps1``; (2) the update's sum of squares for the RMS clip;
 (3) residual row/col sums and, if cautious, mask counts. Row/column state is small and kept
-replicated on every rank that holds a piece of the tensor.
+replicated on every rank that holds a piece of the tensor. The native CPU kernels fold (2) into
+(1)'s pass over whole rows and carry the mask from (3) to the apply as bits (docs/cpu_kernels.md).
 """
 
 from __future__ import annotations
