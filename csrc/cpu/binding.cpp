@@ -341,12 +341,15 @@ void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
 }
 
 // Cautious Lion in two passes (see kernels.h): `codes[i]` is a uint8 buffer of lion_code_bytes(n)
-// bytes that the first pass fills and the second reads.
-int64_t lion_code_bytes(int64_t n) { return 2 * ((n + 7) / 8); }
+// bytes that the first pass fills and the second reads: 2 bytes per 8 elements, rounded up to 8
+// bytes so that buffers cut from one allocation stay 8-byte aligned.
+int64_t lion_code_bytes(int64_t n) { return (n + 31) / 32 * 8; }
 
-uint8_t* code_ptr(const Tensor& t, int64_t n) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kByte, "codes must be contiguous uint8 CPU tensors");
-  TORCH_CHECK(t.numel() >= lion_code_bytes(n), "code buffer of ", t.numel(), " bytes for ", n, " elements (needs ", lion_code_bytes(n), ")");
+// A scratch byte buffer (Lion's codes, CAME's mask bits) of at least `bytes` bytes, 8-byte aligned.
+uint8_t* scratch_ptr(const Tensor& t, int64_t bytes, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kByte, what, " must be a contiguous uint8 CPU tensor");
+  TORCH_CHECK(t.numel() >= bytes, what, " of ", t.numel(), " bytes, needs ", bytes);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 8 == 0, what, " must be 8-byte aligned");
   return t.data_ptr<uint8_t>();
 }
 
@@ -362,7 +365,7 @@ Tensor lion_encode(const std::vector<Tensor>& grads, const std::vector<Tensor>& 
     const int gt = dtype_code(grads[i], "grad");
     const void* g = grads[i].data_ptr();
     float* m = state_ptr(exp_avgs[i], n, "exp_avg");
-    uint8_t* code = code_ptr(codes[i], n);
+    uint8_t* code = scratch_ptr(codes[i], lion_code_bytes(n), "code buffer");
     counts[i] = count_tiles(n, [&](int64_t lo, int64_t hi) { return k->lion_encode(g, gt, m, code, lo, hi, wu, wm); });
   }
   return as_counts(counts);
@@ -376,7 +379,7 @@ void lion_decode_apply(const std::vector<Tensor>& params, const std::vector<Tens
     check_flat(params[i], n, "param");
     void* p = params[i].data_ptr();
     const int pt = dtype_code(params[i], "param");
-    const uint8_t* code = code_ptr(codes[i], n);
+    const uint8_t* code = scratch_ptr(codes[i], lion_code_bytes(n), "code buffer");
     const float scale = scale_at(scales, i);
     for_tiles(n, [&](int64_t, int64_t lo, int64_t hi) {
       k->lion_decode_apply(p, pt, code, lo, hi, static_cast<float>(decay), static_cast<float>(neg_lr), scale);
@@ -538,13 +541,6 @@ Tensor came_update_sumsq(const std::vector<Tensor>& grads, const std::vector<int
 // unaligned 8-byte reads of dc::mask_bits_at. The momentum pass needs it zeroed.
 int64_t came_mask_bytes(int64_t n) { return (n + 63) / 64 * 8 + 8; }
 
-uint8_t* mask_ptr(const Tensor& t, int64_t n) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kByte, "masks must be contiguous uint8 CPU tensors");
-  TORCH_CHECK(t.numel() >= came_mask_bytes(n), "mask buffer of ", t.numel(), " bytes for ", n, " elements (needs ", came_mask_bytes(n), ")");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 8 == 0, "mask buffer must be 8-byte aligned");
-  return t.data_ptr<uint8_t>();
-}
-
 Tensor came_momentum(const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, const std::vector<int64_t>& kinds,
                      const std::vector<int64_t>& starts, const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
                      const std::vector<OptTensor>& row_f, const std::vector<OptTensor>& col_f, const std::vector<OptTensor>& elem_f,
@@ -563,7 +559,7 @@ Tensor came_momentum(const std::vector<Tensor>& grads, const std::vector<Tensor>
     const Factors f = factors_at(i, n, kinds, starts, rows, cols, row_f, col_f, elem_f);
     const dc::CameMomentumParams a{static_cast<float>(clips[i]), static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
                                    static_cast<float>(eps2)};
-    uint64_t* words = masks[i].has_value() ? reinterpret_cast<uint64_t*>(mask_ptr(*masks[i], n)) : nullptr;
+    uint64_t* words = masks[i].has_value() ? reinterpret_cast<uint64_t*>(scratch_ptr(*masks[i], came_mask_bytes(n), "mask buffer")) : nullptr;
     if (f.kind == kFactored) {
       TORCH_CHECK(res_rows[i].has_value() && res_cols[i].has_value(), "factored fragment without residual sum buffers");
       float* rs = state_ptr(*res_rows[i], res_rows[i]->numel(), "residual row sums");
@@ -604,7 +600,7 @@ void came_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
     const float* m = state_ptr(exp_avgs[i], n, "exp_avg");
     const Factors f = factors_at(i, n, kinds, starts, rows, cols, row_f, col_f, elem_f);
     const dc::CameApplyParams a{static_cast<float>(decay), static_cast<float>(neg_lr), scales.has_value(), scale_at(scales, i)};
-    const uint8_t* mask = masks[i].has_value() ? mask_ptr(*masks[i], n) : nullptr;
+    const uint8_t* mask = masks[i].has_value() ? scratch_ptr(*masks[i], came_mask_bytes(n), "mask buffer") : nullptr;
     for_tiles(n, [&](int64_t, int64_t lo, int64_t hi) {
       if (f.kind == kFactored) {
         for_segments(f.layout, lo, hi, [&](int64_t row, int64_t c0, int64_t off, int64_t len) {

@@ -293,14 +293,9 @@ class CpuOps:
         res_row_sums: Sequence[Optional[Tensor]],
         res_col_sums: Sequence[Optional[Tensor]],
     ) -> Tensor:
-        packed = _FactorArgs(factors)
-        if not _native_ok(grads, [*exp_avgs, *packed.tensors(), *res_row_sums, *res_col_sums]):
-            return reference.came_momentum(grads, exp_avgs, factors, clip_divisors, beta1=beta1, eps2=eps2, res_row_sums=res_row_sums, res_col_sums=res_col_sums)
-        self._check_factors(grads, factors)
-        clips = clip_divisors.detach().to(device="cpu", dtype=torch.float32).tolist()
-        return self.module.came_momentum(
-            list(grads), list(exp_avgs), *packed.args(), clips, beta1, 1 - beta1, eps2, list(res_row_sums), list(res_col_sums), [None] * len(grads)
-        )
+        kwargs = dict(beta1=beta1, eps2=eps2, res_row_sums=res_row_sums, res_col_sums=res_col_sums)
+        counts, _ = self._came_momentum(grads, exp_avgs, factors, clip_divisors, keep_mask=False, **kwargs)
+        return counts
 
     def came_cautious_begin(
         self,
@@ -316,20 +311,39 @@ class CpuOps:
     ) -> tuple[Tensor, object]:
         """``came_momentum`` that also keeps the mask ``m * g > 0`` as one bit per element (n / 8
         bytes of scratch until ``came_cautious_finish``), so the apply pass does not read g."""
+        kwargs = dict(beta1=beta1, eps2=eps2, res_row_sums=res_row_sums, res_col_sums=res_col_sums)
+        return self._came_momentum(grads, exp_avgs, factors, clip_divisors, keep_mask=True, **kwargs)
+
+    def _came_momentum(
+        self,
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        factors: Sequence[CameFactors],
+        clip_divisors: Tensor,
+        *,
+        keep_mask: bool,
+        beta1: float,
+        eps2: float,
+        res_row_sums: Sequence[Optional[Tensor]],
+        res_col_sums: Sequence[Optional[Tensor]],
+    ) -> tuple[Tensor, object]:
         packed = _FactorArgs(factors)
         if not _native_ok(grads, [*exp_avgs, *packed.tensors(), *res_row_sums, *res_col_sums]):
-            return reference.came_cautious_begin(
-                grads, exp_avgs, factors, clip_divisors, beta1=beta1, eps2=eps2, res_row_sums=res_row_sums, res_col_sums=res_col_sums
-            )
+            kwargs = dict(beta1=beta1, eps2=eps2, res_row_sums=res_row_sums, res_col_sums=res_col_sums)
+            return reference.came_cautious_begin(grads, exp_avgs, factors, clip_divisors, **kwargs)
         self._check_factors(grads, factors)
         clips = clip_divisors.detach().to(device="cpu", dtype=torch.float32).tolist()
-        buffer, masks = self._scratch.take([self.module.came_mask_bytes(g.numel()) for g in grads])
-        for mask in masks:
-            mask.zero_()
+        kept: Optional[_CameMask] = None
+        masks: list[Optional[Tensor]] = [None] * len(grads)
+        if keep_mask:
+            buffer, views = self._scratch.take([self.module.came_mask_bytes(g.numel()) for g in grads])
+            for view in views:
+                view.zero_()
+            kept, masks = _CameMask(buffer, views), list(views)
         counts = self.module.came_momentum(
             list(grads), list(exp_avgs), *packed.args(), clips, beta1, 1 - beta1, eps2, list(res_row_sums), list(res_col_sums), masks
         )
-        return counts, _CameMask(buffer, masks)
+        return counts, kept
 
     def came_apply(
         self,

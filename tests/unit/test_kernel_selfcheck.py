@@ -50,25 +50,16 @@ def test_auto_mode_falls_back_to_reference_when_the_check_fails(monkeypatch: pyt
         kernels.ops_for(torch.device("cpu"))
 
 
-def test_a_wrong_split_lion_finish_is_caught() -> None:
+@pytest.mark.parametrize("name", ["lion_cautious_finish", "came_cautious_finish"])
+def test_a_wrong_second_phase_is_caught(name: str) -> None:
+    """The split phases take what the first phase left as their first argument, then the params."""
     ops = types.SimpleNamespace(**{k: getattr(reference, k) for k in dir(reference) if not k.startswith("_")})
+    correct = getattr(reference, name)
 
     def broken(pending, params, *args, **kwargs):
-        reference.lion_cautious_finish(pending, params, *args, **kwargs)
+        correct(pending, params, *args, **kwargs)
         params[0].view(-1)[0] += 1e-3
 
-    ops.lion_cautious_finish = broken
-    with pytest.raises(RuntimeError, match="lion_cautious_finish"):
-        selfcheck.verify(ops, torch.device("cpu"))
-
-
-def test_a_wrong_split_came_finish_is_caught() -> None:
-    ops = types.SimpleNamespace(**{k: getattr(reference, k) for k in dir(reference) if not k.startswith("_")})
-
-    def broken(pending, params, *args, **kwargs):
-        reference.came_cautious_finish(pending, params, *args, **kwargs)
-        params[0].view(-1)[0] += 1e-3
-
-    ops.came_cautious_finish = broken
-    with pytest.raises(RuntimeError, match="came_cautious_finish"):
+    setattr(ops, name, broken)
+    with pytest.raises(RuntimeError, match=name):
         selfcheck.verify(ops, torch.device("cpu"))
