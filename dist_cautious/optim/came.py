@@ -118,14 +118,12 @@ class CAME(FragmentOptimizer):
         reducer.all_reduce()
         factors = []
         for (group, fragments), sums in zip(batches, pending):
-            factors.append(
-                [
-                    self._updated_factors(f, "exp_avg_sq", group["betas"][1], *sums[id(f)])
-                    if f.factored
-                    else CameFactors(elementwise=f.elementwise_state("exp_avg_sq"))
-                    for f in fragments
-                ]
+            factored = [f for f in fragments if f.factored]
+            updated = self._updated_factors(
+                factored, "exp_avg_sq", group["betas"][1], [sums[id(f)][:2] for f in factored], [sums[id(f)][2] for f in factored]
             )
+            by_fragment = dict(zip(map(id, factored), updated))
+            factors.append([by_fragment.get(id(f)) or CameFactors(elementwise=f.elementwise_state("exp_avg_sq")) for f in fragments])
         return factors
 
     def _rms_clip_divisors(self, batches: list[tuple[dict[str, Any], list[Fragment]]], factors: list[list[CameFactors]]) -> list[Tensor]:
@@ -172,12 +170,10 @@ class CAME(FragmentOptimizer):
         reducer.all_reduce()
         confidence, scales = [], []
         for (group, fragments), (res_sums, counts, _) in zip(batches, pending):
-            confidence.append(
-                [
-                    self._updated_factors(f, "exp_avg_res", group["betas"][2], *sums) if f.factored else CameFactors()
-                    for f, sums in zip(fragments, res_sums)
-                ]
-            )
+            factored = [(f, sums) for f, sums in zip(fragments, res_sums) if f.factored]
+            updated = self._updated_factors([f for f, _ in factored], "exp_avg_res", group["betas"][2], [sums for _, sums in factored])
+            by_fragment = dict(zip((id(f) for f, _ in factored), updated))
+            confidence.append([by_fragment.get(id(f)) or CameFactors() for f in fragments])
             scales.append(mask_scales(counts, [f.numel for f in fragments]) if group["cautious"] else None)
         return confidence, scales, [kept for _, _, kept in pending]
 
@@ -192,17 +188,32 @@ class CAME(FragmentOptimizer):
 
     @staticmethod
     def _updated_factors(
-        fragment: Fragment, prefix: str, beta: float, row_sums: Tensor, col_sums: Tensor, folded: Optional[Tensor] = None
-    ) -> CameFactors:
+        fragments: list[Fragment], prefix: str, beta: float, sums: list[tuple[Tensor, Tensor]], folded: Optional[list[Optional[Tensor]]] = None
+    ) -> list[CameFactors]:
         """Fold the reduced row/column sums into the replicated ``{prefix}_row`` / ``_col`` state
         (a mean over columns / rows) and return the normalised factors they define (with what
-        phase 1 ``folded`` of phase 2, if anything)."""
-        row_shape, col_shape = _factor_shapes(fragment.global_shape)
-        rows = fragment.factor_state(f"{prefix}_row", row_shape)
-        cols = fragment.factor_state(f"{prefix}_col", col_shape)
-        _ema_(rows, beta, row_sums, fragment.global_shape[-1])
-        _ema_(cols, beta, col_sums, fragment.global_shape[-2])
-        row_factor, col_factor, row_means = _normalised_rsqrt(rows, cols, fragment.global_shape[-2])
-        if folded is None:
-            return CameFactors(fragment.layout(), row_factor, col_factor)
-        return CameFactors(fragment.layout(), row_factor, col_factor, folded=folded, row_means=row_means)
+        phase 1 ``folded`` of phase 2, if anything). The same ops as ``_ema_`` and
+        ``_normalised_rsqrt`` per tensor, issued as ``torch._foreach_*`` over all the fragments:
+        the per-op dispatch, not the arithmetic, is what a small tensor's step pays for."""
+        if not fragments:
+            return []
+        shapes = [_factor_shapes(f.global_shape) for f in fragments]
+        rows = [f.factor_state(f"{prefix}_row", shape[0]) for f, shape in zip(fragments, shapes)]
+        cols = [f.factor_state(f"{prefix}_col", shape[1]) for f, shape in zip(fragments, shapes)]
+        for states, partial, counts in (
+            (rows, [s[0] for s in sums], [f.global_shape[-1] for f in fragments]),
+            (cols, [s[1] for s in sums], [f.global_shape[-2] for f in fragments]),
+        ):
+            torch._foreach_mul_(states, beta)
+            torch._foreach_add_(states, torch._foreach_div(partial, counts), alpha=1 - beta)
+        by_matrix = [r.view(-1, f.global_shape[-2]) for r, f in zip(rows, fragments)]
+        means = [m.mean(dim=-1, keepdim=True) for m in by_matrix]
+        row_factors = torch._foreach_rsqrt(torch._foreach_div(by_matrix, means))
+        col_factors = torch._foreach_rsqrt(cols)
+        folded = folded or [None] * len(fragments)
+        return [
+            CameFactors(f.layout(), r.view(-1), c)
+            if fold is None
+            else CameFactors(f.layout(), r.view(-1), c, folded=fold, row_means=mean.view(-1))
+            for f, r, c, mean, fold in zip(fragments, row_factors, col_factors, means, folded)
+        ]
