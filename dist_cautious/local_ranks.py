@@ -58,6 +58,9 @@ def run_ranks(
     """``fn(rank, world_size, payload)`` on ``world_size`` spawned ranks; their return values.
     ``init(rank, world_size)`` sets up each rank's process group (gloo by default; DeepSpeed
     passes its own). ``fn`` and ``init`` must be importable by name: spawn pickles them."""
+    from dist_cautious.kernels import prebuild
+
+    prebuild("cpu")
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(
             _entry, args=(world_size, free_port(), fn, payload, out_dir, init), nprocs=world_size, join=False, start_method="spawn"

@@ -59,3 +59,13 @@ def ops_for(device: torch.device) -> ModuleType | Any:
         return reference
     native = _load_native(device.type)
     return reference if native is None else native
+
+
+def prebuild(device_type: str = "cpu") -> None:
+    """Build (or import) and self-check the native kernels for ``device_type`` in this process.
+
+    Local launchers call it before they spawn ranks: the ranks then import a finished build,
+    instead of each starting ``torch.utils.cpp_extension.load`` at once, where one compiles while
+    the others wait on torch's build lock, all on the same few cores (minutes here, against the
+    ranks' collective timeouts). Follows ``DIST_CAUTIOUS_KERNELS`` like ``ops_for``."""
+    ops_for(torch.device(device_type))

@@ -166,6 +166,9 @@ def spawn_local(target: Any, nproc: int, args: tuple = ()) -> None:
         raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
     import torch.multiprocessing as mp
 
+    from dist_cautious.kernels import prebuild
+
+    prebuild("cpu")  # CPU ranks (and the CPU offload paths of GPU ranks) then import one build
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
     mp.start_processes(_spawned_rank, args=(nproc, target, args), nprocs=nproc, start_method="spawn", join=True)
