@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dist_cautious.integrations.deepspeed_shm import release_cpu_allreduce_buffer
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -46,6 +48,7 @@ def _entry(
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+        release_cpu_allreduce_buffer(rank)
 
 
 def run_ranks(

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_cautious.integrations.deepspeed_shm import release_cpu_allreduce_buffer
 from dist_cautious.local_ranks import free_port
 
 BACKENDS = ("single", "ddp", "fsdp2", "deepspeed")
@@ -157,6 +158,7 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    release_cpu_allreduce_buffer()  # DeepSpeed on CPU leaves a /dev/shm segment per rank
 
 
 def spawn_local(target: Any, nproc: int, args: tuple = ()) -> None:

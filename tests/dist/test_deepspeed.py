@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import torch
 
+from dist_cautious.integrations.deepspeed_shm import PREFIX as SHM_PREFIX
+from dist_cautious.integrations.deepspeed_shm import SHM_DIR
 from tests.dist import deepspeed_harness as harness
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.json"))
@@ -109,11 +111,19 @@ def plan(tmp: Path) -> dict[int, list[dict[str, Any]]]:
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, str], Any]:
     tmp = tmp_path_factory.mktemp("deepspeed")
     out: dict[tuple[int, str], Any] = {}
+    segments_before = set(SHM_DIR.glob(f"{SHM_PREFIX}_*"))
     for world_size, cases in plan(tmp).items():
         per_rank = harness.run_ranks(harness.run_cases, world_size, cases, timeout=240)
         for index, case in enumerate(cases):
             out[(world_size, case["id"])] = (case, [rank_results[index] for rank_results in per_rank])
+    out[(0, "shm segments left")] = set(SHM_DIR.glob(f"{SHM_PREFIX}_*")) - segments_before
     return out
+
+
+def test_no_shared_memory_segment_is_left_behind(results: dict) -> None:
+    """DeepSpeed's CPU all-reduce creates a ~69 MB /dev/shm segment per rank and never unlinks it;
+    our launcher does, so these jobs leave none (333 leaked ones once filled 22 GB of this box)."""
+    assert results[(0, "shm segments left")] == set()
 
 
 def _ids(kind: str) -> list[tuple[int, str]]:
