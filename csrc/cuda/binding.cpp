@@ -14,8 +14,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cstring>
@@ -26,6 +24,41 @@
 
 namespace dc = dist_cautious;
 using at::Tensor;
+
+// The device seam: the only lines that differ between the shipped build and the CPU-emulated
+// test build (tests/gpu/cuda_on_cpu defines DC_CUDA_ON_CPU: CPU tensors stand in for CUDA
+// tensors, the kernels run on host threads, synchronously). Everything else in this file,
+// checks included, runs in both.
+#ifdef DC_CUDA_ON_CPU
+namespace {
+bool on_device(const Tensor& t) { return t.is_cpu(); }
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+cudaStream_t current_stream(const at::Device&) { return nullptr; }
+// The emulated kernels run before the launcher returns: an ordinary host buffer will do.
+Tensor upload_bytes(const void* data, int64_t bytes, const at::Device&) {
+  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  std::memcpy(host.data_ptr(), data, static_cast<size_t>(bytes));
+  return host;
+}
+}  // namespace
+#else
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+namespace {
+bool on_device(const Tensor& t) { return t.is_cuda(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream(const at::Device& device) { return current_stream(device); }
+// One pinned host buffer copied to the device on the current stream; the caching host allocator
+// keeps the pinned block alive until the copy has run.
+Tensor upload_bytes(const void* data, int64_t bytes, const at::Device& device) {
+  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), data, static_cast<size_t>(bytes));
+  return host.to(device, /*non_blocking=*/true);
+}
+}  // namespace
+#endif
 
 namespace {
 
@@ -40,7 +73,7 @@ int32_t dtype_code(const Tensor& t, const char* what) {
 }
 
 void check_flat(const Tensor& t, const char* what, const at::Device& device, int64_t numel) {
-  TORCH_CHECK(t.is_cuda() && t.device() == device, "dist_cautious CUDA kernels: ", what, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK(on_device(t) && t.device() == device, "dist_cautious CUDA kernels: ", what, " must be on ", device, ", got ", t.device());
   TORCH_CHECK(t.is_contiguous(), "dist_cautious CUDA kernels: ", what, " must be contiguous");
   TORCH_CHECK(numel < 0 || t.numel() == numel, "dist_cautious CUDA kernels: ", what, " has ", t.numel(), " elements, expected ", numel);
 }
@@ -50,14 +83,10 @@ void check_state(const Tensor& t, const char* what, const at::Device& device, in
   TORCH_CHECK(t.scalar_type() == at::kFloat, "dist_cautious CUDA kernels: ", what, " must be float32, got ", t.scalar_type());
 }
 
-// One pinned host buffer copied to the device on the current stream; the caching host allocator
-// keeps the pinned block alive until the copy has run.
+// The descriptors in device memory, in one host-to-device copy on the current stream.
 template <typename Desc>
 Tensor upload(const std::vector<Desc>& descs, const at::Device& device) {
-  const int64_t bytes = static_cast<int64_t>(descs.size() * sizeof(Desc));
-  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), descs.data(), static_cast<size_t>(bytes));
-  return host.to(device, /*non_blocking=*/true);
+  return upload_bytes(descs.data(), static_cast<int64_t>(descs.size() * sizeof(Desc)), device);
 }
 
 void check_launch(cudaError_t error, const char* what) {
@@ -128,7 +157,7 @@ const float* optional_scales(const std::optional<Tensor>& scales, const at::Devi
 Tensor lerp_mask_counts(const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, double weight, bool lion) {
   TORCH_CHECK(!grads.empty(), "dist_cautious CUDA kernels: empty list");
   at::Device device = grads[0].device();
-  c10::cuda::CUDAGuard guard(device);
+  DeviceGuard guard(device);
   ElemLists lists;
   lists.grads = &grads;
   lists.exp_avgs = &exp_avgs;
@@ -138,7 +167,7 @@ Tensor lerp_mask_counts(const std::vector<Tensor>& grads, const std::vector<Tens
   if (descs.empty()) return counts;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
   Tensor meta = upload(descs, device);
-  auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  auto stream = current_stream(device);
   check_launch(dc::launch_lerp_mask_counts(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
                                            static_cast<float>(weight), lion, reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), stream),
                "lerp_mask_counts");
@@ -153,7 +182,7 @@ void adamw_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& g
                   alphas.size() == grads.size() && bc2_sqrts.size() == grads.size(),
               "dist_cautious CUDA kernels: adamw_apply lists differ in length");
   at::Device device = grads[0].device();
-  c10::cuda::CUDAGuard guard(device);
+  DeviceGuard guard(device);
   ElemLists lists;
   lists.params = &params;
   lists.grads = &grads;
@@ -169,7 +198,7 @@ void adamw_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& g
   if (descs.empty()) return;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
   Tensor meta = upload(descs, device);
-  auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  auto stream = current_stream(device);
   check_launch(dc::launch_adamw_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
                                       static_cast<float>(decay), static_cast<float>(lerp_weight), static_cast<float>(beta2),
                                       static_cast<float>(one_minus_beta2), static_cast<float>(eps), scale_ptr, stream),
@@ -181,7 +210,7 @@ void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
   if (grads.empty()) return;
   TORCH_CHECK(params.size() == grads.size() && exp_avgs.size() == grads.size(), "dist_cautious CUDA kernels: lion_apply lists differ in length");
   at::Device device = grads[0].device();
-  c10::cuda::CUDAGuard guard(device);
+  DeviceGuard guard(device);
   ElemLists lists;
   lists.params = &params;
   lists.grads = &grads;
@@ -191,7 +220,7 @@ void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
   if (descs.empty()) return;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
   Tensor meta = upload(descs, device);
-  auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  auto stream = current_stream(device);
   check_launch(dc::launch_lion_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
                                      static_cast<float>(decay), static_cast<float>(weight1), static_cast<float>(weight2),
                                      static_cast<float>(neg_lr), scale_ptr, stream),
@@ -203,7 +232,7 @@ void came_vector_second_moment(const std::vector<Tensor>& grads, const std::vect
   if (grads.empty()) return;
   TORCH_CHECK(exp_avg_sqs.size() == grads.size(), "dist_cautious CUDA kernels: exp_avg_sqs length");
   at::Device device = grads[0].device();
-  c10::cuda::CUDAGuard guard(device);
+  DeviceGuard guard(device);
   ElemLists lists;
   lists.grads = &grads;
   lists.exp_avg_sqs = &exp_avg_sqs;
@@ -211,7 +240,7 @@ void came_vector_second_moment(const std::vector<Tensor>& grads, const std::vect
   if (descs.empty()) return;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
   Tensor meta = upload(descs, device);
-  auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  auto stream = current_stream(device);
   check_launch(dc::launch_came_vector_second_moment(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()),
                                                     blocks, static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
                                                     static_cast<float>(eps1), stream),
@@ -223,8 +252,8 @@ void came_vector_sumsq(const std::vector<Tensor>& grads, const std::vector<Tenso
                        const std::vector<int64_t>& out_index, Tensor sums) {
   if (grads.empty()) return;
   at::Device device = grads[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  TORCH_CHECK(sums.is_cuda() && sums.scalar_type() == at::kDouble && sums.is_contiguous(), "dist_cautious CUDA kernels: sums must be a contiguous float64 CUDA tensor");
+  DeviceGuard guard(device);
+  TORCH_CHECK(on_device(sums) && sums.scalar_type() == at::kDouble && sums.is_contiguous(), "dist_cautious CUDA kernels: sums must be a contiguous float64 CUDA tensor");
   ElemLists lists;
   lists.grads = &grads;
   lists.exp_avg_sqs = &preconds;
@@ -234,7 +263,7 @@ void came_vector_sumsq(const std::vector<Tensor>& grads, const std::vector<Tenso
   if (descs.empty()) return;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
   Tensor meta = upload(descs, device);
-  auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  auto stream = current_stream(device);
   check_launch(dc::launch_came_vector_sumsq(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
                                             sums.data_ptr<double>(), stream),
                "came_vector_sumsq");
@@ -245,9 +274,9 @@ void came_vector_momentum(const std::vector<Tensor>& grads, const std::vector<Te
                           double one_minus_beta1, Tensor counts) {
   if (grads.empty()) return;
   at::Device device = grads[0].device();
-  c10::cuda::CUDAGuard guard(device);
+  DeviceGuard guard(device);
   check_state(divisors, "clip divisors", device, -1);
-  TORCH_CHECK(counts.is_cuda() && counts.scalar_type() == at::kLong && counts.is_contiguous(), "dist_cautious CUDA kernels: counts must be a contiguous int64 CUDA tensor");
+  TORCH_CHECK(on_device(counts) && counts.scalar_type() == at::kLong && counts.is_contiguous(), "dist_cautious CUDA kernels: counts must be a contiguous int64 CUDA tensor");
   ElemLists lists;
   lists.grads = &grads;
   lists.exp_avgs = &exp_avgs;
@@ -258,7 +287,7 @@ void came_vector_momentum(const std::vector<Tensor>& grads, const std::vector<Te
   if (descs.empty()) return;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
   Tensor meta = upload(descs, device);
-  auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  auto stream = current_stream(device);
   check_launch(dc::launch_came_vector_momentum(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
                                                divisors.data_ptr<float>(), static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
                                                reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), stream),
@@ -270,7 +299,7 @@ void came_vector_apply(const std::vector<Tensor>& params, const std::vector<Tens
                        double decay, double neg_lr, const std::optional<Tensor>& scales, int64_t num_scales) {
   if (grads.empty()) return;
   at::Device device = grads[0].device();
-  c10::cuda::CUDAGuard guard(device);
+  DeviceGuard guard(device);
   ElemLists lists;
   lists.params = &params;
   lists.grads = &grads;
@@ -283,7 +312,7 @@ void came_vector_apply(const std::vector<Tensor>& params, const std::vector<Tens
   if (descs.empty()) return;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
   Tensor meta = upload(descs, device);
-  auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  auto stream = current_stream(device);
   check_launch(dc::launch_came_vector_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
                                             static_cast<float>(decay), static_cast<float>(neg_lr), scale_ptr, stream),
                "came_vector_apply");
@@ -380,7 +409,7 @@ Prepared prepare_factored(std::vector<dc::FactoredDesc>& descs, const at::Device
   if (descs.empty()) return prepared;
   prepared.blocks = dc::dc_prepare_factored(descs.data(), prepared.count);
   prepared.meta = upload(descs, device);
-  prepared.stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  prepared.stream = current_stream(device);
   return prepared;
 }
 
@@ -389,7 +418,7 @@ void came_factored_sq_sums(const std::vector<Tensor>& grads, const std::vector<i
                            const std::vector<Tensor>& col_sums, double eps1) {
   if (grads.empty()) return;
   at::Device device = grads[0].device();
-  c10::cuda::CUDAGuard guard(device);
+  DeviceGuard guard(device);
   std::vector<int64_t> out_index(grads.size());
   for (size_t t = 0; t < grads.size(); ++t) out_index[t] = static_cast<int64_t>(t);
   FactoredLists lists;
@@ -413,8 +442,8 @@ void came_factored_sumsq(const std::vector<Tensor>& grads, const std::vector<int
                          const std::vector<Tensor>& col_factor, const std::vector<int64_t>& out_index, Tensor sums) {
   if (grads.empty()) return;
   at::Device device = grads[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  TORCH_CHECK(sums.is_cuda() && sums.scalar_type() == at::kDouble && sums.is_contiguous(), "dist_cautious CUDA kernels: sums must be a contiguous float64 CUDA tensor");
+  DeviceGuard guard(device);
+  TORCH_CHECK(on_device(sums) && sums.scalar_type() == at::kDouble && sums.is_contiguous(), "dist_cautious CUDA kernels: sums must be a contiguous float64 CUDA tensor");
   TORCH_CHECK(row_factor.size() == grads.size() && col_factor.size() == grads.size(), "dist_cautious CUDA kernels: factor lists length");
   FactoredLists lists;
   lists.grads = &grads;
@@ -438,9 +467,9 @@ void came_factored_momentum(const std::vector<Tensor>& grads, const std::vector<
                             double one_minus_beta1, double eps2, Tensor counts) {
   if (grads.empty()) return;
   at::Device device = grads[0].device();
-  c10::cuda::CUDAGuard guard(device);
+  DeviceGuard guard(device);
   check_state(divisors, "clip divisors", device, -1);
-  TORCH_CHECK(counts.is_cuda() && counts.scalar_type() == at::kLong && counts.is_contiguous(), "dist_cautious CUDA kernels: counts must be a contiguous int64 CUDA tensor");
+  TORCH_CHECK(on_device(counts) && counts.scalar_type() == at::kLong && counts.is_contiguous(), "dist_cautious CUDA kernels: counts must be a contiguous int64 CUDA tensor");
   TORCH_CHECK(exp_avgs.size() == grads.size() && row_factor.size() == grads.size() && col_factor.size() == grads.size() &&
                   res_row_sums.size() == grads.size() && res_col_sums.size() == grads.size(),
               "dist_cautious CUDA kernels: came_factored_momentum lists differ in length");
@@ -472,7 +501,7 @@ void came_factored_apply(const std::vector<Tensor>& params, const std::vector<Te
                          int64_t num_scales) {
   if (grads.empty()) return;
   at::Device device = grads[0].device();
-  c10::cuda::CUDAGuard guard(device);
+  DeviceGuard guard(device);
   TORCH_CHECK(params.size() == grads.size() && exp_avgs.size() == grads.size() && row_factor.size() == grads.size() &&
                   col_factor.size() == grads.size(),
               "dist_cautious CUDA kernels: came_factored_apply lists differ in length");

@@ -10,6 +10,13 @@
 
 #include "dc_kernels.h"
 
+// Every kernel launch is written DC_LAUNCH(grid, block, shared_bytes, stream, kernel)(args...):
+// under nvcc exactly kernel<<<grid, block, shared_bytes, stream>>>(args...); the CPU-emulated
+// test build (tests/gpu/cuda_on_cpu) defines it to run the kernel on host threads instead.
+#ifndef DC_LAUNCH
+#define DC_LAUNCH(GRID, BLOCK, SHMEM, STREAM, ...) __VA_ARGS__<<<GRID, BLOCK, SHMEM, STREAM>>>
+#endif
+
 namespace dist_cautious {
 
 template <typename T>

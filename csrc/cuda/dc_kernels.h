@@ -23,9 +23,19 @@ namespace dist_cautious {
 // Element types of params and grads; state is always fp32.
 enum DcDtype : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-// Elements per block of the elementwise kernels (a block loops over its chunk).
-constexpr int64_t kChunk = 65536;
-constexpr int kThreads = 256;
+// Elements per block of the elementwise kernels (a block loops over its chunk), and threads per
+// block. The shipped build uses the defaults; the CPU-emulated test build
+// (tests/gpu/cuda_on_cpu) defines small values so every chunk and tile boundary occurs at small
+// sizes. kThreads must be a multiple of 32 and a power of two (block and tile reductions).
+#ifndef DC_CHUNK
+#define DC_CHUNK 65536
+#endif
+#ifndef DC_THREADS
+#define DC_THREADS 256
+#endif
+constexpr int64_t kChunk = DC_CHUNK;
+constexpr int kThreads = DC_THREADS;
+static_assert(kThreads >= 32 && kThreads % 32 == 0 && (kThreads & (kThreads - 1)) == 0, "kThreads: a power of two >= 32");
 
 // One flat tensor of an elementwise kernel. Unused pointers are null.
 struct ElemDesc {

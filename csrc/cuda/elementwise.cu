@@ -68,7 +68,7 @@ template <template <typename, typename> class Op, typename Args>
 cudaError_t launch(const ElemDesc* descs, int count, int64_t blocks, const Args& args, cudaStream_t stream) {
   if (count <= 0 || blocks <= 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  elem_kernel<Op, Args><<<(unsigned)blocks, kThreads, 0, stream>>>(descs, count, args);
+  DC_LAUNCH((unsigned)blocks, kThreads, 0, stream, elem_kernel<Op, Args>)(descs, count, args);
   return cudaGetLastError();
 }
 

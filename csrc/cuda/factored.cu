@@ -25,7 +25,11 @@ namespace dist_cautious {
 namespace {
 
 constexpr int kColsPerThread = 4;
-constexpr int kRowIters = 8;
+// Row passes per tile; the CPU-emulated test build makes it small (see dc_kernels.h).
+#ifndef DC_ROW_ITERS
+#define DC_ROW_ITERS 8
+#endif
+constexpr int kRowIters = DC_ROW_ITERS;
 
 enum Mode : int { kSqSums = 0, kSumsq = 1, kMomentum = 2, kApply = 3 };
 
@@ -233,7 +237,7 @@ template <int M>
 cudaError_t launch_tiles(const FactoredDesc* descs, int count, int64_t blocks, const TileArgs& args, cudaStream_t stream) {
   if (count <= 0 || blocks <= 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  tile_kernel<M><<<(unsigned)blocks, kThreads, 0, stream>>>(descs, count, args);
+  DC_LAUNCH((unsigned)blocks, kThreads, 0, stream, tile_kernel<M>)(descs, count, args);
   return cudaGetLastError();
 }
 

@@ -1,0 +1,297 @@
+// CUDA on CPU threads, for tests only: lets the REAL csrc/cuda/*.cu sources compile with the
+// host C++ compiler and run on the CPU, so CI executes the kernels without a GPU.
+//
+// What is emulated, and how:
+//   * one kernel launch runs its blocks one after another; each block's threads are real
+//     std::threads (blockDim.x of them, reused for every block of the launch);
+//   * __syncthreads is a blocking barrier over the block's live threads: a thread that returns
+//     from the kernel leaves the barrier, so the others are not deadlocked (CUDA semantics of
+//     exited threads);
+//   * warp shuffles go through a per-warp exchange (each lane publishes its value, a warp
+//     barrier, each lane reads its source lane, a second warp barrier); a shuffle from a lane that
+//     has exited, or with a mask other than the full warp, is recorded as a launch error;
+//   * __shared__ is `static`: blocks run one at a time, so the block's threads share it and no
+//     two blocks ever see it at once (its contents at block start are, as on a GPU, unspecified);
+//   * atomicAdd is std::atomic_ref::fetch_add;
+//   * fp32 intrinsics (__fadd_rn, __fmaf_rn, ...) are IEEE ops in round-to-nearest-even (the
+//     test build uses -ffp-contract=off so the compiler cannot fuse them differently); rsqrtf,
+//     which the GPU computes only to within 2 ulp, is deliberately perturbed by up to
+//     DC_EMU_RSQRT_ULPS ulps so the tests' tolerances must cover the hardware's freedom;
+//   * bf16 / fp16 conversions reproduce cuda_bf16.hpp / cuda_fp16.hpp bit for bit: rn (nearest
+//     even, subnormals, overflow to inf, canonical NaN 0x7fff), and rz / rd / ru for the tests
+//     that plant a wrong rounding mode.
+// Only the test build (tests/gpu/cuda_on_cpu/build.py) puts this directory on the include path;
+// the shipped nvcc build never sees it.
+#pragma once
+
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define DC_CUDA_ON_CPU 1
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+#ifndef DC_EMU_RSQRT_ULPS
+#define DC_EMU_RSQRT_ULPS 2
+#endif
+
+// ---- runtime types ------------------------------------------------------------------------------
+enum cudaError_t : int {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorIllegalInstruction = 715,
+  cudaErrorLaunchFailure = 719,
+};
+typedef struct CUstream_st* cudaStream_t;
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  dim3() = default;
+  dim3(unsigned x_, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+inline thread_local dim3 threadIdx;
+inline thread_local dim3 blockIdx;
+inline dim3 blockDim;
+inline dim3 gridDim;
+
+namespace dc_emu {
+
+inline std::mutex error_mutex;
+inline cudaError_t last_error = cudaSuccess;
+inline std::string last_error_text;
+
+inline void record_error(cudaError_t error, const std::string& text) {
+  std::lock_guard<std::mutex> lock(error_mutex);
+  if (last_error == cudaSuccess) {
+    last_error = error;
+    last_error_text = text;
+  }
+}
+
+// A reusable barrier whose participant count can shrink while threads wait (a thread that
+// leaves calls drop()). Blocking (mutex + condition variable): the test machine has far fewer
+// cores than a block has threads, so spinning would starve the threads it waits for.
+class Barrier {
+ public:
+  void reset(int participants) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    participants_ = participants;
+    arrived_ = 0;
+  }
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t generation = generation_;
+    if (++arrived_ >= participants_) {
+      release();
+      return;
+    }
+    cv_.wait(lock, [&] { return generation_ != generation; });
+  }
+  void drop() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    --participants_;
+    if (arrived_ > 0 && arrived_ >= participants_) release();
+  }
+
+ private:
+  void release() {
+    arrived_ = 0;
+    ++generation_;
+    cv_.notify_all();
+  }
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int participants_ = 0;
+  int arrived_ = 0;
+  uint64_t generation_ = 0;
+};
+
+// The state of the block being run: its barriers and the per-warp shuffle exchange.
+struct Warp {
+  Barrier barrier;
+  uint64_t slots[32] = {};
+  bool exited[32] = {};
+};
+
+struct Block {
+  Barrier sync;
+  std::vector<std::unique_ptr<Warp>> warps;
+  void reset(unsigned threads) {
+    sync.reset(static_cast<int>(threads));
+    for (unsigned w = 0; w < warps.size(); ++w) {
+      const unsigned first = w * 32, live = threads - first < 32 ? threads - first : 32;
+      warps[w]->barrier.reset(static_cast<int>(live));
+      for (int lane = 0; lane < 32; ++lane) warps[w]->exited[lane] = lane >= static_cast<int>(live);
+    }
+  }
+};
+
+inline Block* current_block = nullptr;
+
+template <typename T>
+inline T shuffle(unsigned mask, T value, int src_lane) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of a value wider than 8 bytes");
+  const unsigned lane = threadIdx.x & 31u;
+  Warp& warp = *current_block->warps[threadIdx.x >> 5];
+  if (mask != 0xffffffffu) record_error(cudaErrorIllegalInstruction, "warp shuffle with a partial mask (not emulated)");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  warp.slots[lane] = bits;
+  warp.barrier.arrive_and_wait();
+  T out = value;
+  if (src_lane >= 0 && src_lane < 32) {
+    if (warp.exited[src_lane]) {
+      record_error(cudaErrorIllegalInstruction, "warp shuffle reads a lane that has exited");
+    } else {
+      std::memcpy(&out, &warp.slots[src_lane], sizeof(T));
+    }
+  }
+  warp.barrier.arrive_and_wait();  // nobody overwrites a slot before every lane has read it
+  return out;
+}
+
+// Launch `kernel` over grid x block threads: blocks in order, each block's threads in parallel.
+template <typename... Params>
+struct Launch {
+  void (*kernel)(Params...);
+  dim3 grid, block;
+  template <typename... Args>
+  void operator()(Args&&... args) const {
+    const unsigned threads = block.x * block.y * block.z;
+    if (block.y != 1 || block.z != 1 || grid.y != 1 || grid.z != 1 || threads == 0 || threads > 1024 || grid.x == 0) {
+      record_error(cudaErrorInvalidConfiguration, "launch configuration not emulated or invalid");
+      return;
+    }
+    std::tuple<std::decay_t<Params>...> bound(std::forward<Args>(args)...);
+    Block state;
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w) state.warps.emplace_back(new Warp());
+    state.reset(threads);
+    Barrier block_end;
+    block_end.reset(static_cast<int>(threads));
+    std::mutex reset_mutex;
+    int finished = 0;
+    blockDim = block;
+    gridDim = grid;
+    current_block = &state;
+    auto body = [&](unsigned tid) {
+      threadIdx = dim3(tid);
+      for (unsigned b = 0; b < grid.x; ++b) {
+        blockIdx = dim3(b);
+        std::apply(kernel, bound);  // each thread gets its own copy of the by-value params
+        // Leave the block's barriers as an exited thread does.
+        Warp& warp = *state.warps[tid >> 5];
+        warp.exited[tid & 31] = true;
+        warp.barrier.drop();
+        state.sync.drop();
+        {
+          std::lock_guard<std::mutex> lock(reset_mutex);
+          if (++finished == static_cast<int>(threads)) {  // the last thread of the block
+            finished = 0;
+            state.reset(threads);
+          }
+        }
+        block_end.arrive_and_wait();
+      }
+    };
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (unsigned tid = 0; tid < threads; ++tid) pool.emplace_back(body, tid);
+    for (auto& thread : pool) thread.join();
+    current_block = nullptr;
+  }
+};
+
+template <typename... Params>
+inline Launch<Params...> launcher(dim3 grid, dim3 block, void (*kernel)(Params...)) {
+  return Launch<Params...>{kernel, grid, block};
+}
+
+}  // namespace dc_emu
+
+// Kernel launches in csrc/cuda are written DC_LAUNCH(grid, block, shmem, stream, kernel)(args);
+// nvcc expands it to kernel<<<grid, block, shmem, stream>>>(args).
+#define DC_LAUNCH(GRID, BLOCK, SHMEM, STREAM, ...) ::dc_emu::launcher(dim3(GRID), dim3(BLOCK), __VA_ARGS__)
+
+inline cudaError_t cudaGetLastError() {
+  std::lock_guard<std::mutex> lock(dc_emu::error_mutex);
+  const cudaError_t error = dc_emu::last_error;
+  dc_emu::last_error = cudaSuccess;
+  return error;
+}
+
+inline const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorIllegalInstruction: return "an illegal instruction was encountered (emulated)";
+    default: return "unspecified launch failure";
+  }
+}
+
+// ---- synchronisation, warp shuffles, atomics --------------------------------------------------
+inline void __syncthreads() { dc_emu::current_block->sync.arrive_and_wait(); }
+
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
+  const int lane = static_cast<int>(threadIdx.x & 31u), src = lane + static_cast<int>(delta);
+  return dc_emu::shuffle(mask, value, src < 32 ? src : lane);
+}
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
+  return dc_emu::shuffle(mask, value, static_cast<int>(threadIdx.x & 31u) ^ lane_mask);
+}
+
+template <typename T>
+inline T atomicAdd(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_add(value);
+}
+
+// ---- fp32 intrinsics -----------------------------------------------------------------------------
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float fabsf(float a) { return std::fabs(a); }
+
+namespace dc_emu {
+inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+}  // namespace dc_emu
+
+// CUDA documents rsqrtf to within 2 ulp. The emulation returns the correctly rounded value moved
+// by -2..+2 ulp (a fixed function of the input), so a test that passes here does not depend on
+// the GPU rounding rsqrtf one particular way.
+inline float rsqrtf(float x) {
+  const float exact = static_cast<float>(1.0 / std::sqrt(static_cast<double>(x)));
+  if (!std::isfinite(exact) || exact == 0.0f || DC_EMU_RSQRT_ULPS == 0) return exact;
+  const uint32_t u = dc_emu::bits_of(x);
+  const int shift = static_cast<int>((u * 2654435761u) >> 29) % (2 * DC_EMU_RSQRT_ULPS + 1) - DC_EMU_RSQRT_ULPS;
+  return dc_emu::float_of(dc_emu::bits_of(exact) + shift);
+}
+
+inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
