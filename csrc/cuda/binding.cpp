@@ -16,6 +16,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -89,9 +91,20 @@ Tensor upload(const std::vector<Desc>& descs, const at::Device& device) {
   return upload_bytes(descs.data(), static_cast<int64_t>(descs.size() * sizeof(Desc)), device);
 }
 
+// A descriptor's out_index selects its slot in counts / sums / divisors / scales: it must lie in
+// [0, limit), where limit is the length of the shortest buffer the launch indexes with it
+// (kernels index those buffers without checks). int32 on the device.
+int32_t checked_out_index(int64_t index, int64_t limit, size_t tensor) {
+  TORCH_CHECK(limit <= INT32_MAX, "dist_cautious CUDA kernels: ", limit, " output slots exceed int32");
+  TORCH_CHECK(index >= 0 && index < limit, "dist_cautious CUDA kernels: out_index ", index, " of tensor ", tensor, " outside [0, ", limit, ")");
+  return static_cast<int32_t>(index);
+}
+
 void check_launch(cudaError_t error, const char* what) {
   TORCH_CHECK(error == cudaSuccess, "dist_cautious CUDA kernel ", what, " failed: ", cudaGetErrorString(error));
 }
+
+Tensor sumsq_partials(int64_t blocks, const std::vector<int64_t>& out_index, int64_t slots, const at::Device& device);
 
 // Elementwise descriptors from parallel lists; an empty list means "not used by this op".
 struct ElemLists {
@@ -101,6 +114,7 @@ struct ElemLists {
   const std::vector<Tensor>* exp_avg_sqs = nullptr;  // AdamW v, CAME 1-D v or preconditioner
   const std::vector<bool>* has_exp_avg_sq = nullptr;  // CAME: false = identity preconditioner
   const std::vector<int64_t>* out_index = nullptr;    // default: position in the list
+  int64_t out_limit = -1;                             // slots out_index may name; -1: list length
 };
 
 std::vector<dc::ElemDesc> elem_descs(const ElemLists& lists, at::Device& device) {
@@ -128,7 +142,8 @@ std::vector<dc::ElemDesc> elem_descs(const ElemLists& lists, at::Device& device)
     d.grad_dtype = dtype_code(g, "grad");
     d.param_dtype = dc::kF32;
     d.n = n;
-    d.out_index = static_cast<int32_t>(lists.out_index ? (*lists.out_index)[t] : static_cast<int64_t>(t));
+    d.out_index = checked_out_index(lists.out_index ? (*lists.out_index)[t] : static_cast<int64_t>(t),
+                                    lists.out_limit < 0 ? static_cast<int64_t>(count) : lists.out_limit, t);
     if (with_params) {
       const Tensor& p = (*lists.params)[t];
       check_flat(p, "param", device, n);
@@ -259,13 +274,15 @@ void came_vector_sumsq(const std::vector<Tensor>& grads, const std::vector<Tenso
   lists.exp_avg_sqs = &preconds;
   lists.has_exp_avg_sq = &has_precond;
   lists.out_index = &out_index;
+  lists.out_limit = sums.numel();
   auto descs = elem_descs(lists, device);
   if (descs.empty()) return;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
+  Tensor partials = sumsq_partials(blocks, out_index, sums.numel(), device);
   Tensor meta = upload(descs, device);
   auto stream = current_stream(device);
   check_launch(dc::launch_came_vector_sumsq(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
-                                            sums.data_ptr<double>(), stream),
+                                            sums.data_ptr<double>(), partials.data_ptr<double>(), stream),
                "came_vector_sumsq");
 }
 
@@ -283,6 +300,7 @@ void came_vector_momentum(const std::vector<Tensor>& grads, const std::vector<Te
   lists.exp_avg_sqs = &preconds;
   lists.has_exp_avg_sq = &has_precond;
   lists.out_index = &out_index;
+  lists.out_limit = std::min(counts.numel(), divisors.numel());
   auto descs = elem_descs(lists, device);
   if (descs.empty()) return;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
@@ -307,6 +325,7 @@ void came_vector_apply(const std::vector<Tensor>& params, const std::vector<Tens
   lists.exp_avg_sqs = &preconds;
   lists.has_exp_avg_sq = &has_precond;
   lists.out_index = &out_index;
+  lists.out_limit = num_scales;
   auto descs = elem_descs(lists, device);
   const float* scale_ptr = optional_scales(scales, device, num_scales);
   if (descs.empty()) return;
@@ -332,6 +351,7 @@ struct FactoredLists {
   const std::vector<int64_t>* cols = nullptr;    // C per tensor
   const std::vector<int64_t>* batches = nullptr; // B per tensor
   const std::vector<int64_t>* out_index = nullptr;
+  int64_t out_limit = -1;                        // slots out_index may name; -1: list length
 };
 
 std::vector<dc::FactoredDesc> factored_descs(const FactoredLists& lists, at::Device& device) {
@@ -356,8 +376,11 @@ std::vector<dc::FactoredDesc> factored_descs(const FactoredLists& lists, at::Dev
     const Tensor& g = grads[t];
     const int64_t n = g.numel();
     const int64_t start = (*lists.starts)[t], R = (*lists.rows)[t], C = (*lists.cols)[t], B = (*lists.batches)[t];
-    TORCH_CHECK(R > 0 && C > 0 && B > 0 && start >= 0 && start + n <= B * R * C, "dist_cautious CUDA kernels: range [", start, ", ",
-                start + n, ") outside a (", B, ", ", R, ", ", C, ") tensor");
+    int64_t BR = 0, numel = 0;
+    TORCH_CHECK(R > 0 && C > 0 && B > 0 && !__builtin_mul_overflow(B, R, &BR) && !__builtin_mul_overflow(BR, C, &numel),
+                "dist_cautious CUDA kernels: bad factored shape (", B, ", ", R, ", ", C, ")");
+    TORCH_CHECK(start >= 0 && start <= numel - n, "dist_cautious CUDA kernels: range [", start, ", ", start + n, ") outside a (", B, ", ", R,
+                ", ", C, ") tensor");
     check_flat(g, "grad", device, -1);
     dc::FactoredDesc d{};
     d.grad = g.data_ptr();
@@ -367,7 +390,7 @@ std::vector<dc::FactoredDesc> factored_descs(const FactoredLists& lists, at::Dev
     d.n = n;
     d.rows = R;
     d.cols = C;
-    d.out_index = static_cast<int32_t>((*lists.out_index)[t]);
+    d.out_index = checked_out_index((*lists.out_index)[t], lists.out_limit < 0 ? static_cast<int64_t>(count) : lists.out_limit, t);
     if (with_params) {
       const Tensor& p = (*lists.params)[t];
       check_flat(p, "param", device, n);
@@ -397,20 +420,46 @@ std::vector<dc::FactoredDesc> factored_descs(const FactoredLists& lists, at::Dev
 
 struct Prepared {
   Tensor meta;
+  Tensor scratch;  // the row/column slots of the fixed-order sums (kept alive until the launch)
+  dc::FactoredScratch sizes{nullptr, 0, 0};
   int count = 0;
   int64_t blocks = 0;
   cudaStream_t stream = nullptr;
   const dc::FactoredDesc* ptr() const { return reinterpret_cast<const dc::FactoredDesc*>(meta.data_ptr()); }
 };
 
-Prepared prepare_factored(std::vector<dc::FactoredDesc>& descs, const at::Device& device) {
+// `row_col`: the launch adds into row_out / col_out, so it needs the scratch slots and distinct
+// output buffers per descriptor (one thread adds each output).
+Prepared prepare_factored(std::vector<dc::FactoredDesc>& descs, const at::Device& device, bool row_col = false) {
   Prepared prepared;
   prepared.count = static_cast<int>(descs.size());
   if (descs.empty()) return prepared;
   prepared.blocks = dc::dc_prepare_factored(descs.data(), prepared.count);
+  if (row_col) {
+    for (size_t a = 0; a < descs.size(); ++a) {
+      for (size_t b = a + 1; b < descs.size(); ++b) {
+        TORCH_CHECK(descs[a].row_out != descs[b].row_out && descs[a].col_out != descs[b].col_out,
+                    "dist_cautious CUDA kernels: two fragments of one launch add into the same row/column sums");
+      }
+    }
+    prepared.sizes = dc::dc_factored_scratch(descs.data(), prepared.count);
+    prepared.scratch = at::empty({prepared.sizes.floats}, at::TensorOptions().dtype(at::kFloat).device(device));
+    prepared.sizes.slots = prepared.scratch.data_ptr<float>();
+  }
   prepared.meta = upload(descs, device);
   prepared.stream = current_stream(device);
   return prepared;
+}
+
+// One float64 partial per block for the fixed-order sums of squares; each out_index once.
+// (Called after the descriptors were built, so every out_index is known to lie in [0, slots).)
+Tensor sumsq_partials(int64_t blocks, const std::vector<int64_t>& out_index, int64_t slots, const at::Device& device) {
+  std::vector<bool> seen(static_cast<size_t>(slots), false);
+  for (int64_t index : out_index) {
+    TORCH_CHECK(!seen[index], "dist_cautious CUDA kernels: out_index ", index, " appears twice in one sum-of-squares launch");
+    seen[index] = true;
+  }
+  return at::empty({blocks}, at::TensorOptions().dtype(at::kDouble).device(device));
 }
 
 void came_factored_sq_sums(const std::vector<Tensor>& grads, const std::vector<int64_t>& starts, const std::vector<int64_t>& batches,
@@ -432,9 +481,9 @@ void came_factored_sq_sums(const std::vector<Tensor>& grads, const std::vector<i
   lists.out_index = &out_index;
   TORCH_CHECK(row_sums.size() == grads.size() && col_sums.size() == grads.size(), "dist_cautious CUDA kernels: sum buffers length");
   auto descs = factored_descs(lists, device);
-  Prepared p = prepare_factored(descs, device);
+  Prepared p = prepare_factored(descs, device, /*row_col=*/true);
   if (!p.count) return;
-  check_launch(dc::launch_came_factored_sq_sums(p.ptr(), p.count, p.blocks, static_cast<float>(eps1), p.stream), "came_factored_sq_sums");
+  check_launch(dc::launch_came_factored_sq_sums(p.ptr(), p.count, p.blocks, static_cast<float>(eps1), p.sizes, p.stream), "came_factored_sq_sums");
 }
 
 void came_factored_sumsq(const std::vector<Tensor>& grads, const std::vector<int64_t>& starts, const std::vector<int64_t>& batches,
@@ -454,10 +503,13 @@ void came_factored_sumsq(const std::vector<Tensor>& grads, const std::vector<int
   lists.row_factor = &row_factor;
   lists.col_factor = &col_factor;
   lists.out_index = &out_index;
+  lists.out_limit = sums.numel();
   auto descs = factored_descs(lists, device);
   Prepared p = prepare_factored(descs, device);
   if (!p.count) return;
-  check_launch(dc::launch_came_factored_sumsq(p.ptr(), p.count, p.blocks, sums.data_ptr<double>(), p.stream), "came_factored_sumsq");
+  Tensor partials = sumsq_partials(p.blocks, out_index, sums.numel(), device);
+  check_launch(dc::launch_came_factored_sumsq(p.ptr(), p.count, p.blocks, sums.data_ptr<double>(), partials.data_ptr<double>(), p.stream),
+               "came_factored_sumsq");
 }
 
 void came_factored_momentum(const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, const std::vector<int64_t>& starts,
@@ -485,12 +537,13 @@ void came_factored_momentum(const std::vector<Tensor>& grads, const std::vector<
   lists.row_out = &res_row_sums;
   lists.col_out = &res_col_sums;
   lists.out_index = &out_index;
+  lists.out_limit = std::min(counts.numel(), divisors.numel());
   auto descs = factored_descs(lists, device);
-  Prepared p = prepare_factored(descs, device);
+  Prepared p = prepare_factored(descs, device, /*row_col=*/true);
   if (!p.count) return;
   check_launch(dc::launch_came_factored_momentum(p.ptr(), p.count, p.blocks, divisors.data_ptr<float>(), static_cast<float>(beta1),
                                                  static_cast<float>(one_minus_beta1), static_cast<float>(eps2),
-                                                 reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), p.stream),
+                                                 reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), p.sizes, p.stream),
                "came_factored_momentum");
 }
 
@@ -516,6 +569,7 @@ void came_factored_apply(const std::vector<Tensor>& params, const std::vector<Te
   lists.row_factor = &row_factor;
   lists.col_factor = &col_factor;
   lists.out_index = &out_index;
+  lists.out_limit = num_scales;
   auto descs = factored_descs(lists, device);
   const float* scale_ptr = optional_scales(scales, device, num_scales);
   Prepared p = prepare_factored(descs, device);

@@ -48,9 +48,10 @@ __device__ __forceinline__ float torch_lerp(float a, float b, float w) {
   return fabsf(w) < 0.5f ? __fmaf_rn(w, diff, a) : __fmaf_rn(-diff, __fsub_rn(1.0f, w), b);
 }
 
-// sign(x) as torch.sign: -1, 0 or 1 (NaN stays NaN).
+// sign(x) as torch.sign: -1, 0 or 1, and 0 for NaN (torch computes (0 < x) - (x < 0)); a NaN
+// momentum then moves no param, on every kernel set alike.
 __device__ __forceinline__ float torch_sign(float x) {
-  return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x);
+  return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f);
 }
 
 // The cautious mask: the product form, so a product that underflows to zero masks the entry.
@@ -86,6 +87,26 @@ __device__ __forceinline__ T block_sum(T value, T* shared) {
     for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += shared[w];
   }
   return total;
+}
+
+// sums[out_index] += the descriptor's block partials, added in block order: one thread per
+// descriptor, so the result does not depend on block scheduling (unlike a float atomicAdd).
+template <typename Desc>
+__global__ void sum_block_partials(const Desc* __restrict__ descs, int count, int64_t blocks, const double* __restrict__ partials,
+                                   double* __restrict__ sums) {
+  const int t = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+  if (t >= count) return;
+  const int64_t end = t + 1 < count ? descs[t + 1].first_block : blocks;
+  double total = 0.0;
+  for (int64_t b = descs[t].first_block; b < end; ++b) total += partials[b];
+  sums[descs[t].out_index] += total;
+}
+
+template <typename Desc>
+cudaError_t launch_sum_block_partials(const Desc* descs, int count, int64_t blocks, const double* partials, double* sums,
+                                      cudaStream_t stream) {
+  DC_LAUNCH((unsigned)((count + kThreads - 1) / kThreads), kThreads, 0, stream, sum_block_partials<Desc>)(descs, count, blocks, partials, sums);
+  return cudaGetLastError();
 }
 
 // Dispatch a templated functor call on (param dtype, grad dtype); unknown codes do nothing

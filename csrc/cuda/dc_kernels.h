@@ -72,6 +72,14 @@ struct FactoredDesc {
   int64_t num_rows;        // global rows touched
   int64_t col_tiles;       // tiles across the columns
   int64_t first_block;     // prefix sum of tiles over the list (filled by dc_prepare_factored)
+  // Fixed-order row/column sums (no float atomics, so a run repeats bit for bit): each tile
+  // writes its row-segment sums and its per-matrix column sums into scratch slots, and a second
+  // kernel adds each output's slots in a fixed order. Filled by dc_prepare_factored.
+  int64_t row_tiles;       // tiles down the rows
+  int64_t mats_per_tile;   // column-slot groups per row tile: most matrices tile_rows rows can touch
+  int64_t row_scratch;     // offset of num_rows x col_tiles row-segment sums in the scratch buffer
+  int64_t col_scratch;     // offset of row_tiles x mats_per_tile x C column sums
+  int64_t first_out;       // prefix sum of outputs (num_rows + touched matrices x C) over the list
   int32_t lanes;           // threads per row segment (power of two <= 32)
   int32_t param_dtype;
   int32_t grad_dtype;
@@ -81,6 +89,20 @@ struct FactoredDesc {
 // Fill first_block for each descriptor and return the total number of blocks (host only).
 int64_t dc_prepare_elem(ElemDesc* descs, int count);
 int64_t dc_prepare_factored(FactoredDesc* descs, int count);
+// The scratch of the factored row/column launches: `floats` slots (device memory the caller
+// allocates and puts in `slots`) and the launch's `outputs` (rows + columns it adds into). From
+// the host descriptors, after dc_prepare_factored.
+struct FactoredScratch {
+  float* slots;
+  int64_t floats;
+  int64_t outputs;
+};
+FactoredScratch dc_factored_scratch(const FactoredDesc* descs, int count);
+
+// Sums of squares (float64) are deterministic too: each block writes its partial into
+// `partials` (one double per block of the launch, scratch), then one thread per descriptor adds
+// its blocks' partials in block order into sums[out_index]; out_index must differ between the
+// descriptors of one launch (the binding checks it).
 
 // --- AdamW / Lion ------------------------------------------------------------------------
 // counts[out_index] += #{ m_new * g > 0 } with m_new = lerp(m, g, weight): read-only.
@@ -103,7 +125,7 @@ cudaError_t launch_came_vector_second_moment(const ElemDesc* descs, int count, i
                                              float one_minus_beta2, float eps1, cudaStream_t stream);
 // sums[out_index] += sum((precond * g)^2); precond = rsqrt(exp_avg_sq) or 1 when exp_avg_sq is null
 cudaError_t launch_came_vector_sumsq(const ElemDesc* descs, int count, int64_t blocks, double* sums,
-                                     cudaStream_t stream);
+                                     double* partials, cudaStream_t stream);
 // uh = precond * g / divisor; m = beta1 m + (1 - beta1) uh; counts += #{m * g > 0}
 cudaError_t launch_came_vector_momentum(const ElemDesc* descs, int count, int64_t blocks, const float* divisors,
                                         float beta1, float one_minus_beta1, unsigned long long* counts,
@@ -113,15 +135,17 @@ cudaError_t launch_came_vector_apply(const ElemDesc* descs, int count, int64_t b
                                      const float* scales, cudaStream_t stream);
 
 // --- CAME, factored fragments (tiled: row and column known without divisions) -------------
+// `scratch` from dc_factored_scratch, slots allocated; the row_out / col_out buffers of one
+// launch must be distinct (each output is added by one thread).
 cudaError_t launch_came_factored_sq_sums(const FactoredDesc* descs, int count, int64_t blocks, float eps1,
-                                         cudaStream_t stream);
+                                         FactoredScratch scratch, cudaStream_t stream);
 cudaError_t launch_came_factored_sumsq(const FactoredDesc* descs, int count, int64_t blocks, double* sums,
-                                       cudaStream_t stream);
+                                       double* partials, cudaStream_t stream);
 // uh = (row*col) * g / divisor; m = beta1 m + (1-beta1) uh; (uh - m)^2 + eps2 into row_out/col_out;
 // counts += #{m * g > 0}
 cudaError_t launch_came_factored_momentum(const FactoredDesc* descs, int count, int64_t blocks,
                                           const float* divisors, float beta1, float one_minus_beta1, float eps2,
-                                          unsigned long long* counts, cudaStream_t stream);
+                                          unsigned long long* counts, FactoredScratch scratch, cudaStream_t stream);
 cudaError_t launch_came_factored_apply(const FactoredDesc* descs, int count, int64_t blocks, float decay,
                                        float neg_lr, const float* scales, cudaStream_t stream);
 

@@ -194,7 +194,7 @@ __device__ __forceinline__ float vec_precondition(const float* v, int64_t i, flo
 
 // ---- CAME, 1-D: sum of squares of rsqrt(v) * g --------------------------------------------
 struct VecSumsqArgs {
-  double* sums;
+  double* partials;  // one per block; summed per tensor in block order afterwards
 };
 
 template <typename PT, typename GT>
@@ -210,8 +210,8 @@ struct VecSumsqOp {
     const float u = vec_precondition(v, i, r.g);
     acc += (double)__fmul_rn(u, u);
   }
-  static __device__ void publish(const ElemDesc& d, const VecSumsqArgs& args, Acc total) {
-    atomicAdd(args.sums + d.out_index, total);
+  static __device__ void publish(const ElemDesc&, const VecSumsqArgs& args, Acc total) {
+    args.partials[blockIdx.x] = total;
   }
 };
 
@@ -324,8 +324,10 @@ cudaError_t launch_came_vector_second_moment(const ElemDesc* descs, int count, i
 }
 
 cudaError_t launch_came_vector_sumsq(const ElemDesc* descs, int count, int64_t blocks, double* sums,
-                                     cudaStream_t stream) {
-  return launch<VecSumsqOp>(descs, count, blocks, VecSumsqArgs{sums}, stream);
+                                     double* partials, cudaStream_t stream) {
+  const cudaError_t error = launch<VecSumsqOp>(descs, count, blocks, VecSumsqArgs{partials}, stream);
+  if (error != cudaSuccess || count <= 0 || blocks <= 0) return error;
+  return launch_sum_block_partials(descs, count, blocks, partials, sums, stream);
 }
 
 cudaError_t launch_came_vector_momentum(const ElemDesc* descs, int count, int64_t blocks, const float* divisors,

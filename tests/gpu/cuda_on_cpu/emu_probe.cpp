@@ -92,6 +92,8 @@ std::vector<at::Tensor> shuffles(int64_t blocks, int64_t threads, int64_t delta,
   return {down, xored};
 }
 
+int64_t float_atomics() { return dc_emu::float_atomics.load(); }
+
 }  // namespace
 
 // torch.ops.dc_cuda_emu.*: registered with the dispatcher so they need no second pybind module.
@@ -99,5 +101,6 @@ TORCH_LIBRARY(dc_cuda_emu, m) {
   m.def("convert(Tensor values, str format, str mode) -> Tensor", &convert);
   m.def("widen(Tensor bits, str format) -> Tensor", &widen);
   m.def("early_exit(int blocks, int threads, int stay, int rounds) -> Tensor", &early_exit);
+  m.def("float_atomics() -> int", &float_atomics);
   m.def("shuffles(int blocks, int threads, int delta, int mask) -> Tensor[]", &shuffles);
 }

@@ -261,8 +261,15 @@ inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   return dc_emu::shuffle(mask, value, static_cast<int>(threadIdx.x & 31u) ^ lane_mask);
 }
 
+namespace dc_emu {
+// Floating-point atomic adds performed so far: their order (so their rounding) varies from run
+// to run on a GPU, so a kernel that must repeat bit for bit may use none (the tests read this).
+inline std::atomic<int64_t> float_atomics{0};
+}  // namespace dc_emu
+
 template <typename T>
 inline T atomicAdd(T* address, T value) {
+  if constexpr (std::is_floating_point<T>::value) dc_emu::float_atomics.fetch_add(1, std::memory_order_relaxed);
   return std::atomic_ref<T>(*address).fetch_add(value);
 }
 

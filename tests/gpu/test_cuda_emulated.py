@@ -1,0 +1,455 @@
+"""The real CUDA kernels, executed on CPU threads, against the torch reference path.
+
+``tests/gpu/cuda_on_cpu`` compiles the shipped ``csrc/cuda`` sources (kernels, launchers and the
+binding with all its checks) with the host compiler; ``CudaOps(ext, "cpu")`` is then the whole
+CUDA path of ``kernels.ops_for`` on CPU tensors. The test build uses 64 threads per block,
+320-element chunks and 2 row passes per factored tile, so the sizes below cross every boundary:
+several chunks per tensor and a chunk ending mid-ILP-pass, tensors shorter than a block, many
+tensors per launch, factored tiles at every lanes value (1..32), several column tiles, several
+matrices in one tile, fragments cut mid-row and mid-tile, bf16 / fp16 params.
+
+Tolerances, with ``u = 2**-24`` (fp32 unit roundoff); every bound is derived, none fitted:
+- bitwise where both sides round the same ops the same way: mask counts, the momentum of AdamW
+  and Lion (ATen's lerp formula, reproduced op for op), a whole plain Lion step (``-lr * (+-1)``
+  is exact, so fused or not the param takes one rounding) and so its bf16 / fp16 stores;
+- elementwise results that take up to 4 roundings on each side, some fused on one side and not
+  on the other (torch's CPU kernels fuse ``a + alpha*b`` in their vectorised body only): 8u of
+  the sum of the magnitudes of the terms; 16u where the kernel uses ``rsqrtf`` (2 ulp on a GPU,
+  and the emulation moves it by up to 2 ulp on purpose);
+- a sum of ``k`` positive terms in two different orders: ``2 k u`` of the sum, plus the terms'
+  own elementwise bound;
+- a stepped bf16 / fp16 param: the fp32 bound plus one unit of the param's last place (an fp32
+  difference may straddle a rounding boundary), or one subnormal unit near zero.
+Mask decisions that rest on an fp32 value within its bound of zero are "ambiguous": counted as
+allowed slack and excluded from the param comparison.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dist_cautious.kernels import reference
+from dist_cautious.kernels.cuda_ops import CudaOps
+from dist_cautious.kernels.layout import FactoredLayout
+from dist_cautious.kernels.reference import CameFactors
+
+pytestmark = pytest.mark.cuda_emulated
+
+U = 2.0**-24
+PARAM_ULP = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+PARAM_FLOOR = {torch.float32: 2.0**-149, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}
+# With 320-element chunks and 256 elements per ILP pass: tensors shorter than a block (1..63),
+# one element either side of a pass and of a chunk, and tensors of several chunks; an empty one.
+ELEM_SIZES = [1, 3, 0, 63, 64, 65, 255, 256, 257, 319, 320, 321, 640, 1000, 1601]
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+]
+# (shape, start, end). lanes = smallest power of two >= C/4 (max 32); tile rows = 128 / lanes;
+# column tiles of 4 * lanes columns.
+FACTORED = [
+    ((6, 3, 3), 0, 54),          # lanes 1, six matrices in one tile
+    ((2, 140, 4), 3, 1117),      # lanes 1, three row tiles, one straddling two matrices, cut mid-row
+    ((70, 7), 10, 480),          # lanes 2, two row tiles, cut mid-row at both ends
+    ((5, 9, 13), 20, 580),       # lanes 4, tiles across matrices, cut mid-row mid-tile
+    ((40, 30), 45, 1111),        # lanes 8, three row tiles
+    ((3, 11, 50), 77, 1600),     # lanes 16
+    ((20, 100), 0, 2000),        # lanes 32, five row tiles, whole tensor
+    ((9, 300), 150, 2650),       # lanes 32, three column tiles, cut mid-row
+    ((2, 3, 260), 100, 1500),    # three column tiles, two matrices in a 4-row tile
+    ((4, 30), 35, 39),           # a few elements inside one row
+    ((5, 6), 12, 12),            # an empty fragment
+]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    from tests.gpu.cuda_on_cpu.build import load
+
+    return load()
+
+
+@pytest.fixture(scope="module")
+def ops(ext):
+    return CudaOps(ext, device_type="cpu").namespace()
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(n: int, gen: torch.Generator, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(n, generator=gen) * scale).to(dtype)
+
+
+def _clone(tensors):
+    return [t.clone() for t in tensors]
+
+
+def _within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str, exclude=None) -> None:
+    """``|actual - expected| <= bound`` elementwise in float64 (NaN equal to NaN), except ``exclude``."""
+    a, e = actual.double(), expected.double()
+    diff = (a - e).abs()
+    bad = ~(diff <= bound.double()) & ~(a.isnan() & e.isnan())
+    if exclude is not None:
+        bad &= ~exclude
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())}/{bad.numel()} outside the bound; first at {i}: "
+                             f"{a[i].item()!r} vs {e[i].item()!r}, bound {bound.double()[i].item()!r}")
+
+
+def _bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    same = actual.view(torch.int16 if actual.element_size() == 2 else torch.int32) == expected.view(
+        torch.int16 if expected.element_size() == 2 else torch.int32)
+    same |= actual.isnan() & expected.isnan()
+    if not bool(same.all()):
+        i = int((~same).nonzero()[0])
+        raise AssertionError(f"{what}: {int((~same).sum())}/{same.numel()} differ; first at {i}: {actual[i].item()!r} vs {expected[i].item()!r}")
+
+
+def _param_bound(expected: torch.Tensor, magnitude: torch.Tensor, dtype, ulps: float) -> torch.Tensor:
+    return (PARAM_ULP[dtype] + ulps * U) * magnitude.double() + PARAM_ULP[dtype] * expected.double().abs() + PARAM_FLOOR[dtype]
+
+
+def _elem_case(param_dtype, grad_dtype, seed):
+    gen = _gen(seed)
+    params = [_randn(n, gen, param_dtype) for n in ELEM_SIZES]
+    grads = [_randn(n, gen, grad_dtype, 0.1) for n in ELEM_SIZES]
+    exp_avgs = [_randn(n, gen, scale=0.05) for n in ELEM_SIZES]
+    exp_avg_sqs = [torch.rand(n, generator=gen) * 1e-2 for n in ELEM_SIZES]
+    return params, grads, exp_avgs, exp_avg_sqs
+
+
+def _scales(counts: torch.Tensor) -> torch.Tensor:
+    return reference.mask_scales(counts, [max(n, 1) for n in ELEM_SIZES])
+
+
+# ---- the emulation itself ------------------------------------------------------------------------
+def _halfway_and_edges(fmt: str) -> torch.Tensor:
+    """Floats exactly halfway between neighbours of ``fmt`` (ties), one bit either side of them,
+    subnormals, the overflow threshold, zeros and infinities."""
+    gen = _gen(7)
+    if fmt == "bf16":
+        high = torch.randint(0, 1 << 16, (20000,), generator=gen, dtype=torch.int64) << 16
+        ties = high | 0x8000
+    else:
+        h = torch.randint(0, 0x7C00, (20000,), generator=gen, dtype=torch.int64).to(torch.int16)
+        lo = h.view(torch.float16).double()
+        hi = (h + 1).view(torch.float16).double()
+        ties = torch.tensor(((lo + hi) / 2).float().view(torch.int32).numpy(), dtype=torch.int64)
+    bits = torch.cat([ties, ties + 1, ties - 1, torch.randint(0, 1 << 32, (100000,), generator=gen, dtype=torch.int64)])
+    signed = torch.cat([bits, bits | (1 << 31)]) & 0xFFFFFFFF
+    values = signed.to(torch.int64).where(signed < (1 << 31), signed - (1 << 32)).to(torch.int32).view(torch.float32)
+    extra = torch.tensor([0.0, -0.0, math.inf, -math.inf, 65504.0, 65519.99, 65520.0, 2.0**-25, 2.0**-24, 3 * 2.0**-26,
+                          2.0**-14, 3.3895314e38, 3.4028235e38, 1e-40, -1e-45])
+    return torch.cat([values, extra]).contiguous()
+
+
+@pytest.mark.parametrize("fmt,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_conversion_intrinsics_round_like_torch(ext, fmt, dtype):
+    """__float2bfloat16_rn / __float2half_rn bit for bit against torch's rounding (NaN: any NaN,
+    CUDA's canonical NaN differs from torch's), and back to float exactly."""
+    values = _halfway_and_edges(fmt)
+    ours = torch.ops.dc_cuda_emu.convert(values, fmt, "rn")
+    theirs = values.to(dtype).view(torch.int16)
+    nan = values.isnan()
+    assert bool((ours[~nan] == theirs[~nan]).all()), int((ours[~nan] != theirs[~nan]).sum())
+    assert bool(ours[nan].view(dtype).isnan().all())
+    _bitwise(torch.ops.dc_cuda_emu.widen(theirs.contiguous(), fmt), theirs.view(dtype).float(), f"{fmt} widen")
+    # The directed modes really are different roundings (a planted mode change is visible).
+    for mode in ("rz", "rd", "ru"):
+        assert bool((torch.ops.dc_cuda_emu.convert(values, fmt, mode) != ours).any()), mode
+
+
+def test_syncthreads_with_threads_that_returned_early(ext):
+    """Threads >= stay return at once; the rest pass barriers and see each other's adds."""
+    for stay in (64, 37, 1):
+        out = torch.ops.dc_cuda_emu.early_exit(3, 64, stay, 4)
+        assert out.tolist() == [stay * (stay + 1) // 2] * 12, stay
+    assert torch.ops.dc_cuda_emu.early_exit(2, 64, 0, 3).tolist() == [-1] * 6
+
+
+def test_warp_shuffles(ext):
+    down, xored = torch.ops.dc_cuda_emu.shuffles(2, 64, 5, 6)
+    lane = torch.arange(128) % 32
+    own = 1000 * ((torch.arange(128) % 64) // 32) + lane
+    assert down.tolist() == torch.where(lane + 5 < 32, own + 5, own).tolist()
+    assert xored.tolist() == (own - lane + (lane ^ 6)).tolist()
+
+
+# ---- AdamW and Lion ------------------------------------------------------------------------------
+@pytest.mark.parametrize("param_dtype,grad_dtype", DTYPES)
+@pytest.mark.parametrize("cautious", [False, True])
+def test_adamw(ops, param_dtype, grad_dtype, cautious):
+    lr, beta1, beta2, eps, wd = 1e-3, 0.9, 0.999, 1e-8, 0.01
+    steps = [1 + i % 7 for i in range(len(ELEM_SIZES))]
+    params, grads, ms, vs = _elem_case(param_dtype, grad_dtype, seed=1)
+    old_p, old_v = _clone(params), _clone(vs)
+    expected_counts = reference.adamw_mask_counts(grads, ms, beta1)
+    counts = ops.adamw_mask_counts(grads, ms, beta1)
+    _bitwise(counts, expected_counts, "adamw mask counts")
+    scales = _scales(expected_counts) if cautious else None
+    ref_p, ref_m, ref_v = _clone(params), _clone(ms), _clone(vs)
+    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, scales=scales)
+    ops.adamw_apply(params, grads, ms, vs, steps, **kwargs)
+    reference.adamw_apply(ref_p, grads, ref_m, ref_v, steps, **kwargs)
+    for i, n in enumerate(ELEM_SIZES):
+        g = grads[i].double()
+        _bitwise(ms[i], ref_m[i], f"adamw exp_avg [{n}]")
+        _within(vs[i], ref_v[i], 8 * U * (old_v[i].double() * beta2 + (1 - beta2) * g * g), f"adamw exp_avg_sq [{n}]")
+        bc1, bc2 = 1 - beta1**steps[i], math.sqrt(1 - beta2**steps[i])
+        update = ref_m[i].double() / (ref_v[i].double().sqrt() / bc2 + eps)
+        scale = float(scales[i]) if cautious else 1.0
+        magnitude = old_p[i].double().abs() + lr / bc1 * update.abs() * scale
+        _within(params[i], ref_p[i], _param_bound(ref_p[i], magnitude, param_dtype, 8), f"adamw param [{n}] {param_dtype}")
+
+
+@pytest.mark.parametrize("param_dtype,grad_dtype", DTYPES)
+@pytest.mark.parametrize("cautious", [False, True])
+def test_lion(ops, param_dtype, grad_dtype, cautious):
+    lr, beta1, beta2, wd = 1e-3, 0.9, 0.99, 0.1
+    params, grads, ms, _ = _elem_case(param_dtype, grad_dtype, seed=2)
+    old_p = _clone(params)
+    expected_counts = reference.lion_mask_counts(grads, ms, beta1)
+    counts = ops.lion_mask_counts(grads, ms, beta1)
+    _bitwise(counts, expected_counts, "lion mask counts")
+    scales = _scales(expected_counts) if cautious else None
+    ref_p, ref_m = _clone(params), _clone(ms)
+    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, scales=scales)
+    if cautious:
+        counts2, pending = ops.lion_cautious_begin(params, grads, ms, beta1=beta1, beta2=beta2)
+        _bitwise(counts2, expected_counts, "lion_cautious_begin counts")
+        ops.lion_cautious_finish(pending, params, grads, ms, **kwargs)
+    else:
+        ops.lion_apply(params, grads, ms, **kwargs)
+    reference.lion_apply(ref_p, grads, ref_m, **kwargs)
+    for i, n in enumerate(ELEM_SIZES):
+        _bitwise(ms[i], ref_m[i], f"lion exp_avg [{n}]")
+        if not cautious:  # -lr * (+-1 or 0) is exact: one rounding on both sides, then the store
+            _bitwise(params[i], ref_p[i], f"lion param [{n}] {param_dtype}")
+        else:  # -lr * scale is rounded once more on one side
+            magnitude = old_p[i].double().abs() + lr * float(scales[i])
+            _within(params[i], ref_p[i], _param_bound(ref_p[i], magnitude, param_dtype, 4), f"lion param [{n}]")
+
+
+def test_lion_nan_momentum_is_sign_zero(ops):
+    """torch.sign(NaN) = 0: a NaN momentum leaves the param to its decay, as on the reference path."""
+    n = 700
+    params = [torch.ones(n)]
+    grads = [torch.full((n,), 0.5)]
+    ms = [torch.full((n,), math.nan)]
+    ref_p, ref_m = _clone(params), _clone(ms)
+    ops.lion_apply(params, grads, ms, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0)
+    reference.lion_apply(ref_p, grads, ref_m, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0)
+    assert not bool(ref_p[0].isnan().any())
+    _bitwise(params[0], ref_p[0], "lion param under a NaN momentum")
+    _bitwise(ops.lion_mask_counts(grads, [torch.full((n,), math.nan)], 0.9), torch.zeros(1), "lion counts under NaN")
+
+
+# ---- CAME ----------------------------------------------------------------------------------------
+def _came_case(seed: int, grad_dtype=torch.float32):
+    gen = _gen(seed)
+    layouts = [FactoredLayout(shape, start, end) for shape, start, end in FACTORED]
+    grads = [_randn(lay.end - lay.start, gen, grad_dtype, 0.1) for lay in layouts]
+    return gen, layouts, grads
+
+
+def _sum_bound(terms: torch.Tensor, layout: FactoredLayout, ulps_per_term: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row/col bounds for sums of the positive ``terms``: order (2 k u) plus each term's own error."""
+    rows = torch.zeros(layout.num_row_factors, dtype=torch.float64)
+    cols = torch.zeros(layout.num_col_factors, dtype=torch.float64)
+    layout.add_row_col_sums(terms.double(), rows, cols)
+    k_row, k_col = layout.cols, layout.rows
+    return (2 * k_row + ulps_per_term) * U * rows + 1e-45, (2 * k_col + ulps_per_term) * U * cols + 1e-45
+
+
+def _sq_sums(ops, grads, layouts, eps1=1e-30):
+    rows = [torch.zeros(lay.num_row_factors) for lay in layouts]
+    cols = [torch.zeros(lay.num_col_factors) for lay in layouts]
+    ops.came_factored_sq_sums(grads, layouts, eps1, rows, cols)
+    return rows, cols
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_came_factored_sq_sums(ops, grad_dtype):
+    _, layouts, grads = _came_case(3, grad_dtype)
+    rows, cols = _sq_sums(ops, grads, layouts)
+    ref_rows, ref_cols = _sq_sums(reference, grads, layouts)
+    for lay, g, r, c, rr, rc in zip(layouts, grads, rows, cols, ref_rows, ref_cols):
+        row_bound, col_bound = _sum_bound(g.double() ** 2 + 1e-30, lay, 4)
+        _within(r, rr, row_bound, f"sq row sums {lay.shape} [{lay.start}, {lay.end})")
+        _within(c, rc, col_bound, f"sq col sums {lay.shape} [{lay.start}, {lay.end})")
+
+
+def _factors(layouts, gen):
+    made = []
+    for lay in layouts:
+        row = torch.rand(lay.num_row_factors, generator=gen) + 0.5
+        col = torch.rand(lay.num_col_factors, generator=gen) + 0.5
+        made.append(CameFactors(lay, row, col))
+    return made
+
+
+def _with_vectors(gen, layouts, grads, factors, grad_dtype=torch.float32):
+    """Append 1-D fragments: elementwise second moments (several chunks) and identities."""
+    sizes = [1, 321, 700, 5]
+    vgrads = [_randn(n, gen, grad_dtype, 0.1) for n in sizes]
+    vfactors = [CameFactors(elementwise=torch.rand(n, generator=gen) * 1e-2 + 1e-4) if i % 2 == 0 else CameFactors()
+                for i, n in enumerate(sizes)]
+    return list(grads) + vgrads, list(factors) + vfactors
+
+
+def _precond(factor: CameFactors) -> torch.Tensor:
+    if factor.layout is not None:
+        return factor.layout.outer(factor.row.double(), factor.col.double())
+    if factor.elementwise is not None:
+        return factor.elementwise.double().rsqrt()
+    return None
+
+
+def test_came_vector_second_moment(ops):
+    gen = _gen(4)
+    sizes = [1, 319, 321, 1601]
+    grads = [_randn(n, gen, scale=0.1) for n in sizes]
+    vs = [torch.rand(n, generator=gen) * 1e-2 for n in sizes]
+    ref_v = _clone(vs)
+    old = _clone(vs)
+    ops.came_vector_second_moment(grads, vs, 0.999, 1e-30)
+    reference.came_vector_second_moment(grads, ref_v, 0.999, 1e-30)
+    for g, v, r, o in zip(grads, vs, ref_v, old):
+        _within(v, r, 8 * U * (0.999 * o.double() + 0.001 * g.double() ** 2), "came vector second moment")
+
+
+def test_came_update_sumsq(ops):
+    gen, layouts, grads = _came_case(5)
+    grads, factors = _with_vectors(gen, layouts, grads, _factors(layouts, gen))
+    sums = ops.came_update_sumsq(grads, factors)
+    expected = reference.came_update_sumsq(grads, factors)
+    assert sums.shape == expected.shape and sums.dtype == torch.float32
+    for i, (g, f) in enumerate(zip(grads, factors)):
+        p = _precond(f)
+        terms = (g.double() if p is None else p * g.double()) ** 2
+        # fp32 terms (16u with rsqrt), float64 accumulation on the kernel side, fp32 sums in the
+        # reference (2 k u), one final rounding of each side.
+        bound = (16 + 2 * g.numel() + 2) * U * terms.sum() + 1e-45
+        _within(sums[i : i + 1], expected[i : i + 1], bound.reshape(1), f"came_update_sumsq [{i}]")
+
+
+@pytest.mark.parametrize("param_dtype,grad_dtype", DTYPES)
+@pytest.mark.parametrize("cautious", [False, True])
+def test_came_momentum_and_apply(ops, param_dtype, grad_dtype, cautious):
+    gen, layouts, grads = _came_case(6, grad_dtype)
+    factors = _factors(layouts, gen)
+    grads, factors = _with_vectors(gen, layouts, grads, factors, grad_dtype)
+    count = len(grads)
+    ms = [_randn(g.numel(), gen, scale=0.05) for g in grads]
+    old_m = _clone(ms)
+    divisors = torch.rand(count, generator=gen) + 1.0
+    res = [[torch.zeros(f.layout.num_row_factors) if f.layout else None for f in factors],
+           [torch.zeros(f.layout.num_col_factors) if f.layout else None for f in factors]]
+    ref_res = [[t.clone() if t is not None else None for t in res[0]], [t.clone() if t is not None else None for t in res[1]]]
+    ref_m = _clone(ms)
+    kwargs = dict(beta1=0.9, eps2=1e-16)
+    counts = ops.came_momentum(grads, ms, factors, divisors, res_row_sums=res[0], res_col_sums=res[1], **kwargs)
+    expected_counts = reference.came_momentum(grads, ref_m, factors, divisors, res_row_sums=ref_res[0], res_col_sums=ref_res[1], **kwargs)
+    ambiguous = []
+    for i, (g, f) in enumerate(zip(grads, factors)):
+        p = _precond(f)
+        uh = (g.double() if p is None else p * g.double()) / float(divisors[i])
+        ulps = 16 if f.elementwise is not None else 8
+        m_bound = ulps * U * (0.9 * old_m[i].double().abs() + 0.1 * uh.abs()) + 1e-45
+        _within(ms[i], ref_m[i], m_bound, f"came momentum [{i}]")
+        ambiguous.append(ref_m[i].double().abs() <= m_bound)
+        assert abs(float(counts[i]) - float(expected_counts[i])) <= int(ambiguous[-1].sum()), (i, counts[i], expected_counts[i])
+        if f.layout is not None:
+            diff = uh - ref_m[i].double()
+            # each residual: (uh - m) carries the error of uh and m (m_bound each), squared;
+            # then the sums' order bound over the residuals.
+            per_term = 2 * diff.abs() * 2 * m_bound + 8 * U * diff**2
+            row_bound, col_bound = _sum_bound(diff**2 + 1e-16, f.layout, 4)
+            rows_extra = torch.zeros_like(row_bound)
+            cols_extra = torch.zeros_like(col_bound)
+            f.layout.add_row_col_sums(per_term, rows_extra, cols_extra)
+            _within(res[0][i], ref_res[0][i], row_bound + rows_extra, f"came residual row sums [{i}] {f.layout.shape}")
+            _within(res[1][i], ref_res[1][i], col_bound + cols_extra, f"came residual col sums [{i}] {f.layout.shape}")
+    # The apply phase, on the reference momentum (both sides), with confidence factors.
+    params = [_randn(g.numel(), gen, param_dtype) for g in grads]
+    old_p, ref_p = _clone(params), _clone(params)
+    confidence = [CameFactors(f.layout, torch.rand(f.layout.num_row_factors, generator=gen) + 0.5,
+                              torch.rand(f.layout.num_col_factors, generator=gen) + 0.5) if f.layout else CameFactors()
+                  for f in factors]
+    scales = reference.mask_scales(expected_counts, [max(g.numel(), 1) for g in grads]) if cautious else None
+    lr, wd = 1e-2, 0.1
+    kept = _clone(ref_m)
+    if cautious:
+        ops.came_cautious_finish(None, params, grads, kept, confidence, lr=lr, weight_decay=wd, scales=scales)
+    else:
+        ops.came_apply(params, grads, kept, confidence, lr=lr, weight_decay=wd)
+    reference.came_apply(ref_p, grads, ref_m, confidence, lr=lr, weight_decay=wd, scales=scales)
+    for i, c in enumerate(confidence):
+        _bitwise(kept[i], ref_m[i], "came_apply leaves the momentum")
+        p = _precond(c)
+        update = ref_m[i].double().abs() * (1.0 if p is None else p) * (float(scales[i]) if cautious else 1.0)
+        magnitude = old_p[i].double().abs() + lr * update
+        _within(params[i], ref_p[i], _param_bound(ref_p[i], magnitude, param_dtype, 8), f"came param [{i}] {param_dtype}")
+
+
+def test_came_reductions_repeat_bit_for_bit_and_use_no_float_atomics(ops):
+    """CAME's row/column/residual sums and sums of squares in a fixed order: the same inputs give
+    the same bits, and no launch uses a floating-point atomic (whose order a GPU does not fix)."""
+    gen, layouts, grads = _came_case(8)
+    factors = _factors(layouts, gen)
+    all_grads, all_factors = _with_vectors(gen, layouts, grads, factors)
+    ms = [_randn(g.numel(), gen, scale=0.05) for g in all_grads]
+    divisors = torch.rand(len(all_grads), generator=gen) + 1.0
+    before = torch.ops.dc_cuda_emu.float_atomics()
+    runs = []
+    for _ in range(2):
+        rows, cols = _sq_sums(ops, grads, layouts)
+        sums = ops.came_update_sumsq(all_grads, all_factors)
+        m = _clone(ms)
+        res = [[torch.zeros(f.layout.num_row_factors) if f.layout else None for f in all_factors],
+               [torch.zeros(f.layout.num_col_factors) if f.layout else None for f in all_factors]]
+        ops.came_momentum(all_grads, m, all_factors, divisors, beta1=0.9, eps2=1e-16, res_row_sums=res[0], res_col_sums=res[1])
+        runs.append(rows + cols + [sums] + m + [t for t in res[0] + res[1] if t is not None])
+    for a, b in zip(*runs):
+        _bitwise(a, b, "a repeated CAME phase")
+    assert torch.ops.dc_cuda_emu.float_atomics() == before
+
+
+# ---- the binding's checks ------------------------------------------------------------------------
+def test_binding_rejects_out_of_range_indices(ext):
+    g = [torch.randn(10), torch.randn(5)]
+    m = [torch.randn(10), torch.randn(5)]
+    counts = torch.zeros(2, dtype=torch.int64)
+    divisors = torch.ones(2)
+    with pytest.raises(RuntimeError, match="out_index"):
+        ext.came_vector_momentum(g, m, [torch.rand(10), torch.rand(5)], [True, True], [0, 2], divisors, 0.9, 0.1, counts)
+    with pytest.raises(RuntimeError, match="out_index"):
+        ext.came_vector_momentum(g, m, [torch.rand(10), torch.rand(5)], [True, True], [0, -1], divisors, 0.9, 0.1, counts)
+    with pytest.raises(RuntimeError, match="out_index"):
+        ext.came_vector_sumsq(g, [torch.rand(10), torch.rand(5)], [True, True], [0, 5], torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="out_index"):
+        ext.came_vector_apply(g, g, m, [torch.rand(10), torch.rand(5)], [True, True], [0, 3], 1.0, -0.1, torch.ones(2), 2)
+    grads = [torch.randn(12)]
+    with pytest.raises(RuntimeError, match="out_index"):
+        ext.came_factored_sumsq(grads, [0], [1], [3], [4], [torch.rand(3)], [torch.rand(4)], [1], torch.zeros(1, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="out_index"):
+        ext.came_factored_momentum(grads, [torch.randn(12)], [0], [1], [3], [4], [torch.rand(3)], [torch.rand(4)], [torch.zeros(3)],
+                                   [torch.zeros(4)], [3], torch.ones(1), 0.9, 0.1, 1e-16, torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="outside"):
+        ext.came_factored_sq_sums(grads, [1], [1], [3], [4], [torch.zeros(3)], [torch.zeros(4)], 1e-30)
+    with pytest.raises(RuntimeError, match="outside"):
+        ext.came_factored_sq_sums(grads, [-2], [1], [3], [4], [torch.zeros(3)], [torch.zeros(4)], 1e-30)
+    with pytest.raises(RuntimeError, match="tensors|length"):
+        ext.came_vector_sumsq(g, [torch.rand(10)], [True], [0, 1], torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="elements"):
+        ext.adamw_apply(g, g, m, [torch.rand(10), torch.rand(4)], [-0.1, -0.1], [0.5, 0.5], 1.0, 0.1, 0.999, 0.001, 1e-8, None)
