@@ -181,7 +181,7 @@ def install(engine: Any) -> Optional[ZeroFragmentSource]:
         for param, name in names.items():
             param._dist_cautious_name = name
         return None
-    source = ZeroFragmentSource(build)
+    source = ZeroFragmentSource(build, type(optimizer).partition_state_keys)
     optimizer.fragment_source = source  # instance attribute: shadows the class default
     for flat, pieces in source.layout.values():
         for piece in pieces:
@@ -237,13 +237,23 @@ def get_full_optimizer_state(param: Tensor, key: str) -> Optional[Tensor]:
         return buffer if present.item() > 0 else None
     if key == "exp_avg_sq" and isinstance(optimizer, CAME) and len(piece.global_shape) >= 2:
         return None  # factored: CAME keeps row / column factors instead
-    local = partition_state.get(key)
+    local = _local_elementwise_state(optimizer, partition_state, piece, key)
     present = torch.tensor([1.0 if local is not None and piece.numel else 0.0], device=flat.device)
     buffer = torch.zeros(piece.global_shape.numel(), dtype=torch.float32, device=flat.device)
     if local is not None and piece.numel:
-        buffer.narrow(0, piece.start, piece.numel).copy_(local.view(-1).narrow(0, piece.flat_offset, piece.numel))
+        buffer.narrow(0, piece.start, piece.numel).copy_(local)
     _sum_over(group, buffer, present)
     return buffer.view(piece.global_shape) if present.item() > 0 else None
+
+
+def _local_elementwise_state(optimizer: FragmentOptimizer, partition_state: dict[str, Any], piece: Piece, key: str) -> Optional[Tensor]:
+    """This rank's ``piece.numel`` values of per-element state ``key`` of one tensor, wherever
+    the optimizer keeps them (partition-shaped or per tensor, see ``shard.zero``); ``None`` if absent."""
+    if key in optimizer.partition_state_keys:
+        flat_state = partition_state.get(key)
+        return None if flat_state is None else flat_state.view(-1).narrow(0, piece.flat_offset, piece.numel)
+    compact = partition_state.get(PER_TENSOR, {}).get(piece.index, {}).get(key)
+    return None if compact is None else compact.view(-1)
 
 
 def _sum_over(group: Optional[dist.ProcessGroup], buffer: Tensor, present: Tensor) -> None:
@@ -267,10 +277,14 @@ def set_full_optimizer_state(param: Tensor, key: str, value: Tensor) -> None:
         if key == "step":
             partition_state["step"] = value.clone()
         return
+    local_value = value.reshape(-1).narrow(0, piece.start, piece.numel)
+    if key not in optimizer.partition_state_keys:
+        tensor_state(partition_state, piece.index)[key] = local_value.to(flat.device).clone()
+        return
     if key not in partition_state:
         partition_state[key] = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
     if piece.numel:
-        partition_state[key].view(-1).narrow(0, piece.flat_offset, piece.numel).copy_(value.reshape(-1).narrow(0, piece.start, piece.numel))
+        partition_state[key].view(-1).narrow(0, piece.flat_offset, piece.numel).copy_(local_value)
 
 
 def set_full_fp32_param(param: Tensor, value: Tensor) -> None:

@@ -16,6 +16,8 @@ class CautiousAdamW(FragmentOptimizer):
     One sum all-reduce of mask counts per step and process group, none when nothing is sharded.
     """
 
+    partition_state_keys = ("exp_avg", "exp_avg_sq")
+
     def __init__(
         self,
         params: Iterable[Any],

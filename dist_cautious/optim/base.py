@@ -64,6 +64,10 @@ class FragmentOptimizer(Optimizer):
 
     #: replaced by the DeepSpeed integration, which knows the flat partitions' layout
     fragment_source: FragmentSource = staticmethod(default_fragments)
+    #: per-element state keys that EVERY tensor has. Under ZeRO these are stored shaped like
+    #: DeepSpeed's flat partition (its checkpoint and universal-checkpoint format); any other
+    #: per-element key is stored per tensor, sized by the tensor's local piece
+    partition_state_keys: tuple[str, ...] = ("exp_avg",)
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._owner = type(self).__name__

@@ -51,6 +51,10 @@ class CAME(FragmentOptimizer):
     0-D tensors ``exp_avg_sq``; and ``step``.
     """
 
+    #: only ``exp_avg`` is per element for every tensor: under ZeRO, the 1-D / 0-D tensors'
+    #: ``exp_avg_sq`` is kept per tensor, so the factored tensors hold no second moment per element
+    partition_state_keys = ("exp_avg",)
+
     def __init__(
         self,
         params: Iterable[Any],

@@ -4,10 +4,14 @@ DeepSpeed hands its basic optimizer one flat fp32 tensor per param group (ZeRO-1
 bf16 optimizer wrapper) or per sub-group (ZeRO-3), with ``.grad`` set to the matching flat
 gradient. The optimizer state DeepSpeed checkpoints, converts to universal checkpoints and reads
 back through ``safe_get_full_optimizer_state`` is keyed by that flat tensor and shaped like it.
-So per-element state (``exp_avg``, ``exp_avg_sq``) stays flat, partition-shaped, in
-``state[flat]``; what belongs to one original tensor (the step count, CAME's replicated row and
-column factors) lives in ``state[flat]["per_tensor"][index]``, ``index`` being the tensor's
-position in DeepSpeed's list of params for that flat tensor (the same on every rank).
+So per-element state that EVERY tensor has (the optimizer's ``partition_state_keys``:
+``exp_avg``, and AdamW's ``exp_avg_sq``) stays flat, partition-shaped, in ``state[flat]``.
+Everything else lives in ``state[flat]["per_tensor"][index]``, ``index`` being the tensor's
+position in DeepSpeed's list of params for that flat tensor (the same on every rank): what
+belongs to one original tensor (the step count, CAME's replicated row and column factors), and
+per-element state that only some tensors have (CAME's ``exp_avg_sq`` of 1-D / 0-D tensors),
+sized by the tensor's local piece. A partition-shaped buffer for the latter would give CAME
+AdamW's memory: the factored tensors that make up nearly all elements would hold zeros in it.
 
 Where the pieces come from:
 
@@ -61,16 +65,22 @@ class Piece:
 
 @dataclass
 class PartitionFragment(Fragment):
-    """A fragment whose per-element state lives in the flat partition's state (shaped like the
-    partition, as DeepSpeed's checkpoints expect) rather than in the per-tensor dict."""
+    """A fragment of a flat partition. Per-element state of ``partition_keys`` lives in the flat
+    partition's state (shaped like the partition, as DeepSpeed's checkpoints expect); any other
+    per-element key is kept compact in the per-tensor dict, sized by this rank's piece."""
 
     partition_state: dict[str, Any] = field(default_factory=dict)
     partition: Optional[Tensor] = None
     flat_offset: int = 0
+    partition_keys: frozenset[str] = frozenset()
 
     def elementwise_state(self, key: str) -> Tensor:
+        assert self.partition is not None
+        if key not in self.partition_keys:
+            if key not in self.state:
+                self.state[key] = torch.zeros(self.local_numel, dtype=torch.float32, device=self.partition.device)
+            return self.state[key].view(-1)
         if key not in self.partition_state:
-            assert self.partition is not None
             self.partition_state[key] = torch.zeros(self.partition.numel(), dtype=torch.float32, device=self.partition.device)
         return self.partition_state[key].view(-1).narrow(0, self.flat_offset, self.local_numel)
 
@@ -97,8 +107,9 @@ def _sync_partition_step(partition_state: dict[str, Any], state: dict[str, Any])
     return sync
 
 
-def fragment_of(piece: Piece, partition: Tensor, partition_state: dict[str, Any]) -> PartitionFragment:
-    """The fragment of ``piece`` (possibly empty) in the flat ``partition`` being stepped."""
+def fragment_of(piece: Piece, partition: Tensor, partition_state: dict[str, Any], partition_keys: frozenset[str]) -> PartitionFragment:
+    """The fragment of ``piece`` (possibly empty) in the flat ``partition`` being stepped;
+    per-element state of ``partition_keys`` is partition-shaped, other keys per tensor."""
     state = tensor_state(partition_state, piece.index)
     flat_param = partition.data.view(-1)
     flat_grad = partition.grad.view(-1)
@@ -118,6 +129,7 @@ def fragment_of(piece: Piece, partition: Tensor, partition_state: dict[str, Any]
         partition_state=partition_state,
         partition=partition,
         flat_offset=lo,
+        partition_keys=partition_keys,
     )
 
 
@@ -137,11 +149,13 @@ class ZeroFragmentSource:
 
     ``build_layout`` maps ``id(flat partition)`` to ``(flat partition, pieces)``; it is rebuilt
     once if DeepSpeed hands over a flat tensor it has not seen (a reload that replaced it).
+    ``partition_keys`` are the per-element state keys every tensor has, stored partition-shaped.
     """
 
-    def __init__(self, build_layout: Callable[[], Layout]) -> None:
+    def __init__(self, build_layout: Callable[[], Layout], partition_keys: Iterable[str]) -> None:
         self._build_layout = build_layout
         self.layout: Layout = build_layout()
+        self.partition_keys = frozenset(partition_keys)
 
     def pieces(self, flat: Tensor) -> list[Piece]:
         entry = self.layout.get(id(flat))
@@ -161,7 +175,7 @@ class ZeroFragmentSource:
                 continue
             partition_state = state[flat]
             for piece in self.pieces(flat):
-                yield fragment_of(piece, flat, partition_state)
+                yield fragment_of(piece, flat, partition_state, self.partition_keys)
 
 
 def _name(names: dict[Tensor, str], param: Tensor, fallback: str) -> str:

@@ -356,8 +356,8 @@ def run_checkpoint_case(case: dict[str, Any], rank: int, world_size: int) -> dic
 
 def run_full_state_case(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
     """Full optimizer state of every param after STEPS steps, through
-    ``get_full_optimizer_state`` (CAME factors included) and, for the per-element keys,
-    DeepSpeed's own ``safe_get_full_optimizer_state``."""
+    ``get_full_optimizer_state`` (CAME factors included) and, for the partition-shaped
+    per-element keys, DeepSpeed's own ``safe_get_full_optimizer_state``."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     from dist_cautious.integrations.deepspeed import _state_keys, get_full_optimizer_state
@@ -373,7 +373,7 @@ def run_full_state_case(case: dict[str, Any], rank: int, world_size: int) -> dic
         ours[name], theirs[name] = {}, {}
         for key in _state_keys(optimizer, flat, piece):
             ours[name][key] = get_full_optimizer_state(param, key).cpu()
-            if key in ("exp_avg", "exp_avg_sq"):
+            if key in optimizer.partition_state_keys:  # the only state DeepSpeed's getter can see
                 theirs[name][key] = safe_get_full_optimizer_state(param, key).float().cpu().clone()
     return {"ours": ours, "theirs": theirs}
 

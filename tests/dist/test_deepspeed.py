@@ -95,6 +95,9 @@ def plan(tmp: Path) -> dict[int, list[dict[str, Any]]]:
             {**invariance("CautiousAdamW", True, 3, dtype="fp16"), "kind": "overflow", "id": "overflow-fp16-zero3"},
             {**invariance("CautiousLion", True, 1), "kind": "overflow", "id": "overflow-fp32-zero1"},
             {**invariance("CAME", True, 2, dir=str(tmp / "ckpt-came-z2")), "kind": "checkpoint", "id": "checkpoint-CAME-zero2"},
+            # CAME's 1-D second moments live in the per-tensor state (compact): they must round-trip too
+            {**invariance("CAME", False, 3, offload=True, dir=str(tmp / "ckpt-came-z3o")), "kind": "checkpoint", "id": "checkpoint-CAME-zero3-offload"},
+            {**invariance("CAME", True, 1, dtype="bf16", dir=str(tmp / "ckpt-came-z1-bf16")), "kind": "checkpoint", "id": "checkpoint-CAME-zero1-bf16"},
             {**invariance("CautiousAdamW", True, 3, offload=True, dir=str(tmp / "ckpt-adamw-z3o")), "kind": "checkpoint", "id": "checkpoint-CautiousAdamW-zero3-offload"},
             {**invariance("CautiousLion", True, 1, dir=str(tmp / "ckpt-lion-z1")), "kind": "checkpoint", "id": "checkpoint-CautiousLion-zero1"},
         ],
@@ -189,7 +192,8 @@ def test_checkpoint_resume_is_exact(results: dict, key: tuple[int, str]) -> None
     for outcome in per_rank:
         for name, weight in outcome["straight"].items():
             assert torch.equal(outcome["resumed"][name], weight), name
-    assert_weights_close(per_rank[0]["straight"], harness.reference_weights(case), "straight run")
+    if case.get("dtype") is None:  # a bf16 forward is not comparable with the fp32 reference
+        assert_weights_close(per_rank[0]["straight"], harness.reference_weights(case), "straight run")
 
 
 @pytest.mark.parametrize("key", _ids("load_full"), ids=lambda k: f"ws{k[0]}-{k[1]}")
