@@ -119,10 +119,17 @@ def _param_bound(expected: torch.Tensor, magnitude: torch.Tensor, dtype, ulps: f
     return (PARAM_ULP[dtype] + ulps * U) * magnitude.double() + PARAM_ULP[dtype] * expected.double().abs() + PARAM_FLOOR[dtype]
 
 
+def _with_zeros(grad: torch.Tensor) -> torch.Tensor:
+    """Every 13th gradient entry exactly 0 (a dead unit): ``m * g`` is then 0, which the strict
+    mask ``m * g > 0`` must reject."""
+    grad[::13] = 0
+    return grad
+
+
 def _elem_case(param_dtype, grad_dtype, seed):
     gen = _gen(seed)
     params = [_randn(n, gen, param_dtype) for n in ELEM_SIZES]
-    grads = [_randn(n, gen, grad_dtype, 0.1) for n in ELEM_SIZES]
+    grads = [_with_zeros(_randn(n, gen, grad_dtype, 0.1)) for n in ELEM_SIZES]
     exp_avgs = [_randn(n, gen, scale=0.05) for n in ELEM_SIZES]
     exp_avg_sqs = [torch.rand(n, generator=gen) * 1e-2 for n in ELEM_SIZES]
     return params, grads, exp_avgs, exp_avg_sqs
@@ -258,7 +265,7 @@ def test_lion_nan_momentum_is_sign_zero(ops):
 def _came_case(seed: int, grad_dtype=torch.float32):
     gen = _gen(seed)
     layouts = [FactoredLayout(shape, start, end) for shape, start, end in FACTORED]
-    grads = [_randn(lay.end - lay.start, gen, grad_dtype, 0.1) for lay in layouts]
+    grads = [_with_zeros(_randn(lay.end - lay.start, gen, grad_dtype, 0.1)) for lay in layouts]
     return gen, layouts, grads
 
 
