@@ -158,9 +158,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus-bytes", type=_positive_int, default=d.corpus_bytes, help="bytes of standard-library source to train on (default: %(default)s)")
     parser.add_argument("--seed", type=_nonnegative_int, default=d.seed, help="weights and data seed (default: %(default)s)")
     parser.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: CUDA with NCCL if present, else CPU with gloo (default: %(default)s)")
-    parser.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"], help="bf16: FSDP2 mixed precision (bf16 compute, fp32 params and reductions)")
+    parser.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"], help="bf16: FSDP2 mixed precision (bf16 compute, fp32 params and reductions), or DeepSpeed's bf16 mode (bf16 params, fp32 master partitions)")
     parser.add_argument("--zero-stage", type=int, default=d.zero_stage, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage, backend deepspeed (default: %(default)s)")
     parser.add_argument("--offload", action="store_true", help="DeepSpeed: optimizer state and step on the CPU (ZeRO-Offload)")
+    parser.add_argument("--zero3-persistence-threshold", type=_nonnegative_int, default=d.zero3_persistence_threshold, metavar="N", help="DeepSpeed ZeRO-3 keeps params of at most N elements whole on every rank (stage3_param_persistence_threshold; default: %(default)s, DeepSpeed's)")
     parser.add_argument("--metrics", default=None, metavar="PATH", help="write the losses and per-rank memory as JSON (rank 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -172,7 +173,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         optimizer=args.optimizer, backend=args.backend, steps=args.steps, global_batch=args.global_batch,
         context=args.context, width=args.width, layers=args.layers, heads=args.heads, lr=args.lr,
         weight_decay=args.weight_decay, warmup=min(args.warmup, args.steps), corpus_bytes=args.corpus_bytes,
-        seed=args.seed, device=args.device, precision=args.precision, zero_stage=args.zero_stage, offload=args.offload, progress=not args.quiet, metrics_path=args.metrics,
+        seed=args.seed, device=args.device, precision=args.precision, zero_stage=args.zero_stage, offload=args.offload, zero3_persistence_threshold=args.zero3_persistence_threshold, progress=not args.quiet, metrics_path=args.metrics,
     )
 
 
@@ -237,9 +238,9 @@ def _add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=_nonnegative_int, default=0, help="which rank to report (rank 0 holds the largest shard) (default: 0)")
     parser.add_argument("--compare", action="store_true", help="print the settings comparison (DDP, ZeRO-1/2/3, offload, FSDP2 at 8 and 64 ranks) for --model and --precision")
     parser.add_argument("--plot", metavar="PNG", default=None, help="also write per-rank memory vs world size (1..256) for this model")
-    parser.add_argument("--measure", action="store_true", help="measured mode: run real steps of the train model on local CPU ranks (FSDP2) and print measured vs estimated bytes per rank")
-    parser.add_argument("--measure-world-sizes", nargs="+", type=_positive_int, default=[1, 2, 3], help="world sizes for --measure (default: 1 2 3)")
-    parser.add_argument("--measure-width", type=_positive_int, default=48, help="model width for --measure (default: %(default)s)")
+    parser.add_argument("--measure", action="store_true", help="measured mode: run real steps of the train model on local CPU ranks (single process, DDP, FSDP2 fp32/bf16, DeepSpeed ZeRO-1/2/3 with and without offload in fp32/bf16) and print measured vs estimated bytes per rank")
+    parser.add_argument("--measure-world-sizes", nargs="+", type=_positive_int, default=[1, 2], help="world sizes for --measure (default: 1 2)")
+    parser.add_argument("--measure-width", type=_positive_int, default=128, help="model width for --measure (default: %(default)s)")
     parser.add_argument("--measure-layers", type=_positive_int, default=2, help="model blocks for --measure (default: %(default)s)")
 
 
@@ -291,24 +292,18 @@ def _estimate_table(model: Any, args: argparse.Namespace) -> None:
 
 
 def _memory_measure(args: argparse.Namespace) -> int:
-    from dist_cautious.bench.memory_measure import MEASURED, measure, relative_error
+    from dist_cautious.bench.memory_measure import measure, table
+    from dist_cautious.train.backend import deepspeed_available
 
     width = args.measure_width
     if width % 4:
         raise CliError(f"--measure-width must be divisible by 4 (the model's heads), got {width}")
-    rows = measure(args.optimizer, args.measure_world_sizes, dict(context=32, width=width, layers=args.measure_layers, heads=4))
-    print("measured (storage bytes held after real steps) vs estimated, per rank; bytes")
-    header = ["optimizer", "backend", "world", "rank"] + [f"{k} measured / estimated" for k in MEASURED] + ["total error"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    worst = 0.0
-    for row in rows:
-        worst = max(worst, relative_error(row))
-        cells = [row["optimizer"], row["backend"], str(row["world_size"]), str(row["rank"])]
-        cells += [f"{row['measured'][k]:,} / {row['estimated'][k]:,}" for k in MEASURED]
-        cells.append(f"{100 * relative_error(row):.3f}%")
-        print("| " + " | ".join(cells) + " |")
-    print(f"largest relative error of the per-rank total: {100 * worst:.3f}%")
+    with_deepspeed = deepspeed_available()
+    if not with_deepspeed:
+        print("DeepSpeed is not importable here: measuring single process, DDP and FSDP2 only", file=sys.stderr)
+    rows = measure(args.measure_world_sizes, args.optimizer, dict(context=32, width=width, layers=args.measure_layers, heads=4), deepspeed=with_deepspeed)
+    print("measured / estimated bytes per rank: storages held at the optimizer step, after real steps on local CPU ranks")
+    print(table(rows))
     return 0
 
 

@@ -5,18 +5,27 @@ parameters, communication buckets and allocator slack are not. The model is its 
 shapes (``model_shapes``); per rank:
 
 Sharding (``none`` = single process / DDP; ``zero1``/``zero2``/``zero3`` = DeepSpeed's flat
-partitions, one contiguous range of the concatenated params per rank, ``ceil(total / world)``
-elements, cut anywhere; ``fsdp`` = FSDP2 ``Shard(0)``: each tensor's rows in chunks of
-``ceil(rows / world)``). ZeRO-1 shards optimizer state (and master weights), ZeRO-2 also
-gradients, ZeRO-3 and FSDP also params. FSDP2 stores each rank's param shard and the group's
-gradient shards padded to the full chunk, the optimizer's per-element state unpadded: both are
-modelled, so the estimate matches the bytes FSDP2 really holds.
+partitions; ``fsdp`` = FSDP2 ``Shard(0)``: each tensor's rows in chunks of ``ceil(rows / world)``).
+ZeRO-1 shards optimizer state (and master weights), ZeRO-2 also gradients, ZeRO-3 and FSDP also
+params. FSDP2 stores each rank's param shard and the group's gradient shards padded to the full
+chunk, the optimizer's per-element state unpadded: both are modelled, so the estimate matches
+the bytes FSDP2 really holds. DeepSpeed's layouts are modelled as DeepSpeed 0.19 builds them,
+for one param group: ZeRO-1/2 pad the concatenation of all params to a multiple of
+``2 * world`` and give every rank one equal flat partition, cut anywhere; ZeRO-3 gives every
+rank ``ceil(numel / world)`` elements of every param (the last rank's padded), back to back, and
+keeps params of at most ``zero3_persistence_threshold`` elements whole on every rank as well
+(``stage3_param_persistence_threshold``, 100,000 by default). DeepSpeed keeps an fp32 master
+partition in every precision (fp32 too), and its gradient partition in the params' dtype.
 
 Optimizer state (fp32): AdamW / CautiousAdamW ``exp_avg`` + ``exp_avg_sq`` (8 bytes/element);
 Lion / CautiousLion ``exp_avg`` (4); CAME / C-CAME ``exp_avg`` plus, for tensors with >= 2 dims,
 row and column factors of the second moment and of the residual (``S[:-1]`` and
-``S[:-2] + S[-1:]`` each, replicated on every rank that holds a piece of the tensor), for 1-D
-tensors ``exp_avg_sq``; plus a 4-byte ``step`` per tensor held. The cautious mask adds no state.
+``S[:-2] + S[-1:]`` each), for 1-D tensors ``exp_avg_sq``; plus a 4-byte ``step`` per tensor.
+Under FSDP2 factors and steps are kept on every rank of the mesh; under ZeRO on every rank of
+the group for every tensor of the group (each rank joins every tensor's reductions). Under ZeRO
+the state every tensor has is partition-shaped (padding included) and CAME's 1-D
+``exp_avg_sq`` is sized by the rank's real elements of each 1-D tensor, plus one partition-level
+``step``. The cautious mask adds no state.
 Not counted: on CPU tensors (CPU training, ZeRO-Offload, FSDP2 CPU offload) the native kernels
 keep a reusable scratch buffer between steps, 1/4 byte per local element for CautiousLion and
 1/8 for cautious CAME (6% and 3% of their fp32 state).
@@ -52,6 +61,7 @@ class Setup:
     world_size: int = 8
     precision: str = "bf16-mixed"
     offload: str = "none"
+    zero3_persistence_threshold: int = 100_000
 
     def __post_init__(self) -> None:
         for name, allowed in (("optimizer", OPTIMIZER_NAMES), ("sharding", SHARDINGS), ("precision", PRECISIONS), ("offload", OFFLOADS)):
@@ -59,6 +69,8 @@ class Setup:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if not isinstance(self.world_size, int) or self.world_size < 1:
             raise ValueError(f"world size must be a positive integer, got {self.world_size!r}")
+        if not isinstance(self.zero3_persistence_threshold, int) or self.zero3_persistence_threshold < 0:
+            raise ValueError(f"zero3 persistence threshold must be an integer >= 0, got {self.zero3_persistence_threshold!r}")
         if self.offload == "all" and self.sharding not in ("zero3", "fsdp"):
             raise ValueError("offload 'all' (params and grads too) needs sharding zero3 or fsdp")
 
@@ -84,13 +96,14 @@ class Estimate:
         return self.device[category] + self.host[category]
 
 
-def _state_per_element(optimizer: str, shape: Shape) -> int:
-    """fp32 state values per element of the tensor (the elementwise part)."""
+def _state_per_element(optimizer: str, shape: Shape) -> tuple[int, int]:
+    """fp32 state values per element of the tensor: (those every tensor has, which ZeRO stores
+    partition-shaped; those only this tensor has, which ZeRO stores per tensor)."""
     if optimizer in ("adamw", "cautious-adamw"):
-        return 2
+        return 2, 0
     if optimizer in ("lion", "cautious-lion"):
-        return 1
-    return 1 if len(shape) >= 2 else 2  # CAME: exp_avg, plus exp_avg_sq when not factored
+        return 1, 0
+    return 1, 0 if len(shape) >= 2 else 1  # CAME: exp_avg, plus exp_avg_sq when not factored
 
 
 def _factored_numel(optimizer: str, shape: Shape) -> int:
@@ -109,11 +122,18 @@ def _fsdp_rows(shape: Shape, world: int, rank: int) -> tuple[int, int]:
     return local_rows * row_numel, chunk * row_numel
 
 
-def _zero_ranges(shapes: tuple[Shape, ...], world: int, rank: int) -> list[int]:
-    """Elements of each tensor inside ``rank``'s flat ZeRO partition of the concatenation."""
+def zero12_partition_numel(shapes: tuple[Shape, ...], world: int) -> int:
+    """Elements of every rank's flat ZeRO-1/2 partition: DeepSpeed pads the concatenation to a
+    multiple of ``2 * world`` (its ``nccl_start_alignment_factor`` times the world size)."""
     total = sum(math.prod(shape) for shape in shapes)
-    part = math.ceil(total / world)
-    lo, hi = rank * part, min((rank + 1) * part, total)
+    alignment = 2 * world
+    return math.ceil(total / alignment) * alignment // world
+
+
+def _zero_ranges(shapes: tuple[Shape, ...], world: int, rank: int) -> list[int]:
+    """Real elements of each tensor inside ``rank``'s flat ZeRO-1/2 partition."""
+    part = zero12_partition_numel(shapes, world)
+    lo, hi = rank * part, (rank + 1) * part
     overlaps, offset = [], 0
     for shape in shapes:
         numel = math.prod(shape)
@@ -122,37 +142,65 @@ def _zero_ranges(shapes: tuple[Shape, ...], world: int, rank: int) -> list[int]:
     return overlaps
 
 
+def _zero3_pieces(shapes: tuple[Shape, ...], world: int, rank: int) -> tuple[list[int], list[int]]:
+    """(padded, real) elements of each param in ``rank``'s ZeRO-3 partition."""
+    padded, real = [], []
+    for shape in shapes:
+        numel = math.prod(shape)
+        per_rank = math.ceil(numel / world)
+        padded.append(per_rank)
+        real.append(max(0, min(per_rank, numel - rank * per_rank)))
+    return padded, real
+
+
+def _zero_sizes(model: ModelShapes, setup: Setup, rank: int, low_bytes: int) -> dict[str, int]:
+    """Bytes per category under DeepSpeed ZeRO-1/2/3 (see the module docstring)."""
+    shapes, world = model.shapes, setup.world_size
+    full = [math.prod(shape) for shape in shapes]
+    if setup.sharding == "zero3":
+        padded, real = _zero3_pieces(shapes, world, rank)
+        partition = sum(padded)
+        persistent = sum(n for n in full if n <= setup.zero3_persistence_threshold)
+        params, grads = low_bytes * (partition + persistent), low_bytes * partition
+    else:
+        partition, real = zero12_partition_numel(shapes, world), _zero_ranges(shapes, world, rank)
+        params = low_bytes * sum(full)
+        grads = low_bytes * (partition if setup.sharding == "zero2" else sum(full))
+    per_element = [_state_per_element(setup.optimizer, shape) for shape in shapes]
+    every_tensor = per_element[0][0] if shapes else 0
+    state = every_tensor * partition + 1  # partition-shaped state, the partition-level step
+    state += sum(only_this * n + _factored_numel(setup.optimizer, shape) + 1 for shape, (_, only_this), n in zip(shapes, per_element, real))
+    master = 4 * partition if setup.precision != "bf16" else 0
+    return {"params": params, "grads": grads, "master": master, "optimizer_state": 4 * state}
+
+
 def estimate(model: ModelShapes, setup: Setup, rank: int = 0) -> Estimate:
     """Bytes ``rank`` holds for ``model`` under ``setup`` (rank 0 is the largest shard)."""
     if not isinstance(rank, int) or not 0 <= rank < setup.world_size:
         raise ValueError(f"rank must be in [0, {setup.world_size}), got {rank!r}")
     world, sharding = setup.world_size, setup.sharding
     shapes = model.shapes
-    full = [math.prod(shape) for shape in shapes]
-    if sharding == "fsdp":
-        local, padded = zip(*(_fsdp_rows(shape, world, rank) for shape in shapes)) if shapes else ((), ())
-        held = [True] * len(shapes)  # every rank of the mesh steps every tensor (empty pieces too)
-        opt_local, grad_local, param_local = list(local), list(padded), list(padded)
-    elif sharding == "none" or world == 1:
-        held = [True] * len(shapes)
-        opt_local = grad_local = param_local = full
-    else:
-        part = _zero_ranges(shapes, world, rank)
-        held = [n > 0 for n in part]
-        opt_local = part
-        grad_local = part if sharding in ("zero2", "zero3") else full
-        param_local = part if sharding == "zero3" else full
     fsdp_mixed = sharding == "fsdp" and setup.precision == "bf16-mixed"
     low_bytes = 4 if setup.precision == "fp32" or fsdp_mixed else 2
-    sizes = {
-        "params": low_bytes * sum(param_local),
-        "grads": low_bytes * sum(grad_local),
-        "master": 4 * sum(opt_local) if setup.precision == "bf16-mixed" and not fsdp_mixed else 0,
-        "optimizer_state": 4 * sum(
-            _state_per_element(setup.optimizer, shape) * n + (_factored_numel(setup.optimizer, shape) + 1) * is_held
-            for shape, n, is_held in zip(shapes, opt_local, held)
-        ),
-    }
+    if sharding in ("zero1", "zero2", "zero3"):
+        sizes = _zero_sizes(model, setup, rank, low_bytes)
+    else:
+        full = [math.prod(shape) for shape in shapes]
+        if sharding == "fsdp":
+            local, padded = zip(*(_fsdp_rows(shape, world, rank) for shape in shapes)) if shapes else ((), ())
+            opt_local, grad_local, param_local = list(local), list(padded), list(padded)
+        else:
+            opt_local = grad_local = param_local = full
+        sizes = {
+            "params": low_bytes * sum(param_local),
+            "grads": low_bytes * sum(grad_local),
+            "master": 4 * sum(opt_local) if setup.precision == "bf16-mixed" and not fsdp_mixed else 0,
+            # every rank steps every tensor (FSDP2: empty pieces too), so each keeps its factors and step
+            "optimizer_state": 4 * sum(
+                sum(_state_per_element(setup.optimizer, shape)) * n + _factored_numel(setup.optimizer, shape) + 1
+                for shape, n in zip(shapes, opt_local)
+            ),
+        }
     result = Estimate(setup, rank)
     on_host = {"none": (), "optimizer": ("master", "optimizer_state"), "all": CATEGORIES}[setup.offload]
     for category, nbytes in sizes.items():

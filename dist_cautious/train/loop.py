@@ -47,6 +47,7 @@ class TrainConfig:
     precision: str = "fp32"
     zero_stage: int = 2
     offload: bool = False
+    zero3_persistence_threshold: int = 100_000  # DeepSpeed's stage3_param_persistence_threshold default
     log_every: int = 10
     progress: bool = True
     metrics_path: Optional[str] = None
@@ -70,8 +71,10 @@ class TrainConfig:
             raise ValueError(f"zero-stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if (self.zero_stage != 2 or self.offload) and self.backend != "deepspeed":
             raise ValueError("zero-stage and offload apply to backend deepspeed only")
-        if self.precision == "bf16" and self.backend != "fsdp2":
-            raise ValueError("precision bf16 is supported with backend fsdp2 (FSDP2 mixed precision)")
+        if self.precision == "bf16" and self.backend not in ("fsdp2", "deepspeed"):
+            raise ValueError("precision bf16 is supported with backend fsdp2 (FSDP2 mixed precision) and deepspeed (its bf16 mode)")
+        if not isinstance(self.zero3_persistence_threshold, int) or self.zero3_persistence_threshold < 0:
+            raise ValueError(f"zero3-persistence-threshold must be an integer >= 0, got {self.zero3_persistence_threshold!r}")
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if value is not None and (not math.isfinite(value) or value < 0):
@@ -94,6 +97,7 @@ class TrainResult:
     tokens_per_second: float = 0.0
     parameters: int = 0
     memory: list[dict[str, int]] = field(default_factory=list)  # one entry per rank
+    notes: list[str] = field(default_factory=list)  # what the memory lines need said (ZeRO-3 persistence)
 
     def summary(self) -> str:
         lines = [
@@ -106,10 +110,12 @@ class TrainResult:
                 f"  rank {rank}: params {_mib(mem['params'])}, grads {_mib(mem['grads'])}, "
                 f"optimizer state {_mib(mem['optimizer_state'])}"
                 + (f", fp32 partitions {_mib(mem['master'])}" if "master" in mem else "")
+                + (f", other DeepSpeed buffers {_mib(mem['buffers'])}" if "buffers" in mem else "")
                 + f" (held {_mib(mem['total'])}); "
                 f"peak RSS {_mib(mem['peak_rss'])}"
                 + (f", peak CUDA {_mib(mem['peak_cuda'])}" if mem.get("peak_cuda") else "")
             )
+        lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -141,7 +147,7 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
 
 def train(config: TrainConfig, runtime: Optional[backends.Runtime] = None) -> TrainResult:
     """Run the job on this rank (joining the process group the environment describes)."""
-    from dist_cautious.bench.memory_measure import held_bytes
+    from dist_cautious.bench.held_bytes import deepspeed_held_bytes, held_bytes
 
     runtime = runtime or backends.init_runtime(config.backend, config.device)
     config.validate(runtime.world_size)
@@ -162,6 +168,7 @@ def train(config: TrainConfig, runtime: Optional[backends.Runtime] = None) -> Tr
 
     result = TrainResult(config.optimizer, config.backend, runtime.world_size, config.steps, parameters=parameters)
     bar = _progress(config, runtime)
+    memory: dict[str, int] = {}
     start = time.perf_counter()
     for step in range(config.steps):
         for group in optimizer.param_groups:
@@ -172,6 +179,8 @@ def train(config: TrainConfig, runtime: Optional[backends.Runtime] = None) -> Tr
         loss = loss_of(inputs.to(runtime.device), targets.to(runtime.device))
         if engine:
             engine.backward(loss)
+            if step == config.steps - 1:  # ZeRO frees its gradient partitions inside the step
+                memory = deepspeed_held_bytes(engine)
             engine.step()
         else:
             loss.backward()
@@ -185,7 +194,10 @@ def train(config: TrainConfig, runtime: Optional[backends.Runtime] = None) -> Tr
     if bar is not None:
         bar.close()
     result.tokens_per_second = config.steps * config.global_batch * config.context / result.seconds
-    memory = held_bytes(engine.module, engine.basic_optimizer, _deepspeed_partitions(engine)) if engine else held_bytes(model, optimizer)
+    if not engine:
+        memory = held_bytes(model, optimizer)
+    else:
+        result.notes = _zero3_persistence_notes(engine, config)
     memory["peak_rss"] = _peak_rss_bytes()
     if runtime.device.type == "cuda":
         memory["peak_cuda"] = torch.cuda.max_memory_allocated(runtime.device)
@@ -231,13 +243,18 @@ def _progress(config: TrainConfig, runtime: backends.Runtime) -> Any:
 
 def deepspeed_config(config: TrainConfig, world_size: int, base_lr: float) -> dict[str, Any]:
     """The DeepSpeed config of the job: the optimizer named by string (as a user's JSON would),
-    the ZeRO stage, optional CPU offload of the optimizer, and no gradient clipping (DeepSpeed
-    0.19 clips at 1.0 when the key is absent, which would make its run differ from the others)."""
+    the ZeRO stage, optional CPU offload of the optimizer, bf16 if asked, ZeRO-3's param
+    persistence threshold, and no gradient clipping (DeepSpeed 0.19 clips at 1.0 when the key
+    is absent, which would make its run differ from the others)."""
     spec = optimizer_spec(config.optimizer)
     zero: dict[str, Any] = {"stage": config.zero_stage}
     if config.offload:
         zero["offload_optimizer"] = {"device": "cpu"}
+    if config.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = config.zero3_persistence_threshold
+    extra: dict[str, Any] = {"bf16": {"enabled": True}} if config.precision == "bf16" else {}
     return {
+        **extra,
         "train_micro_batch_size_per_gpu": config.global_batch // world_size,
         "gradient_accumulation_steps": 1,
         "optimizer": {
@@ -265,8 +282,16 @@ def _deepspeed_engine(model: torch.nn.Module, config: TrainConfig, runtime: back
     return engine
 
 
-def _deepspeed_partitions(engine: Any) -> list[torch.Tensor]:
-    """DeepSpeed's own flat buffers a rank keeps besides module tensors: the fp32 partitions
-    (ZeRO-1/2 ``single_partition_of_fp32_groups``, ZeRO-3 ``fp32_partitioned_groups_flat``)."""
-    zero = engine.optimizer
-    return list(getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat", None) or [])
+def _zero3_persistence_notes(engine: Any, config: TrainConfig) -> list[str]:
+    """Under ZeRO-3, which params DeepSpeed keeps whole on every rank (``ds_persist``: at most
+    ``stage3_param_persistence_threshold`` elements): without it, a small model's params line
+    reads as unsharded with no word why."""
+    if config.zero_stage != 3:
+        return []
+    params = [p for p in engine.module.parameters() if hasattr(p, "ds_numel")]
+    whole = [p for p in params if getattr(p, "ds_persist", False)]
+    return [
+        f"ZeRO-3 keeps {len(whole)} of {len(params)} params ({sum(p.ds_numel for p in whole):,} of {sum(p.ds_numel for p in params):,} elements) "
+        f"whole on every rank: those of at most stage3_param_persistence_threshold = {config.zero3_persistence_threshold:,} elements "
+        "(--zero3-persistence-threshold); the rest are partitioned"
+    ]
