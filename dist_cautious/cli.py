@@ -8,16 +8,20 @@ build) are reported the same way.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
+import logging
 import os
 import platform
 import shutil
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, NoReturn, Optional
 
 USAGE_ERROR = 2
+TRAINING_FAILED = 1  # the job ran and stopped on an error it reported itself (a non-finite loss)
 
 
 class CliError(Exception):
@@ -115,11 +119,13 @@ def _importable(module: str, attribute: Optional[str] = None) -> bool:
 
 
 def _kernel_status(device: str, mode: str, build: bool) -> str:
-    """Which path ``ops_for`` would use: the native module's presence, and with ``build`` the
-    result of actually loading (JIT-building) it."""
+    """Which path ``train`` (``ops_for``) will take on ``device``: without ``build``, predicted
+    from the install and torch's JIT cache (``kernels.build.cache_state``), nothing compiled;
+    with ``build``, the result of loading (JIT-building if needed) and self-checking it."""
     import torch
 
     from dist_cautious import kernels
+    from dist_cautious.kernels import build as kernel_build
     from dist_cautious.kernels import reference
 
     module_name = f"dist_cautious.kernels.{device}_ops"
@@ -128,12 +134,33 @@ def _kernel_status(device: str, mode: str, build: bool) -> str:
     if not _importable(module_name):
         return f"torch reference (native module {module_name} not in this build)"
     if not build:
-        return "native module present; run `dist-cautious report --build` to build/load it"
+        return _predicted_kernel_status(kernel_build.cache_state(device), device, mode)
     try:
         ops = kernels.ops_for(torch.device(device))
     except Exception as error:  # mode == native and the build failed
         return f"native build FAILED: {error}"
     return "torch reference (native build failed, see the warning above)" if ops is reference else "native (built and loaded)"
+
+
+def _predicted_kernel_status(state: Any, device: str, mode: str) -> str:
+    """One report line from a ``kernels.build.CacheState``: what the first ``train`` will do."""
+    from dist_cautious.kernels.build import BUILD_TIME
+
+    if mode == "native":
+        otherwise = "if it fails, `train` stops (DIST_CAUTIOUS_KERNELS=native)"
+    else:
+        otherwise = "if that fails, the torch reference path"
+    check = "self-checked against the reference path on first use"
+    if state.status == "ahead-of-time":
+        return f"native: ahead-of-time build {state.location}, imported by `train` ({check})"
+    lock = f"; {state.location}/lock exists: a process is building or checking it now, or one was killed and left it (then delete it: loads wait for it)" if state.locked else ""
+    if state.status == "cached":
+        return f"native: built and cached in {state.location}; `train` loads it without building ({check}){lock}"
+    if state.status == "build":
+        return f"native: `train` JIT-builds it on first use, {BUILD_TIME[device]} ({state.reason}; into {state.location}); {otherwise}; `dist-cautious report --build` builds it now{lock}"
+    if state.status == "unavailable":
+        return f"`train` fails: {state.reason}" if mode == "native" else f"torch reference: {state.reason}"
+    return f"native if it builds or loads on first use (up to {BUILD_TIME[device]}); {otherwise} ({state.reason})"
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -177,15 +204,75 @@ def _train_config(args: argparse.Namespace) -> Any:
     )
 
 
-def train_rank(config: Any) -> None:
-    """One rank of the job: train, print the summary on rank 0, leave the process group."""
-    from dist_cautious.train import backend
-    from dist_cautious.train.loop import train
+#: Warnings the job itself filters out, as (category, message regex, module regex). DeepSpeed's
+#: ZeRO-3 calls ``torch.distributed.all_gather_into_tensor`` / ``reduce_scatter_tensor``, which
+#: torch deprecates: four FutureWarnings per step on 2 ranks, through the progress bar, that the
+#: user can do nothing about. Only these, and only while the job runs (``job_warning_filters``).
+JOB_WARNING_FILTERS = (
+    (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", r"torch\.distributed(\.|$)"),
+)
 
-    result = train(config)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(result.summary(), flush=True)
-    backend.shutdown()
+
+@contextlib.contextmanager
+def job_warning_filters() -> Iterator[None]:
+    """Ignore ``JOB_WARNING_FILTERS`` inside the block; ``warnings.filters`` is restored after it,
+    so a program that imports dist_cautious (or calls ``main``) keeps its own warning set-up."""
+    with warnings.catch_warnings():
+        for category, message, module in JOB_WARNING_FILTERS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        yield
+
+
+@contextlib.contextmanager
+def log_to_stderr() -> Iterator[None]:
+    """Show the ``dist_cautious`` logger's INFO lines (a native kernel build starting) and
+    warnings on stderr, one plain line each, for the duration of a command. Nothing is set at
+    import: a program using dist_cautious as a library keeps its own logging configuration."""
+    logger = logging.getLogger("dist_cautious")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def train_rank(config: Any) -> int:
+    """One rank of the job: train, print the summary on rank 0, leave the process group.
+
+    Returns the exit status: 0, or ``TRAINING_FAILED`` when the loss turned nan/inf (every rank
+    stops at the same step; rank 0 names it on stderr)."""
+    from dist_cautious.train import backend
+    from dist_cautious.train.loop import NonFiniteLoss, train
+
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    with job_warning_filters():
+        try:
+            result = train(config)
+        except NonFiniteLoss as error:
+            if is_main:
+                sys.stderr.write(f"dist-cautious train: error: {error} (peak learning rate {error.peak_lr:g}: lower --lr?)\n")
+                sys.stderr.flush()
+            backend.shutdown()
+            return TRAINING_FAILED
+        if is_main:
+            print(result.summary(), flush=True)
+        backend.shutdown()
+    return 0
+
+
+def spawned_train_rank(config: Any, failed: Any) -> None:
+    """``train_rank`` in a rank that ``spawn_local`` started: it shows the CLI's log lines, and a
+    failure status sets the multiprocessing event ``failed`` for the parent to return. The rank
+    itself ends normally (exiting non-zero would make torch kill the other ranks mid-shutdown)."""
+    with log_to_stderr():
+        if train_rank(config):
+            failed.set()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -201,8 +288,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CliError(f"--nproc is for local runs; this process was started by a launcher ({launcher}), which sets the ranks")
         if launcher == "env":
             config.validate(int(os.environ["WORLD_SIZE"]))
-        train_rank(config)
-        return 0
+        return train_rank(config)
     on_gpu = config.device == "cuda" or (config.device == "auto" and _cuda_count() > 0)
     default_nproc = 1 if config.backend == "single" else (max(1, _cuda_count()) if on_gpu else 2)
     nproc = args.nproc if args.nproc is not None else default_nproc
@@ -212,10 +298,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if on_gpu and nproc > max(1, _cuda_count()):
         raise CliError(f"--nproc {nproc} exceeds the {_cuda_count()} visible GPUs (use --device cpu for CPU ranks)")
     if config.backend == "single":
-        train_rank(config)
-    else:
-        backend.spawn_local(train_rank, nproc, (config,))
-    return 0
+        return train_rank(config)
+    import multiprocessing
+
+    failed = multiprocessing.get_context("spawn").Event()
+    backend.spawn_local(spawned_train_rank, nproc, (config, failed))
+    return TRAINING_FAILED if failed.is_set() else 0  # rank 0 has said why on stderr
 
 
 def _cuda_count() -> int:
@@ -373,7 +461,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with log_to_stderr():
+            return args.func(args)
     except (CliError, ValueError, TypeError, FileNotFoundError) as error:
         sys.stderr.write(f"dist-cautious {args.command}: error: {error}\n")
         return USAGE_ERROR

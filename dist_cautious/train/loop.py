@@ -137,6 +137,18 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss (mean over ranks) became nan or inf: the job stops at that step.
+
+    Raised on every rank at the same step (every rank holds the same all-reduced mean), so the
+    ranks stop together and can still leave the process group. ``step`` counts from 1, like the
+    progress bar; ``peak_lr`` is the run's peak learning rate, the usual culprit."""
+
+    def __init__(self, step: int, loss: float, peak_lr: float) -> None:
+        super().__init__(f"step {step}: loss is {loss}; stopping")
+        self.step, self.loss, self.peak_lr = step, loss, peak_lr
+
+
 def _mean_over_ranks(value: torch.Tensor) -> float:
     value = value.detach().float().clone()
     if dist.is_initialized():
@@ -186,6 +198,10 @@ def train(config: TrainConfig, runtime: Optional[backends.Runtime] = None) -> Tr
             loss.backward()
             optimizer.step()
         result.losses.append(_mean_over_ranks(loss))
+        if not math.isfinite(result.losses[-1]):  # same value on every rank: all stop here
+            if bar is not None:
+                bar.close()
+            raise NonFiniteLoss(step + 1, result.losses[-1], base_lr)
         if bar is not None:
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps - 1:

@@ -1,6 +1,6 @@
-"""The native kernels' JIT build, as a user meets it: `cache_state` predicts, without building,
-whether a load compiles; `load` announces a compile before it starts and stays silent when it
-merely loads the cache.
+"""The native kernels' JIT build, as a user meets it: `report` says what `train` will do (build,
+or load the cached build) without building; `load` announces a compile before it starts and
+stays silent when it merely loads the cache.
 
 A tiny stand-in extension (a bare Python module in C++, no torch headers: compiles in about a
 second) takes the place of the real kernels, in a private TORCH_EXTENSIONS_DIR, so the real
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import PYTHON, REPO, launch_env
+from dist_cautious import cli
 from dist_cautious.kernels import build
 
 TINY_SOURCE = """#include <Python.h>
@@ -60,11 +61,17 @@ def _load_in_fresh_process(csrc: Path, name: str) -> str:
     return result.stderr
 
 
-def test_build_is_announced_and_predicted(tiny_kernels, caplog: pytest.LogCaptureFixture) -> None:
+def test_build_is_announced_predicted_and_reported(tiny_kernels, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
     csrc, name = tiny_kernels
     state = build.cache_state("cpu")
     assert (state.status, state.reason) == ("build", "no build in the cache yet")
     library = Path(state.location) / f"{name}.so"
+
+    # report: names the JIT build and its duration, builds nothing
+    assert cli.main(["report"]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("cpu kernels"))
+    assert "JIT-builds it on first use, about half a minute" in line and state.location in line
+    assert not library.exists()
 
     with caplog.at_level(logging.INFO, logger="dist_cautious"):
         build.load("cpu")
@@ -74,6 +81,8 @@ def test_build_is_announced_and_predicted(tiny_kernels, caplog: pytest.LogCaptur
     assert library.exists()
 
     assert build.cache_state("cpu").status == "cached"
+    assert cli.main(["report"]) == 0
+    assert f"built and cached in {state.location}; `train` loads it without building" in capsys.readouterr().out
 
     # a new process finds the cache: torch does not compile, and nothing is announced
     built_at = library.stat().st_mtime_ns
@@ -97,3 +106,10 @@ def test_changed_flags_make_the_cache_stale(tiny_kernels, monkeypatch: pytest.Mo
     assert build.cache_state("cpu").status == "cached"
     monkeypatch.setattr(build, "CPU_FLAGS", [*build.CPU_FLAGS, "-DDIST_CAUTIOUS_TEST_FLAG=1"])
     assert build.cache_state("cpu").status == "build"
+
+
+def test_report_under_reference_mode_does_not_inspect_the_cache(tiny_kernels, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DIST_CAUTIOUS_KERNELS", "reference")
+    monkeypatch.setattr(build, "cache_state", lambda kind: pytest.fail("reference mode must not look at the JIT cache"))
+    assert cli.main(["report"]) == 0
+    assert "torch reference (forced by DIST_CAUTIOUS_KERNELS=reference)" in capsys.readouterr().out
