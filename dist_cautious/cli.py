@@ -396,7 +396,7 @@ def _memory_measure(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ bench
-BENCHMARKS = {"cpu": "dist_cautious.bench.cpu_step", "gpu": "dist_cautious.bench.gpu_step"}
+BENCHMARKS = {"cpu": "dist_cautious.bench.cpu_step", "gpu": "dist_cautious.bench.gpu_step", "overhead": "dist_cautious.bench.host_overhead"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
