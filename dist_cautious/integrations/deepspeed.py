@@ -108,7 +108,14 @@ def _patch_engine(engine_module: Any) -> None:
         if ours:
             check_config(self)
         original(self, client_optimizer, model_parameters)
-        if isinstance(getattr(self, "basic_optimizer", None), FragmentOptimizer):
+        basic = getattr(self, "basic_optimizer", None)
+        if ours and not isinstance(basic, FragmentOptimizer):
+            raise ValueError(
+                f"dist_cautious: DeepSpeed's engine has no basic_optimizer of ours after _configure_optimizer "
+                f"(found {type(basic).__name__}); this DeepSpeed version is not one the integration knows, and "
+                "stepping its flat partitions as tensors would be wrong math"
+            )
+        if isinstance(basic, FragmentOptimizer):
             if not ours:
                 check_config(self)
             install(self)
@@ -169,15 +176,19 @@ def _basic_and_wrapper(engine: Any) -> tuple[FragmentOptimizer, Any]:
 def install(engine: Any) -> Optional[ZeroFragmentSource]:
     """Give the engine's basic optimizer a fragment source that maps DeepSpeed's flat fp32
     partitions to the original tensors; ``None`` when params stay whole (ZeRO stage 0 in fp32,
-    or the fp16 wrapper that keeps one fp32 copy per param: the default source is exact)."""
+    or the fp16 wrapper that keeps one fp32 copy per param: the default source is exact).
+    Fails closed: a wrapper it does not know, a param without DeepSpeed's mapping, or pieces
+    that do not tile a partition exactly raise ``ValueError`` naming what was found."""
     optimizer, wrapper = _basic_and_wrapper(engine)
     names = dict(getattr(engine, "param_names", {}))
     build = None
     if hasattr(wrapper, "fp32_partitioned_groups_flat"):
-        build = lambda: zero3_layout(wrapper, names)  # noqa: E731
+        build = lambda: checked_layout(zero3_layout(wrapper, names), wrapper)  # noqa: E731
     elif hasattr(wrapper, "single_partition_of_fp32_groups") or hasattr(wrapper, "fp32_groups_flat_partition"):
-        build = lambda: zero12_layout(wrapper, names)  # noqa: E731
+        _require_hp_mappings(wrapper)
+        build = lambda: checked_layout(zero12_layout(wrapper, names), wrapper)  # noqa: E731
     if build is None:
+        _require_whole_params(engine, optimizer, wrapper)
         for param, name in names.items():
             param._dist_cautious_name = name
         return None
@@ -187,6 +198,75 @@ def install(engine: Any) -> Optional[ZeroFragmentSource]:
         for piece in pieces:
             piece.param._dist_cautious_piece = (optimizer, flat, piece)
     return source
+
+
+def _require_whole_params(engine: Any, optimizer: FragmentOptimizer, wrapper: Any) -> None:
+    """Without partitions the default fragment source steps each tensor it is handed as a whole
+    tensor. That is exact only when DeepSpeed hands over one tensor per model param: no wrapper
+    (stage 0, fp32), or the unfused fp16 wrapper's per-param fp32 copies. Anything else (a
+    wrapper that flattens params, a new DeepSpeed class) is refused, naming it."""
+    known = wrapper is optimizer
+    if not known:
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        known = isinstance(wrapper, FP16_UnfusedOptimizer)
+    shapes = sorted(tuple(p.shape) for p in engine.module.parameters() if p.requires_grad)
+    stepped = sorted(tuple(p.shape) for group in optimizer.param_groups for p in group["params"])
+    if not known or stepped != shapes:
+        raise ValueError(
+            f"dist_cautious: DeepSpeed optimizer wrapper {type(wrapper).__module__}.{type(wrapper).__name__} is not one the "
+            "integration knows (ZeRO-1/2/3, the bf16 wrapper, the unfused fp16 wrapper, or none): the tensors it hands the "
+            "optimizer may not be whole params, and whole-tensor statistics of them would be wrong"
+        )
+
+
+def _require_hp_mappings(wrapper: Any) -> None:
+    """Every low-precision param of a ZeRO-1/2 / bf16 partition must carry DeepSpeed's
+    ``_hp_mapping`` attribute (``None`` means: no element on this rank). A param without the
+    attribute means DeepSpeed changed how it links params to partitions: reading it as "holds
+    nothing" would freeze the weight silently."""
+    groups = getattr(wrapper, "bit16_groups", None) or getattr(wrapper, "bf16_groups", None)
+    if groups is None:
+        raise ValueError(f"dist_cautious: {type(wrapper).__name__} has neither bit16_groups nor bf16_groups: unknown DeepSpeed layout")
+    for group_index, params in enumerate(groups):
+        for index, param in enumerate(params):
+            if not hasattr(param, "_hp_mapping"):
+                raise ValueError(
+                    f"dist_cautious: param {index} of DeepSpeed group {group_index} (shape {tuple(param.shape)}) has no "
+                    "_hp_mapping: this DeepSpeed version links params to partitions in a way the integration does not know"
+                )
+
+
+def checked_layout(layout: dict[int, tuple[Tensor, list[Piece]]], wrapper: Any) -> dict[int, tuple[Tensor, list[Piece]]]:
+    """``layout`` after checking that each flat partition's pieces tile it exactly: the local
+    pieces, in partition order, start at 0 and follow each other with no gap or overlap, each
+    within its tensor; ZeRO-3 pieces sit at DeepSpeed's ``grad_position`` offsets with
+    ``ceil(numel / world)`` elements each, as its ``partition_numel`` says. Raises
+    ``ValueError`` naming the first piece that does not fit."""
+    zero3 = hasattr(wrapper, "fp32_partitioned_groups_flat")
+    for flat, pieces in layout.values():
+        end = 0
+        # ZeRO-3 reserves ceil(numel / world) slots for every param, held elements or not
+        for piece in sorted((p for p in pieces if p.numel or zero3), key=lambda p: p.flat_offset):
+            if piece.flat_offset != end or piece.start < 0 or piece.start + piece.numel > piece.global_shape.numel():
+                raise ValueError(
+                    f"dist_cautious: DeepSpeed's mapping of {piece.name} does not tile its flat partition: elements "
+                    f"[{piece.start}, {piece.start + piece.numel}) of a {piece.global_shape.numel()}-element tensor at partition "
+                    f"offset {piece.flat_offset}, where {end} was expected"
+                )
+            end = piece.flat_offset + piece.numel
+            if zero3:
+                per_rank = piece.param.partition_numel()
+                world = dist.get_world_size(group=piece.group) if piece.group is not None and dist.is_initialized() else 1
+                if per_rank != -(-piece.param.ds_numel // world) or piece.param.ds_tensor.numel() != per_rank:
+                    raise ValueError(
+                        f"dist_cautious: ZeRO-3 partition of {piece.name} holds {per_rank} elements ({piece.param.ds_tensor.numel()} in "
+                        f"ds_tensor), not ceil({piece.param.ds_numel} / {world}): the ranges rank * partition_numel would be wrong"
+                    )
+                end = piece.flat_offset + per_rank
+        if end > flat.numel():
+            raise ValueError(f"dist_cautious: DeepSpeed's pieces span {end} elements of a {flat.numel()}-element flat partition")
+    return layout
 
 
 # ---------------------------------------------------------------------------------------------
