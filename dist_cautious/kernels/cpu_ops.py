@@ -136,6 +136,19 @@ class CpuOps:
     def __init__(self, module: Any) -> None:
         self.module = module
         self._scratch = _ByteScratch()
+        self._trusted: Optional[CpuOps] = None
+
+    @staticmethod
+    def _ok(values: Sequence[Optional[Tensor]], state: Sequence[Optional[Tensor]] = ()) -> bool:
+        return _native_ok(values, state)
+
+    def trusted(self) -> "CpuOps":
+        """The same kernels without the per-call, per-tensor ``_native_ok`` check, for a caller
+        that has checked its tensors once and keeps them (the optimizers' step plan): that check
+        over every tensor of every call was a large part of a small-tensor step's host cost."""
+        if self._trusted is None:
+            self._trusted = _TrustedCpuOps(self.module, self._scratch)
+        return self._trusted
 
     @property
     def isa(self) -> str:
@@ -144,7 +157,7 @@ class CpuOps:
 
     # --- AdamW ---------------------------------------------------------------------------
     def adamw_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
-        if not _native_ok(grads, exp_avgs):
+        if not self._ok(grads, exp_avgs):
             return reference.adamw_mask_counts(grads, exp_avgs, beta1)
         return self.module.adamw_mask_counts(list(grads), list(exp_avgs), 1 - beta1)
 
@@ -163,7 +176,7 @@ class CpuOps:
         weight_decay: float,
         scales: Optional[Tensor] = None,
     ) -> None:
-        if not (_native_ok([*params, *grads], [*exp_avgs, *exp_avg_sqs]) and _scales_ok(scales)):
+        if not (self._ok([*params, *grads], [*exp_avgs, *exp_avg_sqs]) and _scales_ok(scales)):
             reference.adamw_apply(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scales=scales)
             return
         neg_step_sizes = [-(lr / (1 - beta1**step)) for step in steps]
@@ -175,7 +188,7 @@ class CpuOps:
 
     # --- Lion ----------------------------------------------------------------------------
     def lion_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
-        if not _native_ok(grads, exp_avgs):
+        if not self._ok(grads, exp_avgs):
             return reference.lion_mask_counts(grads, exp_avgs, beta1)
         return self.module.lion_mask_counts(list(grads), list(exp_avgs), 1 - beta1)
 
@@ -191,7 +204,7 @@ class CpuOps:
         weight_decay: float,
         scales: Optional[Tensor] = None,
     ) -> None:
-        if not (_native_ok([*params, *grads], exp_avgs) and _scales_ok(scales)):
+        if not (self._ok([*params, *grads], exp_avgs) and _scales_ok(scales)):
             reference.lion_apply(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales)
             return
         self.module.lion_apply(list(params), list(grads), list(exp_avgs), 1 - lr * weight_decay, 1 - beta1, 1 - beta2, -lr, scales)
@@ -201,7 +214,7 @@ class CpuOps:
     ) -> tuple[Tensor, object]:
         """One pass: counts, the new momentum, and a 2-bit code per element of the masked update
         (n / 4 bytes of scratch until ``lion_cautious_finish``)."""
-        if not _native_ok([*params, *grads], exp_avgs):
+        if not self._ok([*params, *grads], exp_avgs):
             return reference.lion_cautious_begin(params, grads, exp_avgs, beta1=beta1, beta2=beta2)
         buffer, codes = self._scratch.take([self.module.lion_code_bytes(g.numel()) for g in grads])
         counts = self.module.lion_encode(list(grads), list(exp_avgs), codes, 1 - beta1, 1 - beta2)
@@ -231,7 +244,7 @@ class CpuOps:
     def came_factored_sq_sums(
         self, grads: Sequence[Tensor], layouts: Sequence[FactoredLayout], eps1: float, row_sums: Sequence[Tensor], col_sums: Sequence[Tensor]
     ) -> None:
-        if not _native_ok(grads, [*row_sums, *col_sums]):
+        if not self._ok(grads, [*row_sums, *col_sums]):
             reference.came_factored_sq_sums(grads, layouts, eps1, row_sums, col_sums)
             return
         self._check_layouts(grads, layouts)
@@ -254,7 +267,7 @@ class CpuOps:
     ) -> list[Optional[Tensor]]:
         """Phase 1 that also folds phase 2's sum of squares over whole rows into a B*C buffer per
         fragment (``CameFactors.folded``): phase 2 then reads g only in partial rows."""
-        if not _native_ok(grads, [*row_sums, *col_sums, *row_states]):
+        if not self._ok(grads, [*row_sums, *col_sums, *row_states]):
             return reference.came_factored_sq_sums_begin(grads, layouts, eps1, row_sums, col_sums, row_states=row_states, beta2=beta2)
         self._check_layouts(grads, layouts)
         folded = [torch.zeros_like(cols) for cols in col_sums]
@@ -265,19 +278,19 @@ class CpuOps:
         return folded
 
     def came_vector_second_moment(self, grads: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], beta2: float, eps1: float) -> None:
-        if not _native_ok(grads, exp_avg_sqs):
+        if not self._ok(grads, exp_avg_sqs):
             reference.came_vector_second_moment(grads, exp_avg_sqs, beta2, eps1)
             return
         self.module.came_vector_second_moment(list(grads), list(exp_avg_sqs), beta2, 1 - beta2, eps1)
 
     def came_update_sumsq(self, grads: Sequence[Tensor], factors: Sequence[CameFactors]) -> Tensor:
         packed = _FactorArgs(factors)
-        if not _native_ok(grads, packed.tensors()):
+        if not self._ok(grads, packed.tensors()):
             return reference.came_update_sumsq(grads, factors)
         self._check_factors(grads, factors)
         folded = [f.folded if f.layout is not None and f.folded is not None and f.row_means is not None else None for f in factors]
         row_means = [f.row_means if fold is not None else None for f, fold in zip(factors, folded)]
-        if not _native_ok([], [t for t in folded + row_means if t is not None]):
+        if not self._ok([], [t for t in folded + row_means if t is not None]):
             folded, row_means = [None] * len(factors), [None] * len(factors)
         return self.module.came_update_sumsq(list(grads), *packed.args(), folded, row_means)
 
@@ -328,7 +341,7 @@ class CpuOps:
         res_col_sums: Sequence[Optional[Tensor]],
     ) -> tuple[Tensor, object]:
         packed = _FactorArgs(factors)
-        if not _native_ok(grads, [*exp_avgs, *packed.tensors(), *res_row_sums, *res_col_sums]):
+        if not self._ok(grads, [*exp_avgs, *packed.tensors(), *res_row_sums, *res_col_sums]):
             kwargs = dict(beta1=beta1, eps2=eps2, res_row_sums=res_row_sums, res_col_sums=res_col_sums)
             return reference.came_cautious_begin(grads, exp_avgs, factors, clip_divisors, **kwargs)
         self._check_factors(grads, factors)
@@ -357,7 +370,7 @@ class CpuOps:
         scales: Optional[Tensor] = None,
     ) -> None:
         packed = _FactorArgs(confidence)
-        if not (_native_ok([*params, *grads], [*exp_avgs, *packed.tensors()]) and _scales_ok(scales)):
+        if not (self._ok([*params, *grads], [*exp_avgs, *packed.tensors()]) and _scales_ok(scales)):
             reference.came_apply(params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales)
             return
         self._check_factors(grads, confidence)
@@ -376,7 +389,7 @@ class CpuOps:
         scales: Tensor,
     ) -> None:
         packed = _FactorArgs(confidence)
-        if not isinstance(pending, _CameMask) or not _native_ok(params, [*exp_avgs, *packed.tensors()]):
+        if not isinstance(pending, _CameMask) or not self._ok(params, [*exp_avgs, *packed.tensors()]):
             reference.came_cautious_finish(pending, params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales)
             return
         self._check_factors(grads, confidence)
@@ -402,6 +415,24 @@ class CpuOps:
         for grad, factor in zip(grads, factors):
             if factor.layout is not None and grad.numel() != factor.layout.end - factor.layout.start:
                 raise ValueError(f"grad of {grad.numel()} elements for a layout range of {factor.layout.end - factor.layout.start}")
+
+
+class _TrustedCpuOps(CpuOps):
+    """``CpuOps`` whose tensors the caller has already checked with ``native_ok``."""
+
+    def __init__(self, module: Any, scratch: _ByteScratch) -> None:
+        super().__init__(module)
+        self._scratch = scratch
+        self._trusted = self
+
+    @staticmethod
+    def _ok(values: Sequence[Optional[Tensor]], state: Sequence[Optional[Tensor]] = ()) -> bool:
+        return True
+
+
+def native_ok(values: Sequence[Optional[Tensor]], state: Sequence[Optional[Tensor]] = ()) -> bool:
+    """Public form of the check the kernels make per call (see ``CpuOps.trusted``)."""
+    return _native_ok(values, state)
 
 
 def load() -> CpuOps:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from dist_cautious.optim.base import FragmentOptimizer, Work, by_group, check_betas, global_mask_scales, check_lr, check_nonnegative, kernels_for, step_count
+from dist_cautious.optim.base import FragmentOptimizer, Work, by_group, check_betas, global_mask_scales, check_lr, check_nonnegative, kernels_for
 
 
 class CautiousAdamW(FragmentOptimizer):
@@ -50,7 +50,7 @@ class CautiousAdamW(FragmentOptimizer):
                 [f.grad for f in fragments],
                 [f.elementwise_state("exp_avg") for f in fragments],
                 [f.elementwise_state("exp_avg_sq") for f in fragments],
-                [step_count(f.state) for f in fragments],
+                self.step_counts(fragments),
                 lr=float(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,

@@ -9,6 +9,7 @@ call, so that the partial sums of all groups share one reduction per phase.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
 
@@ -18,7 +19,7 @@ from torch.optim import Optimizer
 
 from dist_cautious.kernels import ops_for
 from dist_cautious.kernels.reference import mask_scales
-from dist_cautious.shard.adapters import FragmentSource, default_fragments
+from dist_cautious.shard.adapters import FragmentSource, default_fragments, local_storage, param_fragments, rebound_grad
 from dist_cautious.shard.fragment import Fragment
 from dist_cautious.shard.reducer import BatchedReducer
 
@@ -71,6 +72,8 @@ class FragmentOptimizer(Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._owner = type(self).__name__
+        self._plan: Optional[StepPlan] = None
+        self._plan_in_use: Optional[StepPlan] = None
         self.check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
@@ -105,6 +108,11 @@ class FragmentOptimizer(Optimizer):
                 if grad.shape != param.shape:
                     raise ValueError(f"{self._owner}: gradient shape {tuple(grad.shape)} != param shape {tuple(param.shape)}")
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict``; the step plan, which points into the old state, is dropped."""
+        self._plan = None
+        super().load_state_dict(state_dict)
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One optimizer step over all param groups; returns the closure's loss, if any."""
@@ -113,15 +121,40 @@ class FragmentOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_before_step()
-        work: Work = []
-        for group in self.param_groups:
-            fragments = self.fragment_source(group["params"], self.state)
-            work.extend((group, fragment) for fragment in fragments if fragment.numel > 0)
+        self._plan_in_use = None
+        if self.fragment_source is default_fragments:
+            plan = getattr(self, "_plan", None)
+            if plan is None or not plan.still_valid(self):
+                plan = self._plan = StepPlan(self)
+            if plan.usable:
+                plan.advance_steps()
+                self._plan_in_use = plan
+                work = plan.work
+            else:
+                work = self._fresh_work()
+        else:
+            work = self._fresh_work()
         if work:
             self.step_fragments(work)
             for _, fragment in work:
                 fragment.commit()
         return loss
+
+    def _fresh_work(self) -> Work:
+        work: Work = []
+        for group in self.param_groups:
+            fragments = self.fragment_source(group["params"], self.state)
+            work.extend((group, fragment) for fragment in fragments if fragment.numel > 0)
+        return work
+
+    def step_counts(self, fragments: Sequence[Fragment]) -> list[int]:
+        """Each fragment's step count for this step, advanced once per step: by the step plan
+        for all its fragments at once, else here per fragment (``step_count``)."""
+        plan = getattr(self, "_plan_in_use", None)
+        if plan is not None:
+            values = plan.step_values
+            return [values[f.step_slot] for f in fragments]
+        return [step_count(f.state) for f in fragments]
 
     def step_fragments(self, work: Work) -> None:
         """The optimizer's phases over every (group, fragment) pair of this step."""
@@ -138,7 +171,105 @@ def by_group(work: Work) -> list[tuple[dict[str, Any], list[Fragment]]]:
 
 
 def kernels_for(fragments: Sequence[Fragment]) -> Any:
-    return ops_for(fragments[0].param.device)
+    """The kernel namespace for a batch of one device; the one the step plan checked, if any."""
+    ops = fragments[0].ops
+    return ops if ops is not None else ops_for(fragments[0].param.device)
+
+
+def _native_checked(fragments: Sequence[Fragment]) -> Any:
+    """``ops_for``'s native CPU kernels without per-call tensor checks (``CpuOps.trusted``)
+    when every tensor of ``fragments`` passes them now, else ``None`` (check per call)."""
+    if not fragments or fragments[0].param.device.type != "cpu":
+        return None
+    ops = ops_for(fragments[0].param.device)
+    trusted = getattr(ops, "trusted", None)
+    if trusted is None:
+        return None
+    from dist_cautious.kernels.cpu_ops import native_ok
+
+    values, state = [], []
+    for fragment in fragments:
+        values += [fragment.param, fragment.grad]
+        state += [getattr(v, "_local_tensor", v) for k, v in fragment.state.items() if k != "step" and isinstance(v, Tensor)]
+    return trusted() if native_ok(values, state) else None
+
+
+class StepPlan:
+    """What a step over plain tensors and DTensors (``default_fragments``) needs that changes
+    only when the params do, built on the first step and kept: the fragments (views, layouts,
+    names, checks), the kernel namespace they were checked for, and the step counts of all
+    fragments packed in one fp32 tensor (each ``state["step"]`` is a 0-d view into it, advanced
+    by one op, read by one ``tolist``; not one ``.item()`` per tensor).
+
+    ``still_valid`` is the cheap check made every step: the same param groups holding the same
+    params, the same ones with a grad, the same param storage and the same state dict. A grad
+    that is a new tensor (``zero_grad(set_to_none=True)``) is rebound without a rebuild.
+    """
+
+    def __init__(self, optimizer: FragmentOptimizer) -> None:
+        self.state = optimizer.state
+        self.groups = [(group, list(group["params"])) for group in optimizer.param_groups]
+        self.has_grad = [[p.grad is not None for p in params] for _, params in self.groups]
+        self.work: Work = []
+        #: per fragment of ``work``: param, the grad it is bound to, that grad's storage, param storage
+        self.bound: list[list[Any]] = []
+        self.usable = True
+        for group, params in self.groups:
+            for param, fragment in param_fragments(params, optimizer.state):
+                if fragment.numel == 0:
+                    continue
+                if fragment.writeback is not None or not fragment.grad.is_contiguous() or not param.grad.is_contiguous():
+                    self.usable = False  # stepped on a copy: rebuilt every step, as without a plan
+                self.work.append((group, fragment))
+                self.bound.append([param, param.grad, local_storage(param.grad), local_storage(param)])
+        if not self.usable:
+            return
+        initial = [float(f.state["step"]) if "step" in f.state else 0.0 for _, f in self.work]
+        self.steps = torch.tensor(initial, dtype=torch.float32)
+        self.step_values: list[int] = []
+        for slot, (_, fragment) in enumerate(self.work):
+            fragment.state["step"] = self.steps[slot]
+            fragment.step_slot = slot
+        self._set_ops()
+
+    def _set_ops(self) -> None:
+        by_device: dict[torch.device, list[Fragment]] = {}
+        for _, fragment in self.work:
+            by_device.setdefault(fragment.param.device, []).append(fragment)
+        for fragments in by_device.values():
+            ops = _native_checked(fragments)
+            for fragment in fragments:
+                fragment.ops = ops
+
+    def still_valid(self, optimizer: FragmentOptimizer) -> bool:
+        """True when the plan still describes ``optimizer``'s params (grads rebound here)."""
+        if optimizer.state is not self.state or len(optimizer.param_groups) != len(self.groups):
+            return False
+        for group, (planned, params) in zip(optimizer.param_groups, self.groups):
+            current = group["params"]
+            if group is not planned or len(current) != len(params) or not all(map(operator.is_, current, params)):
+                return False
+        if [[p.grad is not None for p in params] for _, params in self.groups] != self.has_grad:
+            return False
+        rebound = False
+        for (_, fragment), entry in zip(self.work, self.bound):
+            param, grad = entry[0], entry[0].grad
+            if local_storage(param) != entry[3] or fragment.state.get("step") is None:
+                return False
+            if grad is not entry[1] or local_storage(grad) != entry[2]:
+                if not grad.is_contiguous():
+                    return False
+                fragment.grad = rebound_grad(param, fragment.name)
+                entry[1], entry[2] = grad, local_storage(grad)
+                rebound = True
+        if rebound and self.usable:
+            self._set_ops()
+        return True
+
+    def advance_steps(self) -> None:
+        """Every fragment's step count + 1, in one op; their values for this step."""
+        self.steps.add_(1)
+        self.step_values = [int(value) for value in self.steps.tolist()]
 
 
 def global_mask_scales(
@@ -156,7 +287,8 @@ def global_mask_scales(
             continue
         batch_counts = local_counts(group, fragments)
         for index, fragment in enumerate(fragments):
-            reducer.add(fragment.group, batch_counts[index : index + 1])
+            if fragment.group is not None:  # nothing to reduce for a whole local tensor
+                reducer.add(fragment.group, batch_counts[index : index + 1])
         counts.append(batch_counts)
     reducer.all_reduce()
     return [

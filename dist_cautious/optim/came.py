@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from dist_cautious.kernels.reference import CameFactors, mask_scales
-from dist_cautious.optim.base import FragmentOptimizer, Work, by_group, check_betas, check_lr, check_nonnegative, kernels_for, step_count
+from dist_cautious.optim.base import FragmentOptimizer, Work, by_group, check_betas, check_lr, check_nonnegative, kernels_for
 from dist_cautious.shard.fragment import Fragment
 from dist_cautious.shard.reducer import BatchedReducer
 
@@ -87,8 +87,7 @@ class CAME(FragmentOptimizer):
     def step_fragments(self, work: Work) -> None:
         batches = by_group(work)
         for _, fragments in batches:
-            for fragment in fragments:
-                step_count(fragment.state)
+            self.step_counts(fragments)  # advanced once per step
         factors = self._second_moment_factors(batches)
         clip_divisors = self._rms_clip_divisors(batches, factors)
         confidence, scales, pending = self._momentum_and_confidence(batches, factors, clip_divisors)
@@ -137,7 +136,8 @@ class CAME(FragmentOptimizer):
         for (group, fragments), batch_factors in zip(batches, factors):
             batch_sumsq = kernels_for(fragments).came_update_sumsq([f.grad for f in fragments], batch_factors)
             for index, fragment in enumerate(fragments):
-                reducer.add(fragment.group, batch_sumsq[index : index + 1])
+                if fragment.group is not None:  # nothing to reduce for a whole local tensor
+                    reducer.add(fragment.group, batch_sumsq[index : index + 1])
             sumsqs.append(batch_sumsq)
         reducer.all_reduce()
         divisors = []
@@ -167,7 +167,8 @@ class CAME(FragmentOptimizer):
             if group["cautious"]:
                 counts, kept = ops.came_cautious_begin(*args, **kwargs)
                 for index, fragment in enumerate(fragments):
-                    reducer.add(fragment.group, counts[index : index + 1])
+                    if fragment.group is not None:
+                        reducer.add(fragment.group, counts[index : index + 1])
             else:
                 counts = ops.came_momentum(*args, **kwargs)
             pending.append((res_sums, counts, kept))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from dist_cautious.optim.base import FragmentOptimizer, Work, by_group, check_betas, global_mask_scales, check_lr, check_nonnegative, kernels_for, step_count
+from dist_cautious.optim.base import FragmentOptimizer, Work, by_group, check_betas, global_mask_scales, check_lr, check_nonnegative, kernels_for
 
 
 class CautiousLion(FragmentOptimizer):
@@ -46,8 +46,7 @@ class CautiousLion(FragmentOptimizer):
 
         scales = global_mask_scales(batches, begin)
         for (group, fragments), scale in zip(batches, scales):
-            for fragment in fragments:
-                step_count(fragment.state)
+            self.step_counts(fragments)  # advanced once per step
             params, grads = [f.param for f in fragments], [f.grad for f in fragments]
             exp_avgs = [f.elementwise_state("exp_avg") for f in fragments]
             hyper = dict(lr=float(group["lr"]), beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"])

@@ -50,6 +50,13 @@ def whole_tensor_fragment(param: Tensor, state: dict[str, Any], name: str = "<pa
 
 def default_fragments(params: Iterable[Tensor], state: dict[Tensor, dict[str, Any]]) -> Iterator[Fragment]:
     """Fragments of plain tensors and DTensors, skipping params without a gradient."""
+    for _, fragment in param_fragments(params, state):
+        yield fragment
+
+
+def param_fragments(params: Iterable[Tensor], state: dict[Tensor, dict[str, Any]]) -> Iterator[tuple[Tensor, Fragment]]:
+    """``default_fragments`` with the param each fragment came from (the step plan rebinds
+    grads through it)."""
     from dist_cautious.shard import dtensor  # DTensor support is optional at import time
 
     for index, param in enumerate(params):
@@ -57,6 +64,23 @@ def default_fragments(params: Iterable[Tensor], state: dict[Tensor, dict[str, An
             continue
         name = getattr(param, "_dist_cautious_name", f"params[{index}] of shape {tuple(param.shape)}")
         if dtensor.is_dtensor(param):
-            yield dtensor.dtensor_fragment(param, state[param], name)
+            yield param, dtensor.dtensor_fragment(param, state[param], name)
         else:
-            yield whole_tensor_fragment(param, state[param], name)
+            yield param, whole_tensor_fragment(param, state[param], name)
+
+
+def local_storage(tensor: Tensor) -> int:
+    """Address of the local storage behind ``tensor`` (a DTensor's local shard): the step plan
+    rebuilds when it moves (``param.data = ...``, ``model.to(...)``)."""
+    local = getattr(tensor, "_local_tensor", tensor)
+    return local.data_ptr()
+
+
+def rebound_grad(param: Tensor, name: str) -> Tensor:
+    """The flat local view of ``param.grad`` that a fragment of ``param`` steps with, for a
+    gradient that is a new tensor since the fragment was built (checked as when it was)."""
+    from dist_cautious.shard import dtensor
+
+    if dtensor.is_dtensor(param):
+        return dtensor.local_grad(param, name)
+    return _flat_contiguous(param.grad)

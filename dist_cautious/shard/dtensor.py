@@ -47,9 +47,8 @@ def _shard_mesh_dim(param: DTensor, name: str) -> int | None:
     return shard_dims[0] if shard_dims else None
 
 
-def dtensor_fragment(param: DTensor, state: dict[str, Any], name: str) -> Fragment:
-    """The local rows of a ``Shard(0)`` DTensor as a fragment reduced over its shard group."""
-    mesh_dim = _shard_mesh_dim(param, name)
+def local_grad(param: DTensor, name: str) -> Tensor:
+    """The flat local shard of ``param.grad``, which must have the param's placements."""
     grad = param.grad
     if not isinstance(grad, DTensor) or tuple(grad.placements) != tuple(param.placements):
         raise ValueError(
@@ -57,6 +56,13 @@ def dtensor_fragment(param: DTensor, state: dict[str, Any], name: str) -> Fragme
             f"{tuple(param.placements)}, got {type(grad).__name__}"
             + (f" {tuple(grad.placements)}" if isinstance(grad, DTensor) else "")
         )
+    return grad.to_local().reshape(-1)
+
+
+def dtensor_fragment(param: DTensor, state: dict[str, Any], name: str) -> Fragment:
+    """The local rows of a ``Shard(0)`` DTensor as a fragment reduced over its shard group."""
+    mesh_dim = _shard_mesh_dim(param, name)
+    local_grad_view = local_grad(param, name)
     local_param = param.to_local()
     if not local_param.is_contiguous():
         raise ValueError(f"dist_cautious: local shard of {name!r} is not contiguous")
@@ -66,7 +72,7 @@ def dtensor_fragment(param: DTensor, state: dict[str, Any], name: str) -> Fragme
     group = None if mesh_dim is None else param.device_mesh.get_group(mesh_dim)
     return Fragment(
         param=local_param.view(-1),
-        grad=grad.to_local().reshape(-1),
+        grad=local_grad_view,
         state=state,
         global_shape=param.shape,
         start=start,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Optional
 
 import torch
@@ -45,8 +46,13 @@ class Fragment:
     local_view: Callable[[Tensor], Tensor]
     name: str = "<param>"
     writeback: Optional[Callable[[], None]] = None
+    #: set by the optimizers' step plan: this fragment's slot in the plan's packed step counts,
+    #: and the kernel namespace the plan checked its tensors for (``None``: check per call)
+    step_slot: Optional[int] = None
+    ops: Any = None
+    _views: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
-    @property
+    @cached_property
     def numel(self) -> int:
         """Elements of the whole original tensor, wherever they live."""
         return math.prod(self.global_shape)
@@ -70,9 +76,15 @@ class Fragment:
 
     def elementwise_state(self, key: str) -> Tensor:
         """Flat fp32 view of the local range of per-element state ``key``, created as zeros."""
-        if key not in self.state:
-            self.state[key] = self.new_elementwise_state()
-        return self.local_view(self.state[key])
+        full = self.state.get(key)
+        if full is None:
+            full = self.state[key] = self.new_elementwise_state()
+        cached = self._views.get(key)
+        if cached is not None and cached[0] is full:
+            return cached[1]  # a fragment the step plan keeps: the view of last step
+        view = self.local_view(full)
+        self._views[key] = (full, view)
+        return view
 
     def factor_state(self, key: str, shape: tuple[int, ...]) -> Tensor:
         """Flat view of full-size replicated fp32 state (CAME row / column factors of ``shape``),

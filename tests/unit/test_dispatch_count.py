@@ -1,0 +1,75 @@
+"""The ops one step dispatches do not grow with the number of tensors (issue 12).
+
+After the first step (which builds the step plan and the state), a step of CautiousAdamW or
+CautiousLion on the native CPU kernels dispatches the same torch ops for 10 tensors as for 100:
+the per-tensor work is inside the kernels, not in Python issuing ops per tensor. CAME does not
+meet this yet (its factor math still issues ops per tensor) and is not claimed here; nor is a
+step after new grad tensors (``zero_grad(set_to_none=True)``): rebinding a new grad costs one
+``view`` per tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dist_cautious.optim as optim
+from dist_cautious.kernels import ops_for
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts every op that reaches the dispatcher while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _params(count: int) -> list[torch.nn.Parameter]:
+    """Alternating 8x8 matrices and 8-vectors with gradients."""
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for index in range(count):
+        shape = (8, 8) if index % 2 == 0 else (8,)
+        param = torch.nn.Parameter(torch.randn(shape, generator=gen))
+        param.grad = torch.randn(shape, generator=gen)
+        params.append(param)
+    return params
+
+
+def _ops_in_second_step(factory: Any, count: int, new_grads: bool) -> int:
+    """Ops dispatched by the second step of ``factory(params)`` on ``count`` tensors."""
+    params = _params(count)
+    optimizer = factory(params)
+    optimizer.step()
+    if new_grads:  # zero_grad(set_to_none=True) then backward: new grad tensors, rebound by the plan
+        for param in params:
+            param.grad = param.grad.clone()
+    with _CountOps() as counter:
+        optimizer.step()
+    return counter.count
+
+
+FACTORIES = {
+    "CautiousAdamW": lambda ps: optim.CautiousAdamW(ps, lr=1e-3),
+    "CautiousAdamW, cautious=False": lambda ps: optim.CautiousAdamW(ps, lr=1e-3, cautious=False),
+    "CautiousLion": lambda ps: optim.CautiousLion(ps, lr=1e-4),
+    "CautiousLion, cautious=False": lambda ps: optim.CautiousLion(ps, lr=1e-4, cautious=False),
+}
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_same_dispatch_count_for_10_and_100_tensors(name: str) -> None:
+    if not hasattr(ops_for(torch.device("cpu")), "trusted"):
+        pytest.skip("native CPU kernels unavailable: the torch reference path issues ops per tensor by design")
+    few = _ops_in_second_step(FACTORIES[name], 10, new_grads=False)
+    many = _ops_in_second_step(FACTORIES[name], 100, new_grads=False)
+    assert few == many, f"{name}: {few} ops for 10 tensors, {many} for 100"
+    assert few > 0  # the counter sees the step's own ops (step advance, mask scales)
