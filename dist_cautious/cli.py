@@ -16,9 +16,10 @@ import os
 import platform
 import shutil
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, NoReturn, Optional
+
+from dist_cautious.train.job_warnings import JOB_WARNING_FILTERS, job_warning_filters  # noqa: F401 (re-exported)
 
 USAGE_ERROR = 2
 TRAINING_FAILED = 1  # the job ran and stopped on an error it reported itself (a non-finite loss)
@@ -202,25 +203,6 @@ def _train_config(args: argparse.Namespace) -> Any:
         weight_decay=args.weight_decay, warmup=min(args.warmup, args.steps), corpus_bytes=args.corpus_bytes,
         seed=args.seed, device=args.device, precision=args.precision, zero_stage=args.zero_stage, offload=args.offload, zero3_persistence_threshold=args.zero3_persistence_threshold, progress=not args.quiet, metrics_path=args.metrics,
     )
-
-
-#: Warnings the job itself filters out, as (category, message regex, module regex). DeepSpeed's
-#: ZeRO-3 calls ``torch.distributed.all_gather_into_tensor`` / ``reduce_scatter_tensor``, which
-#: torch deprecates: four FutureWarnings per step on 2 ranks, through the progress bar, that the
-#: user can do nothing about. Only these, and only while the job runs (``job_warning_filters``).
-JOB_WARNING_FILTERS = (
-    (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", r"torch\.distributed(\.|$)"),
-)
-
-
-@contextlib.contextmanager
-def job_warning_filters() -> Iterator[None]:
-    """Ignore ``JOB_WARNING_FILTERS`` inside the block; ``warnings.filters`` is restored after it,
-    so a program that imports dist_cautious (or calls ``main``) keeps its own warning set-up."""
-    with warnings.catch_warnings():
-        for category, message, module in JOB_WARNING_FILTERS:
-            warnings.filterwarnings("ignore", message=message, category=category, module=module)
-        yield
 
 
 @contextlib.contextmanager

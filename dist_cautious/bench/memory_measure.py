@@ -135,10 +135,13 @@ def measure_rank(cases: list[MeasureCase], model_kwargs: dict[str, int], steps: 
     from dist_cautious.train import backend
     from dist_cautious.train.corpus import Corpus
 
+    from dist_cautious.train.job_warnings import job_warning_filters
+
     world = int(os.environ.get("WORLD_SIZE", 1))
     runtime = backend.init_runtime("single" if world == 1 else "fsdp2", device)
     corpus = Corpus.from_stdlib(64 * 1024)
-    rows = [measure_case(case, model_kwargs, steps, runtime, corpus) for case in _with_progress(cases, runtime.is_main, world)]
+    with job_warning_filters():
+        rows = [measure_case(case, model_kwargs, steps, runtime, corpus) for case in _with_progress(cases, runtime.is_main, world)]
     if dist.is_initialized():
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, rows)
