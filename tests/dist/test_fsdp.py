@@ -97,14 +97,28 @@ def test_ddp_plain_tensors_communicate_nothing_in_step() -> None:
         assert result["all_reduces"] == [0] * STEPS, case
 
 
+#: how far (L2, per tensor) a bf16-compute run may end from the fp32 run, as a fraction of how
+#: far the fp32 run moved that tensor. bf16 compute perturbs gradients by ~2^-8 relative: measured
+#: at most 2.3% for AdamW / CAME, 7.3% for Lion (whose sign flips where |m| is tiny). A step that
+#: did nothing scores 100%, half a step 50%: a fixed atol of 2e-2 could not see a Lion run at all
+#: (8 steps of lr 1e-3 move a weight by at most 0.008).
+MIXED_PRECISION_DEVIATION = 0.25
+
+
 def test_mixed_precision_keeps_fp32_state_and_tracks_the_fp32_run() -> None:
-    """bf16 compute, fp32 sharded params and reduction: state stays fp32, and the weights stay
-    within bf16 compute error (2^-8 relative on gradients) of the fp32 single-process run."""
+    """bf16 compute, fp32 sharded params and reduction: state stays fp32, and each weight ends
+    much closer to the fp32 single-process run than to where it started."""
     mixed = [(case, result) for case, result in launched(2) if case.get("mixed_precision")]
     assert len(mixed) == 3
+    initial = train(dict(optimizer="adamw", cautious=True, steps=0), rank=0, world_size=0)["weights"]
     for case, result in mixed:
         assert result["state_dtypes"] == {torch.float32}
-        assert_same_weights(result["weights"], reference_for(case), f"bf16 {case}", rtol=2e-2, atol=2e-2)
+        reference = reference_for(case)
+        assert result["weights"].keys() == reference.keys()
+        for name, expected in reference.items():
+            moved = (expected - initial[name]).norm().item()
+            deviation = (result["weights"][name] - expected).norm().item()
+            assert deviation <= MIXED_PRECISION_DEVIATION * moved, (case, name, deviation, moved)
 
 
 def test_cpu_offload_policy_is_exact() -> None:

@@ -32,27 +32,52 @@ def set_grads(params: list[torch.Tensor], step: int) -> None:
         p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
 
 
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at each of ``values`` (fp32 tensor): 2**(exponent - mantissa bits),
+    the subnormal spacing near zero."""
+    mantissa_bits = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    info = torch.finfo(dtype)
+    _, exponent = torch.frexp(values.abs().clamp(min=info.smallest_normal))
+    return torch.ldexp(torch.ones_like(values), exponent - 1 - mantissa_bits)
+
+
+#: learning rates for the low-precision test: large enough that a step moves many entries of a
+#: unit-sized bf16 weight by several ulps (a 1e-3 Lion step is below bf16's resolution at 1 and
+#: could not be told from no step at all)
+LOW_PRECISION_LR = 0.1
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_params_step_in_fp32(name: str, dtype: torch.dtype) -> None:
     """bf16/fp16 params: fp32 state and math on the upcast value, rounded back once per step.
     The twin keeps an fp32 copy, reloaded from the rounded low-precision value before each step,
-    so both see the same inputs; results may differ by one low-precision rounding step where the
-    fp32 results straddle a rounding boundary (a few ulps of fp32 math order)."""
+    so both see the same inputs; each result must be the twin's rounded to ``dtype``, give or
+    take one ulp of ``dtype`` where the fp32 results straddle a rounding boundary (they differ
+    by a few fp32 ulps of math order). Every step moves some entry by more than 2 ulps, so a
+    step that did nothing, or half the update, fails the one-ulp check."""
     low = make_params(dtype)
     high = [torch.nn.Parameter(p.detach().float()) for p in low]
     ours, twin = OPTIMIZERS[name](low), OPTIMIZERS[name](high)
-    resolution = torch.finfo(dtype).eps
+    for optimizer in (ours, twin):
+        for group in optimizer.param_groups:
+            group["lr"] = LOW_PRECISION_LR
     for step in range(10):
         set_grads(low, step)
+        before = [p.detach().float().clone() for p in low]
         for p, q in zip(low, high):
             q.data.copy_(p.data.float())
             q.grad = p.grad.float()
         ours.step()
         twin.step()
-        for p, q in zip(low, high):
+        moved = False
+        for p, q, old in zip(low, high, before):
             assert p.dtype == dtype
-            torch.testing.assert_close(p.data.float(), q.data.to(dtype).float(), rtol=resolution, atol=resolution)
+            expected = q.data.to(dtype).float()
+            spacing = ulp(expected, dtype)
+            assert ((p.data.float() - expected).abs() <= spacing).all(), (step, (p.data.float() - expected).abs().max())
+            moved |= bool(((expected - old).abs() > 2 * spacing).any())
+        assert moved, f"step {step} moves no entry by more than 2 ulps: the check could not see it"
     for state in ours.state.values():
         for key, value in state.items():
             if key != "step":
