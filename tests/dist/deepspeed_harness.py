@@ -20,7 +20,7 @@ import datetime
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -473,12 +473,40 @@ def _gather_pieces(flat: torch.Tensor, pieces: list[Any]) -> dict[str, torch.Ten
     return out
 
 
+def _gather_by_concatenation(engine: Any, flat: torch.Tensor) -> Optional[dict[str, torch.Tensor]]:
+    """Full fp32 tensors of ``flat`` (a ZeRO-1/2 or bf16-wrapper partition, or its grad) read
+    WITHOUT the mapping under test: DeepSpeed partitions the padded concatenation of a group's
+    params into equal contiguous slices, rank by rank, so all-gathering the slices and splitting
+    the concatenation by the params' sizes recovers every tensor. A wrong offset in the
+    integration's pieces then shows, where reading through the same pieces would cancel it.
+    ``None`` for ZeRO-3 (per-param partitions), where the pieces are checked against
+    DeepSpeed's own numbers when the layout is built."""
+    import torch.distributed as dist
+
+    wrapper = engine.optimizer
+    flats = getattr(wrapper, "single_partition_of_fp32_groups", None) or getattr(wrapper, "fp32_groups_flat_partition", None)
+    if not flats:
+        return None
+    lp_groups = getattr(wrapper, "bit16_groups", None) or wrapper.bf16_groups
+    index = next(i for i, candidate in enumerate(flats) if candidate is flat or candidate.grad is flat)
+    group = wrapper.real_dp_process_group[index]
+    parts = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, flat.detach().contiguous(), group=group)
+    whole = torch.cat(parts).float()
+    out, offset = {}, 0
+    for param, piece in zip(lp_groups[index], engine.basic_optimizer.fragment_source.pieces(flats[index])):
+        out[piece.name] = whole.narrow(0, offset, param.numel()).view(param.shape).clone()
+        offset += param.numel()
+    return out
+
+
 def run_lockstep_case(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
     """Whatever the model dtype (bf16, fp16: the forward is not comparable to an fp32 run), the
     optimizer step itself must be exact: around every real step, gather the full fp32 grads and
     masters DeepSpeed hands the optimizer, step a single-process copy of the optimizer on them
     (its state persisting across steps) and compare with the gathered masters after the step.
-    Returns the largest absolute and relative differences over all steps and params."""
+    Under ZeRO-1/2 and the bf16 wrapper the gathers do not go through the integration's mapping
+    (``_gather_by_concatenation``). Returns the largest differences over all steps and params."""
     if case.get("dtype") == "fp16":
         _enable_cpu_fp16()
     engine = make_engine(case, world_size)
@@ -488,12 +516,19 @@ def run_lockstep_case(case: dict[str, Any], rank: int, world_size: int) -> dict[
     reference_params: dict[str, torch.nn.Parameter] = {}
     reference = OPTIMIZERS[case["optimizer"]]([torch.nn.Parameter(torch.zeros(1))], **params, cautious=case["cautious"])
     reference.param_groups.clear()
-    worst = {"abs": 0.0, "rel": 0.0, "excess": -1.0, "moved": 0.0, "steps": 0, "wrapper": type(engine.optimizer).__name__}
+    worst = {"abs": 0.0, "rel": 0.0, "excess": -1.0, "moved": 0.0, "steps": 0, "wrapper": type(engine.optimizer).__name__, "independent": False}
     real_step = optimizer.step
+
+    def gather(flat: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        independent = _gather_by_concatenation(engine, values)
+        if independent is not None:
+            worst["independent"] = True
+            return independent
+        return _gather_pieces(values, source.pieces(flat))
 
     def lockstep(*args: Any, **kwargs: Any) -> Any:
         flats = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        before = [(_gather_pieces(flat, source.pieces(flat)), _gather_pieces(flat.grad, source.pieces(flat))) for flat in flats]
+        before = [(gather(flat, flat), gather(flat, flat.grad)) for flat in flats]
         out = real_step(*args, **kwargs)
         for flat, (masters, grads) in zip(flats, before):
             stepped = []
@@ -505,7 +540,7 @@ def run_lockstep_case(case: dict[str, Any], rank: int, world_size: int) -> dict[
                 reference_params[name].grad = grads[name].clone()
                 stepped.append(name)
             reference.step()
-            after = _gather_pieces(flat, source.pieces(flat))
+            after = gather(flat, flat)
             for name in stepped:
                 worst["moved"] = max(worst["moved"], (after[name] - masters[name]).abs().max().item())
                 diff = (after[name] - reference_params[name].detach()).abs()
