@@ -63,10 +63,24 @@ def param_fragments(params: Iterable[Tensor], state: dict[Tensor, dict[str, Any]
         if param.grad is None:
             continue
         name = getattr(param, "_dist_cautious_name", f"params[{index}] of shape {tuple(param.shape)}")
+        refuse_fsdp1(param, name)
         if dtensor.is_dtensor(param):
             yield param, dtensor.dtensor_fragment(param, state[param], name)
         else:
             yield param, whole_tensor_fragment(param, state[param], name)
+
+
+def refuse_fsdp1(param: Tensor, name: str) -> None:
+    """FSDP1 (``FullyShardedDataParallel``) hands the optimizer a ``FlatParameter`` (many
+    tensors, sharded flat) or, with ``use_orig_params=True``, views of this rank's slice of one:
+    plain tensors that are not whole params. Stepping them as whole tensors would compute every
+    mask mean, RMS and CAME factor per shard. FSDP1 marks both (``_is_flat_param``, and
+    ``_fsdp_flattened`` on each param it flattened), so they are refused, naming the param."""
+    if getattr(param, "_is_flat_param", False) or getattr(param, "_fsdp_flattened", False):
+        raise ValueError(
+            f"dist_cautious: {name} belongs to an FSDP1 (FullyShardedDataParallel) flat parameter; its shards are not whole "
+            "tensors and whole-tensor statistics of them would be wrong. Use FSDP2 (torch.distributed.fsdp.fully_shard)"
+        )
 
 
 def local_storage(tensor: Tensor) -> int:
