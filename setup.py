@@ -45,8 +45,10 @@ setup(
     packages=find_packages(include=["dist_cautious", "dist_cautious.*"]),
     python_requires=">=3.9",
     # ninja: torch.utils.cpp_extension JIT-builds the native kernels with it on first use
-    install_requires=["torch>=2.6", "tqdm", "matplotlib", "ninja"],
-    extras_require={"deepspeed": ["deepspeed>=0.16"], "mpi": ["mpi4py"]},
+    # the tested releases: torch 2.13, deepspeed 0.19.8 (dist_cautious/versions.py refuses others at run
+    # time unless DIST_CAUTIOUS_ALLOW_UNTESTED=1); no upper bound here, so pip never replaces a GPU user's torch
+    install_requires=["torch>=2.13", "tqdm", "matplotlib", "ninja"],
+    extras_require={"deepspeed": ["deepspeed>=0.19.8"], "mpi": ["mpi4py"]},
     entry_points={"console_scripts": ["dist-cautious=dist_cautious.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

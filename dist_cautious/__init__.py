@@ -6,8 +6,14 @@ optimizer pieces of tensors; the optimizers reduce the few whole-tensor statisti
 sharded run computes what a single process computes on the global batch.
 """
 
-from dist_cautious.optim import CAME, CautiousAdamW, CautiousLion
-from dist_cautious.integrations import deepspeed as _deepspeed_integration
+import torch as _torch
+
+from dist_cautious.versions import check_version as _check_version
+
+_check_version("torch", _torch.__version__)  # fail closed on an untested torch
+
+from dist_cautious.optim import CAME, CautiousAdamW, CautiousLion  # noqa: E402
+from dist_cautious.integrations import deepspeed as _deepspeed_integration  # noqa: E402
 
 # DeepSpeed configs may name the optimizers ("type": "CAME"); cheap when DeepSpeed is not imported
 _deepspeed_integration.register()
