@@ -94,11 +94,12 @@ def _patch_engine(engine_module: Any) -> None:
     engine_cls = engine_module.DeepSpeedEngine
     if getattr(engine_cls, _PATCHED, False):
         return
-    import deepspeed
+    from importlib.metadata import version
 
     from dist_cautious.versions import check_version
 
-    check_version("deepspeed", deepspeed.__version__)  # its partition layout is read, not a public API
+    # deepspeed.__version__ may not be set yet: the engine module is imported while deepspeed is
+    check_version("deepspeed", version("deepspeed"))  # its partition layout is read, not a public API
     from deepspeed.runtime.zero import utils as zero_utils
 
     for cls in OPTIMIZERS.values():
