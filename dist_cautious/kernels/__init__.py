@@ -7,13 +7,19 @@ JIT-builds and returns such a namespace or raises. ``DIST_CAUTIOUS_KERNELS`` cho
 path, else the reference path with one warning),
 ``reference`` (always the torch reference path), ``native`` (fail loudly if it cannot build).
 Unsupported work never falls back silently to different math: both paths compute the same.
+
+``ops_override(device_type, namespace)`` makes ``ops_for`` return ``namespace`` for that device
+type within a block, whatever the mode: the tests hand the optimizers
+``cuda_ops.fake_namespace()`` with it, to run whole CUDA steps on fake tensors without a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -25,6 +31,7 @@ logger = logging.getLogger("dist_cautious")
 
 _NATIVE_MODULES = {"cpu": "dist_cautious.kernels.cpu_ops", "cuda": "dist_cautious.kernels.cuda_ops"}
 _loaded: dict[str, Any] = {}
+_overrides: dict[str, Any] = {}
 MODES = ("auto", "reference", "native")
 
 
@@ -54,11 +61,31 @@ def _load_native(device_type: str) -> Any | None:
 
 def ops_for(device: torch.device) -> ModuleType | Any:
     """The kernel namespace for tensors on ``device``."""
+    override = _overrides.get(device.type)
+    if override is not None:
+        return override
     mode = kernel_mode()
     if mode == "reference" or device.type not in _NATIVE_MODULES:
         return reference
     native = _load_native(device.type)
     return reference if native is None else native
+
+
+@contextlib.contextmanager
+def ops_override(device_type: str, namespace: Any) -> Iterator[Any]:
+    """Within the block, ``ops_for`` returns ``namespace`` for ``device_type`` tensors (nested
+    overrides restore the outer one on exit). Explicit and scoped on purpose: ``ops_for`` itself
+    never picks a namespace the real run would not use, e.g. under ``FakeTensorMode``, so a fake
+    step shows exactly what the real step does with the kernels it names."""
+    previous = _overrides.get(device_type)
+    _overrides[device_type] = namespace
+    try:
+        yield namespace
+    finally:
+        if previous is None:
+            _overrides.pop(device_type, None)
+        else:
+            _overrides[device_type] = previous
 
 
 def prebuild(device_type: str = "cpu") -> None:

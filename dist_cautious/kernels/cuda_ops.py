@@ -12,6 +12,13 @@ fp32 the way torch rounds a Python scalar in its CUDA kernels.
 
 A call whose tensors the kernels do not take (float64, not contiguous, on different devices)
 runs the reference function instead: same math, so the choice never changes a result's meaning.
+
+Every kernel call goes through the dispatcher as ``torch.ops.dist_cautious.<name>``
+(``kernels.cuda_library``), never straight into the pybind module: fake tensors then run the
+ops' fake implementations, and a dispatch mode sees and can count each launch. ``load()`` binds
+the compiled extension as the ops' CUDA implementation; ``fake_namespace()`` is the same
+namespace without building anything, for whole steps on fake CUDA tensors (FakeTensorMode) on a
+machine without a GPU. Given real CUDA tensors with no extension loaded, its ops raise.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from dist_cautious.kernels import reference
+from dist_cautious.kernels import cuda_library, reference
 from dist_cautious.kernels.layout import FactoredLayout
 from dist_cautious.kernels.reference import CameFactors, mask_scales
 
@@ -59,10 +66,13 @@ def _batch_rows_cols(layout: FactoredLayout) -> tuple[int, int, int]:
 
 
 class CudaOps:
-    """The reference functions, run by the compiled extension ``ext``.
+    """The reference functions, run by the ops ``torch.ops.dist_cautious.*`` with ``ext`` bound
+    as their implementation on real ``device_type`` tensors.
 
-    ``device_type`` is ``"cuda"`` for the real kernels; the CPU tests of this wiring pass an
-    emulation of the binding (``tests/gpu/binding_emulator.py``) with ``"cpu"``.
+    ``device_type`` is ``"cuda"`` for the real kernels; the CPU tests of this wiring bind an
+    emulation of the binding (``tests/gpu/binding_emulator.py``) or the CPU-thread build of the
+    real sources (``tests/gpu/cuda_on_cpu``) with ``"cpu"``. ``ext=None`` binds nothing: the ops
+    then run on fake tensors only (``fake_namespace``) or on whatever ``load()`` bound.
     """
 
     CameFactors = CameFactors
@@ -71,6 +81,15 @@ class CudaOps:
     def __init__(self, ext: Any, device_type: str = "cuda") -> None:
         self._ext = ext
         self._device_type = device_type
+        self._ops = cuda_library.ops()
+        self._kernels()
+
+    def _kernels(self) -> Any:
+        """``torch.ops.dist_cautious``, with this instance's ``ext`` bound for its device type
+        (re-bound if another instance, such as a second test backend, took the slot since)."""
+        if self._ext is not None and cuda_library.bound(self._device_type) is not self._ext:
+            cuda_library.bind(self._ext, self._device_type)
+        return self._ops
 
     def _ok(self, values: Sequence[Sequence[Optional[Tensor]]], states: Sequence[Sequence[Optional[Tensor]]]) -> bool:
         return _native_ok(values, states, self._device_type)
@@ -79,7 +98,7 @@ class CudaOps:
     def adamw_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
         if not grads or not self._ok([grads], [exp_avgs]):
             return reference.adamw_mask_counts(grads, exp_avgs, beta1)
-        return self._ext.lerp_mask_counts(list(grads), list(exp_avgs), 1 - beta1, False).float()
+        return self._kernels().lerp_mask_counts(list(grads), list(exp_avgs), 1 - beta1, False).float()
 
     def adamw_apply(
         self,
@@ -103,7 +122,7 @@ class CudaOps:
             return
         alphas = [-(lr / (1 - beta1**step)) for step in steps]
         bc2_sqrts = [math.sqrt(1 - beta2**step) for step in steps]
-        self._ext.adamw_apply(
+        self._kernels().adamw_apply(
             list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), alphas, bc2_sqrts,
             1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, _device_scales(scales, grads[0].device),
         )
@@ -112,7 +131,7 @@ class CudaOps:
     def lion_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
         if not grads or not self._ok([grads], [exp_avgs]):
             return reference.lion_mask_counts(grads, exp_avgs, beta1)
-        return self._ext.lerp_mask_counts(list(grads), list(exp_avgs), 1 - beta1, True).float()
+        return self._kernels().lerp_mask_counts(list(grads), list(exp_avgs), 1 - beta1, True).float()
 
     def lion_apply(
         self,
@@ -131,7 +150,7 @@ class CudaOps:
         if not self._ok([params, grads], [exp_avgs]):
             reference.lion_apply(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales)
             return
-        self._ext.lion_apply(
+        self._kernels().lion_apply(
             list(params), list(grads), list(exp_avgs), 1 - lr * weight_decay, 1 - beta1, 1 - beta2, -lr,
             _device_scales(scales, grads[0].device),
         )
@@ -167,7 +186,7 @@ class CudaOps:
             reference.came_factored_sq_sums(grads, layouts, eps1, row_sums, col_sums)
             return
         shapes = [_batch_rows_cols(layout) for layout in layouts]
-        self._ext.came_factored_sq_sums(
+        self._kernels().came_factored_sq_sums(
             list(grads), [layout.start for layout in layouts], [s[0] for s in shapes], [s[1] for s in shapes], [s[2] for s in shapes],
             list(row_sums), list(col_sums), eps1,
         )
@@ -178,7 +197,7 @@ class CudaOps:
         if not self._ok([grads], [exp_avg_sqs]):
             reference.came_vector_second_moment(grads, exp_avg_sqs, beta2, eps1)
             return
-        self._ext.came_vector_second_moment(list(grads), list(exp_avg_sqs), beta2, 1 - beta2, eps1)
+        self._kernels().came_vector_second_moment(list(grads), list(exp_avg_sqs), beta2, 1 - beta2, eps1)
 
     def came_update_sumsq(self, grads: Sequence[Tensor], factors: Sequence[CameFactors]) -> Tensor:
         if not grads or not self._ok([grads], [_factor_tensors(factors)]):
@@ -186,13 +205,13 @@ class CudaOps:
         sums = torch.zeros(len(grads), dtype=torch.float64, device=grads[0].device)
         factored, vector = _split(factors)
         if factored:
-            self._ext.came_factored_sumsq(
+            self._kernels().came_factored_sumsq(
                 [grads[i] for i in factored], *_layout_lists(factors, factored),
                 [factors[i].row for i in factored], [factors[i].col for i in factored], factored, sums,
             )
         if vector:
             preconds, has = _vector_preconds(factors, vector, grads)
-            self._ext.came_vector_sumsq([grads[i] for i in vector], preconds, has, vector, sums)
+            self._kernels().came_vector_sumsq([grads[i] for i in vector], preconds, has, vector, sums)
         return sums.float()
 
     def came_momentum(
@@ -214,7 +233,7 @@ class CudaOps:
         divisors = clip_divisors.to(device=device, dtype=torch.float32).contiguous()
         factored, vector = _split(factors)
         if factored:
-            self._ext.came_factored_momentum(
+            self._kernels().came_factored_momentum(
                 [grads[i] for i in factored], [exp_avgs[i] for i in factored], *_layout_lists(factors, factored),
                 [factors[i].row for i in factored], [factors[i].col for i in factored],
                 [res_row_sums[i] for i in factored], [res_col_sums[i] for i in factored], factored,
@@ -222,7 +241,7 @@ class CudaOps:
             )
         if vector:
             preconds, has = _vector_preconds(factors, vector, grads)
-            self._ext.came_vector_momentum(
+            self._kernels().came_vector_momentum(
                 [grads[i] for i in vector], [exp_avgs[i] for i in vector], preconds, has, vector, divisors, beta1, 1 - beta1, counts
             )
         return counts.float()
@@ -248,14 +267,14 @@ class CudaOps:
         decay, neg_lr = 1 - lr * weight_decay, -lr
         factored, vector = _split(confidence)
         if factored:
-            self._ext.came_factored_apply(
+            self._kernels().came_factored_apply(
                 [params[i] for i in factored], [grads[i] for i in factored], [exp_avgs[i] for i in factored],
                 *_layout_lists(confidence, factored), [confidence[i].row for i in factored], [confidence[i].col for i in factored],
                 factored, decay, neg_lr, device_scales, len(grads),
             )
         if vector:
             preconds, has = _vector_preconds(confidence, vector, grads)
-            self._ext.came_vector_apply(
+            self._kernels().came_vector_apply(
                 [params[i] for i in vector], [grads[i] for i in vector], [exp_avgs[i] for i in vector], preconds, has, vector,
                 decay, neg_lr, device_scales, len(grads),
             )
@@ -312,9 +331,22 @@ def _vector_preconds(factors: Sequence[CameFactors], positions: list[int], grads
 
 
 def load() -> SimpleNamespace:
-    """Build or import the CUDA extension and return the kernel namespace; raises without CUDA."""
+    """Build or import the CUDA extension, bind it as the CUDA implementation of
+    ``torch.ops.dist_cautious.*`` and return the kernel namespace; raises without CUDA."""
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available")
     from dist_cautious.kernels.build import load as build_load
 
     return CudaOps(build_load("cuda")).namespace()
+
+
+def fake_namespace() -> SimpleNamespace:
+    """The CUDA kernel namespace over the registered custom ops, without building or binding the
+    extension: a whole step on fake CUDA tensors (``FakeTensorMode``) runs the ops' fake
+    implementations, so device placement, host synchronisation and dispatch can be checked on a
+    machine without a GPU. It never turns a real step into a no-op: on real CUDA tensors its ops
+    run the kernels ``load()`` bound in this process, or raise when none were bound.
+    ``kernels.ops_override("cuda", fake_namespace())`` hands it to the optimizers."""
+    namespace = CudaOps(None, "cuda").namespace()
+    namespace.native = "cuda (custom ops only; fake tensors unless load() bound the extension)"
+    return namespace

@@ -226,7 +226,8 @@ class StepPlan:
             return
         initial = [float(f.state["step"]) if "step" in f.state else 0.0 for _, f in self.work]
         self.steps = torch.tensor(initial, dtype=torch.float32)
-        self.step_values: list[int] = []
+        #: the counts as host ints, advanced alongside ``steps``: never read back from the tensor
+        self.step_values: list[int] = [int(value) for value in initial]
         for slot, (_, fragment) in enumerate(self.work):
             fragment.state["step"] = self.steps[slot]
             fragment.step_slot = slot
@@ -267,9 +268,24 @@ class StepPlan:
         return True
 
     def advance_steps(self) -> None:
-        """Every fragment's step count + 1, in one op; their values for this step."""
+        """Every fragment's step count + 1, in one op; their values for this step, counted on
+        the host as well, so a step never reads tensor data back (``.tolist()`` would sync a
+        device-resident counter, and raises on the fake tensors of tests/gpu/test_fake_cuda_step.py)."""
         self.steps.add_(1)
-        self.step_values = [int(value) for value in self.steps.tolist()]
+        self.step_values = [value + 1 for value in self.step_values]
+
+
+def reduce_per_tensor(fragments: Sequence[Fragment], values: Tensor, reducer: BatchedReducer) -> None:
+    """Register ``values[i]`` (one value per fragment ``i``) for reduction over fragment ``i``'s
+    process group; whole local tensors (no group) are not reduced. One entry per process group:
+    the whole tensor when every fragment shares that group (FSDP2, ZeRO), else its positions."""
+    positions: dict[Any, list[int]] = {}
+    for index, fragment in enumerate(fragments):
+        if fragment.group is not None:
+            positions.setdefault(fragment.group, []).append(index)
+    for group, indices in positions.items():
+        index = None if len(indices) == len(fragments) else torch.tensor(indices, dtype=torch.long, device=values.device)
+        reducer.add(group, values, index)
 
 
 def global_mask_scales(
@@ -286,9 +302,7 @@ def global_mask_scales(
             counts.append(None)
             continue
         batch_counts = local_counts(group, fragments)
-        for index, fragment in enumerate(fragments):
-            if fragment.group is not None:  # nothing to reduce for a whole local tensor
-                reducer.add(fragment.group, batch_counts[index : index + 1])
+        reduce_per_tensor(fragments, batch_counts, reducer)
         counts.append(batch_counts)
     reducer.all_reduce()
     return [

@@ -1,0 +1,270 @@
+"""Whole optimizer steps on fake CUDA tensors: the CUDA path checked on a machine without a GPU.
+
+``FakeTensorMode`` accepts ``device="cuda"`` on a CPU-only torch: tensors carry shape, dtype and
+device but no data, and the kernels' custom ops (``kernels.cuda_library``) run their fake
+implementations, with the binding's checks. ``kernels.ops_override`` hands the optimizers
+``cuda_ops.fake_namespace()``: the very namespace ``ops_for`` returns on a GPU, minus the
+compiled extension. A ``TorchDispatchMode`` sees every op the step dispatches, and each test
+checks, for the first step (state created) and the second (state reused):
+
+- placement: every tensor the step allocates or computes is on the CUDA device. Exempt are the
+  host step counters (``state["step"]``, kept on the host like ``torch.optim.AdamW``'s when not
+  ``capturable``; the binding takes bias corrections as host scalars in its descriptors) and the
+  host constants that ``torch.tensor`` lifts, which the transfer check judges if they move;
+- no host synchronisation: no ``.item()`` / ``.tolist()`` of device data (fake tensors raise
+  there) and no copy between host and device (``torch.tensor(list, device="cuda")`` is a
+  pageable copy the host waits for);
+- dispatch: each of the optimizer's CUDA custom ops runs once per step, over every param, and
+  nothing steps a param, a momentum or a second moment outside them (no reference fallback).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from dist_cautious import kernels
+from dist_cautious.kernels import cuda_library, cuda_ops
+from dist_cautious.optim import CAME, CautiousAdamW, CautiousLion
+
+CUDA = torch.device("cuda", 0)
+#: 0-d, 1-D, 2-D (factored for CAME), 4-D (a batch of factored matrices), a 1-element 1-D
+SHAPES = [(), (7,), (5, 3), (4, 3, 2, 2), (1,)]
+FACTORED = sum(len(shape) >= 2 for shape in SHAPES)
+
+#: (optimizer, kwargs, the custom ops one step runs, each with the number of tensors it covers)
+CASES = {
+    "adamw": (CautiousAdamW, dict(lr=1e-3, cautious=True), {"lerp_mask_counts": len(SHAPES), "adamw_apply": len(SHAPES)}),
+    "adamw-plain": (CautiousAdamW, dict(lr=1e-3, cautious=False), {"adamw_apply": len(SHAPES)}),
+    "lion": (CautiousLion, dict(lr=1e-4, cautious=True), {"lerp_mask_counts": len(SHAPES), "lion_apply": len(SHAPES)}),
+    "lion-plain": (CautiousLion, dict(lr=1e-4, cautious=False), {"lion_apply": len(SHAPES)}),
+    **{
+        name: (
+            CAME,
+            dict(lr=2e-4, cautious=cautious, weight_decay=0.01),
+            {
+                "came_factored_sq_sums": FACTORED, "came_vector_second_moment": len(SHAPES) - FACTORED,
+                "came_factored_sumsq": FACTORED, "came_vector_sumsq": len(SHAPES) - FACTORED,
+                "came_factored_momentum": FACTORED, "came_vector_momentum": len(SHAPES) - FACTORED,
+                "came_factored_apply": FACTORED, "came_vector_apply": len(SHAPES) - FACTORED,
+            },
+        )  # fmt: skip
+        for name, cautious in (("came", False), ("came-cautious", True))
+    },
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class StepRecorder(TorchDispatchMode):
+    """Every op dispatched inside it: name, the tensors it read and the tensors it produced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, list[torch.Tensor], list[torch.Tensor], dict[str, Any]]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        named = {arg.name: value for arg, value in zip(func._schema.arguments, args)} | kwargs
+        self.calls.append((func, inputs, outputs, named))
+        return out
+
+    def custom_ops(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(func._opname, named) for func, _, _, named in self.calls if func.namespace == cuda_library.NAMESPACE]
+
+    def written(self, func: Any, named: dict[str, Any]) -> list[torch.Tensor]:
+        """The tensors an op's schema says it writes."""
+        tensors = []
+        for arg in func._schema.arguments:
+            if arg.alias_info is not None and arg.alias_info.is_write and arg.name in named:
+                tensors += [t for t in tree_flatten(named[arg.name])[0] if isinstance(t, torch.Tensor)]
+        return tensors
+
+
+@pytest.fixture(autouse=True)
+def basic_indexing_on_fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python indexing (``t[a:b]``, ``t[i]``) takes a CUDA device guard before it dispatches,
+    which a CPU-only torch cannot give ("PyTorch is not linked with support for cuda devices"),
+    though the ops it dispatches, ``aten.slice`` / ``aten.select``, run on fake CUDA tensors. On
+    fake CUDA tensors only, basic indexing (ints and slices, no ellipsis, masks or tensors) is
+    dispatched straight to those ops, as a CUDA build does after its guard; anything else still
+    goes to torch's own ``__getitem__``."""
+    original = FakeTensor.__getitem__
+
+    def getitem(self: torch.Tensor, index: Any) -> torch.Tensor:
+        items = index if isinstance(index, tuple) else (index,)
+        if self.device.type != "cuda" or len(items) > self.dim() or not all(type(i) in (int, slice) for i in items):
+            return original(self, index)
+        out, dim = self, 0
+        for item in items:
+            if isinstance(item, int):
+                out = torch.ops.aten.select.int(out, dim, item)
+            else:
+                out = torch.ops.aten.slice.Tensor(out, dim, item.start, item.stop, 1 if item.step is None else item.step)
+                dim += 1
+        return out
+
+    monkeypatch.setattr(FakeTensor, "__getitem__", getitem)
+
+
+def _storage(tensor: torch.Tensor) -> StorageWeakRef:
+    return StorageWeakRef(tensor.untyped_storage())
+
+
+def _fake_step_records(optimizer_name: str, dtype_name: str) -> tuple[list[StepRecorder], torch.optim.Optimizer, list[torch.Tensor]]:
+    """Two steps on fake CUDA params of every shape; the recorder of each step."""
+    cls, kwargs, _ = CASES[optimizer_name]
+    dtype = DTYPES[dtype_name]
+    records = []
+    with kernels.ops_override("cuda", cuda_ops.fake_namespace()), FakeTensorMode():
+        params = [torch.nn.Parameter(torch.randn(shape, device="cuda", dtype=dtype)) for shape in SHAPES]
+        optimizer = cls(params, **kwargs)
+        for _ in range(2):
+            for param in params:
+                param.grad = torch.randn_like(param)
+            with StepRecorder() as recorder:
+                optimizer.step()
+            records.append(recorder)
+    return records, optimizer, params
+
+
+def _step_counters(optimizer: torch.optim.Optimizer) -> set[StorageWeakRef]:
+    return {_storage(state["step"]) for state in optimizer.state.values() if isinstance(state.get("step"), torch.Tensor)}
+
+
+def _off_device(recorder: StepRecorder, counters: set[StorageWeakRef]) -> list[str]:
+    """Ops whose outputs are not on the CUDA device, other than the host step counters and host
+    staging data: tensors whose only use is to be copied to the device (``torch.tensor(list,
+    device="cuda")``, a table built on the host and uploaded), which ``_transfers`` judges."""
+    staged: set[StorageWeakRef] = set()
+    for func, inputs, outputs, _ in reversed(recorder.calls):
+        uploads = any(t.device.type == "cuda" for t in outputs) and any(t.device.type == "cpu" for t in inputs)
+        if uploads or any(_storage(t) in staged for t in outputs if t.device.type == "cpu"):
+            staged |= {_storage(t) for t in inputs if t.device.type == "cpu"}
+    return [
+        f"{func} -> {t.device}"
+        for func, _, outputs, _ in recorder.calls
+        for t in outputs
+        if t.device != CUDA and _storage(t) not in counters and _storage(t) not in staged
+    ]
+
+
+def _transfers(recorder: StepRecorder, *, uploads: bool) -> list[str]:
+    """Ops that read device data on the host or, with ``uploads``, copy host data to the device
+    (a 0-d host scalar taking part in a device op, as in ``t * torch.tensor(2.0)``, is a kernel
+    argument, not a copy)."""
+    found = []
+    for func, inputs, outputs, _ in recorder.calls:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            found.append(f"{func} reads a device value on the host")
+            continue
+        host_in = [t for t in inputs if t.device.type == "cpu" and t.dim() > 0]
+        device_in = [t for t in inputs if t.device.type == "cuda"]
+        host_out = [t for t in outputs if t.device.type == "cpu"]
+        device_out = [t for t in outputs if t.device.type == "cuda"]
+        if device_in and host_out:
+            found.append(f"{func} copies device data to the host")
+        elif uploads and host_in and device_out:
+            found.append(f"{func} copies host data to the device")
+    return found
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("optimizer_name", list(CASES))
+def test_step_allocates_on_the_device_and_runs_the_cuda_ops(optimizer_name: str, dtype_name: str) -> None:
+    records, optimizer, params = _fake_step_records(optimizer_name, dtype_name)
+    counters = _step_counters(optimizer)
+    expected = CASES[optimizer_name][2]
+    stepped = {_storage(p) for p in params} | {
+        _storage(value)
+        for state in optimizer.state.values()
+        for key, value in state.items()
+        if key in ("exp_avg", "exp_avg_sq") and isinstance(value, torch.Tensor)
+    }
+    for index, recorder in enumerate(records):
+        where = f"step {index + 1}"
+        # placement
+        off_device = _off_device(recorder, counters)
+        assert not off_device, f"{where}: tensors made off the CUDA device: {off_device}"
+        # dispatch: each custom op once, over every tensor of its kind
+        calls = recorder.custom_ops()
+        names = Counter(name for name, _ in calls)
+        assert names == Counter(expected.keys()), f"{where}: custom ops dispatched {dict(names)}, expected each of {sorted(expected)} once"
+        covered = {name: len(named["grads"]) for name, named in calls}
+        assert covered == expected, f"{where}: tensors per op {covered}, expected {expected}"
+        # nothing outside the custom ops writes params or per-element state (no reference fallback)
+        for func, _, _, named in recorder.calls:
+            if func.namespace == cuda_library.NAMESPACE:
+                continue
+            written = [t for t in recorder.written(func, named) if _storage(t) in stepped]
+            assert not written, f"{where}: {func} writes a param or its per-element state outside the CUDA ops"
+    assert all(p.device == CUDA for p in params)
+
+
+#: host syncs this test found and that are not fixed yet, with where they are
+KNOWN_SYNCS = {
+    name: (
+        "optim/base.py global_mask_scales calls mask_scales(counts, [f.numel ...]) every step, and "
+        "reference.mask_scales turns the list into torch.tensor(numels, device=cuda): a blocking "
+        "host-to-device copy per step. Remove this mark once the step plan hands it a sizes tensor "
+        "made once (mask_scales already accepts one; CAME's plan does so)"
+    )
+    for name in ("adamw", "lion")
+}
+
+
+def _sync_cases() -> list[Any]:
+    return [
+        pytest.param(name, dtype_name, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_SYNCS[name])] if name in KNOWN_SYNCS else [])
+        for name in CASES
+        for dtype_name in DTYPES
+    ]
+
+
+@pytest.mark.parametrize(("optimizer_name", "dtype_name"), _sync_cases())
+def test_step_never_synchronises_the_host(optimizer_name: str, dtype_name: str) -> None:
+    records, _, _ = _fake_step_records(optimizer_name, dtype_name)
+    # the first step builds the step plan, which may upload its constant tables once
+    first = _transfers(records[0], uploads=False)
+    assert not first, f"step 1: {first}"
+    for index, recorder in enumerate(records[1:], start=2):
+        found = _transfers(recorder, uploads=True)
+        assert not found, f"step {index}: {found}"
+
+
+def test_ops_refuse_real_tensors_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside fake mode, with no kernels bound for the tensors' device, the ops raise rather than
+    skip the step. No real CUDA tensor exists here: the CPU dispatch key, emptied for this test
+    (other tests bind CPU-side emulations to it), goes through the same forwarder."""
+    monkeypatch.delitem(cuda_library._backends, "cpu", raising=False)
+    param, grad, exp_avg = torch.zeros(3), torch.ones(3), torch.zeros(3)
+    with pytest.raises(RuntimeError, match="no cpu kernels are bound"):
+        torch.ops.dist_cautious.lion_apply([param], [grad], [exp_avg], 1.0, 0.1, 0.01, -1e-3, None)
+    assert torch.equal(param, torch.zeros(3)) and torch.equal(exp_avg, torch.zeros(3))
+
+
+def test_fake_ops_check_what_the_binding_checks() -> None:
+    """The fake implementations reject what the binding rejects: a wrong length, device or dtype."""
+    with FakeTensorMode():
+        grads = [torch.randn(4, device="cuda")]
+        with pytest.raises(RuntimeError, match="expected 4"):
+            torch.ops.dist_cautious.lerp_mask_counts(grads, [torch.zeros(5, device="cuda")], 0.1, False)
+        with pytest.raises(RuntimeError, match="must be on"):
+            torch.ops.dist_cautious.lerp_mask_counts(grads, [torch.zeros(4)], 0.1, False)
+        with pytest.raises(RuntimeError, match="must be one of"):
+            torch.ops.dist_cautious.lerp_mask_counts(grads, [torch.zeros(4, device="cuda", dtype=torch.bfloat16)], 0.1, False)
+        with pytest.raises(RuntimeError, match="outside"):
+            torch.ops.dist_cautious.came_factored_sq_sums(
+                [torch.randn(7, device="cuda")], [0], [1], [2], [3], [torch.zeros(2, device="cuda")], [torch.zeros(3, device="cuda")], 1e-30
+            )
+        counts = torch.ops.dist_cautious.lerp_mask_counts(grads * 3, [torch.zeros(4, device="cuda")] * 3, 0.1, True)
+        assert (counts.shape, counts.dtype, counts.device) == ((3,), torch.int64, CUDA)
