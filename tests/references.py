@@ -1,27 +1,5 @@
-"""The peer implementations the tests compare against, loaded the way this machine allows.
+"""The peer implementations the tests compare against (see ``dist_cautious.bench.peer_optimizers``)."""
 
-timm's package ``__init__`` imports torchvision, which has no CPU build here, so its optimizer
-files (``timm/optim/adamw.py``, ``lion.py``; torch-only imports) are loaded by path as a
-stand-alone package.
-"""
+from dist_cautious.bench.peer_optimizers import timm_optim
 
-from __future__ import annotations
-
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
-
-def timm_optim(module: str) -> ModuleType:
-    """``timm.optim.<module>`` without importing ``timm/__init__.py``."""
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("timm is not installed (pip install --no-deps timm)")
-    optim_dir = Path(list(spec.submodule_search_locations)[0]) / "optim"
-    package = "_timm_optim_reference"
-    if package not in sys.modules:
-        package_spec = importlib.util.spec_from_file_location(package, optim_dir / "__init__.py", submodule_search_locations=[str(optim_dir)])
-        sys.modules[package] = importlib.util.module_from_spec(package_spec)  # __init__ deliberately not executed
-    return importlib.import_module(f"{package}.{module}")
+__all__ = ["timm_optim"]
