@@ -25,7 +25,7 @@ from torch import Tensor
 
 from dist_cautious.kernels import reference
 from dist_cautious.kernels.layout import FactoredLayout
-from dist_cautious.kernels.reference import CameFactors, mask_scales
+from dist_cautious.kernels.reference import CameFactors, FactorList, mask_scales
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _IDENTITY, _ELEMENTWISE, _FACTORED = 0, 1, 2
@@ -48,7 +48,17 @@ def _scales_ok(scales: Optional[Tensor]) -> bool:
 
 
 class _FactorArgs:
-    """CameFactors flattened into the parallel lists the extension takes."""
+    """CameFactors flattened into the parallel lists the extension takes (with the ``folded``
+    shortcut's buffers and row means where a factored entry has both, else ``None``)."""
+
+    @staticmethod
+    def of(factors: Sequence[CameFactors]) -> "_FactorArgs":
+        """Kept on a ``FactorList`` (made once per step plan), else made for this call."""
+        if isinstance(factors, FactorList):
+            if factors.packed is None:
+                factors.packed = _FactorArgs(factors)
+            return factors.packed
+        return _FactorArgs(factors)
 
     def __init__(self, factors: Sequence[CameFactors]) -> None:
         self.kinds: list[int] = []
@@ -76,6 +86,8 @@ class _FactorArgs:
                 self.row.append(None)
                 self.col.append(None)
                 self.elem.append(factor.elementwise)
+        self.folded = [f.folded if f.layout is not None and f.folded is not None and f.row_means is not None else None for f in factors]
+        self.row_means = [f.row_means if fold is not None else None for f, fold in zip(factors, self.folded)]
 
     def tensors(self) -> list[Optional[Tensor]]:
         return [*self.row, *self.col, *self.elem]
@@ -94,6 +106,11 @@ class _ByteScratch:
 
     def __init__(self) -> None:
         self._free: list[Tensor] = []
+        #: per buffer (by id; the entry holds the buffer, so the id is not reused meanwhile): the
+        #: sizes it was last split into and those views. A step of the same tensors as the last
+        #: reuses them instead of making one view per tensor. Only the pool's buffers and the
+        #: one being handed out keep an entry.
+        self._splits: dict[int, tuple[Tensor, tuple[int, ...], list[Tensor]]] = {}
 
     def take(self, sizes: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
         """A buffer of at least ``sum(sizes)`` bytes and its consecutive views of ``sizes``."""
@@ -105,7 +122,14 @@ class _ByteScratch:
             if self._free:  # all too small for this step: drop the largest rather than keep both
                 self._free.pop(max(range(len(self._free)), key=lambda i: self._free[i].numel()))
             buffer = torch.empty(total, dtype=torch.uint8)
-        return buffer, list(buffer[:total].split(list(sizes)))
+        kept = {id(b) for b in self._free} | {id(buffer)}
+        for stale in [key for key in self._splits if key not in kept]:
+            del self._splits[stale]
+        key = tuple(sizes)
+        split = self._splits.get(id(buffer))
+        if split is None or split[1] != key:
+            split = self._splits[id(buffer)] = (buffer, key, list(buffer[:total].split(list(sizes))))
+        return buffer, list(split[2])
 
     def give_back(self, buffer: Tensor) -> None:
         self._free.append(buffer)
@@ -264,16 +288,20 @@ class CpuOps:
         *,
         row_states: Sequence[Tensor],
         beta2: float,
-    ) -> list[Optional[Tensor]]:
+        folded: Optional[Sequence[Tensor]] = None,
+    ) -> Sequence[Optional[Tensor]]:
         """Phase 1 that also folds phase 2's sum of squares over whole rows into a B*C buffer per
-        fragment (``CameFactors.folded``): phase 2 then reads g only in partial rows."""
-        if not self._ok(grads, [*row_sums, *col_sums, *row_states]):
+        fragment (``CameFactors.folded``): phase 2 then reads g only in partial rows. ``folded``:
+        zeroed fp32 buffers of the column sums' sizes to fold into (returned as given; a step
+        plan keeps them as views of one buffer), else allocated here."""
+        if not self._ok(grads, [*row_sums, *col_sums, *row_states, *(folded or ())]):
             return reference.came_factored_sq_sums_begin(grads, layouts, eps1, row_sums, col_sums, row_states=row_states, beta2=beta2)
         self._check_layouts(grads, layouts)
-        folded = [torch.zeros_like(cols) for cols in col_sums]
+        if folded is None:
+            folded = [torch.zeros_like(cols) for cols in col_sums]
         self.module.came_factored_sq_sums(
             list(grads), [l.start for l in layouts], [l.rows for l in layouts], [l.cols for l in layouts], eps1, list(row_sums), list(col_sums),
-            list(row_states), beta2, 1 - beta2, folded,
+            list(row_states), beta2, 1 - beta2, list(folded),
         )  # fmt: skip
         return folded
 
@@ -284,12 +312,11 @@ class CpuOps:
         self.module.came_vector_second_moment(list(grads), list(exp_avg_sqs), beta2, 1 - beta2, eps1)
 
     def came_update_sumsq(self, grads: Sequence[Tensor], factors: Sequence[CameFactors]) -> Tensor:
-        packed = _FactorArgs(factors)
+        packed = _FactorArgs.of(factors)
         if not self._ok(grads, packed.tensors()):
             return reference.came_update_sumsq(grads, factors)
         self._check_factors(grads, factors)
-        folded = [f.folded if f.layout is not None and f.folded is not None and f.row_means is not None else None for f in factors]
-        row_means = [f.row_means if fold is not None else None for f, fold in zip(factors, folded)]
+        folded, row_means = packed.folded, packed.row_means
         if not self._ok([], [t for t in folded + row_means if t is not None]):
             folded, row_means = [None] * len(factors), [None] * len(factors)
         return self.module.came_update_sumsq(list(grads), *packed.args(), folded, row_means)
@@ -340,7 +367,7 @@ class CpuOps:
         res_row_sums: Sequence[Optional[Tensor]],
         res_col_sums: Sequence[Optional[Tensor]],
     ) -> tuple[Tensor, object]:
-        packed = _FactorArgs(factors)
+        packed = _FactorArgs.of(factors)
         if not self._ok(grads, [*exp_avgs, *packed.tensors(), *res_row_sums, *res_col_sums]):
             kwargs = dict(beta1=beta1, eps2=eps2, res_row_sums=res_row_sums, res_col_sums=res_col_sums)
             return reference.came_cautious_begin(grads, exp_avgs, factors, clip_divisors, **kwargs)
@@ -349,9 +376,9 @@ class CpuOps:
         kept: Optional[_CameMask] = None
         masks: list[Optional[Tensor]] = [None] * len(grads)
         if keep_mask:
-            buffer, views = self._scratch.take([self.module.came_mask_bytes(g.numel()) for g in grads])
-            for view in views:
-                view.zero_()
+            sizes = [self.module.came_mask_bytes(g.numel()) for g in grads]
+            buffer, views = self._scratch.take(sizes)
+            buffer[: sum(sizes)].zero_()  # the views, back to back: one op, not one per tensor
             kept, masks = _CameMask(buffer, views), list(views)
         counts = self.module.came_momentum(
             list(grads), list(exp_avgs), *packed.args(), clips, beta1, 1 - beta1, eps2, list(res_row_sums), list(res_col_sums), masks
@@ -369,7 +396,7 @@ class CpuOps:
         weight_decay: float,
         scales: Optional[Tensor] = None,
     ) -> None:
-        packed = _FactorArgs(confidence)
+        packed = _FactorArgs.of(confidence)
         if not (self._ok([*params, *grads], [*exp_avgs, *packed.tensors()]) and _scales_ok(scales)):
             reference.came_apply(params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales)
             return
@@ -388,7 +415,7 @@ class CpuOps:
         weight_decay: float,
         scales: Tensor,
     ) -> None:
-        packed = _FactorArgs(confidence)
+        packed = _FactorArgs.of(confidence)
         if not isinstance(pending, _CameMask) or not self._ok(params, [*exp_avgs, *packed.tensors()]):
             reference.came_cautious_finish(pending, params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales)
             return

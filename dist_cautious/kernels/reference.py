@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -38,9 +38,10 @@ def _count_agreeing(update: Tensor, grad: Tensor) -> Tensor:
     return (update * grad > 0).sum(dtype=torch.float32)
 
 
-def mask_scales(counts: Tensor, numels: Sequence[int]) -> Tensor:
-    """scale = 1 / max(mean(phi), 1e-3) per tensor, from global counts and global sizes."""
-    sizes = torch.tensor(numels, dtype=torch.float32, device=counts.device)
+def mask_scales(counts: Tensor, numels: Sequence[int] | Tensor) -> Tensor:
+    """scale = 1 / max(mean(phi), 1e-3) per tensor, from global counts and global sizes (a list,
+    or the fp32 tensor of them that a step plan keeps: no ``torch.tensor(list)`` per step)."""
+    sizes = numels if isinstance(numels, Tensor) else torch.tensor(numels, dtype=torch.float32, device=counts.device)
     return 1.0 / (counts / sizes).clamp(min=1e-3)
 
 
@@ -177,6 +178,15 @@ class CameFactors:
         return tensor.clone()
 
 
+class FactorList(list):
+    """A list of ``CameFactors`` that a step plan keeps across steps: the tensors inside are
+    rewritten in place, never replaced, so a kernel set may keep what it derives from the list
+    (``packed``: the native CPU kernels' flattened argument lists) instead of rebuilding it
+    per call and per tensor."""
+
+    packed: Any = None
+
+
 def came_factored_sq_sums(
     grads: Sequence[Tensor], layouts: Sequence[FactoredLayout], eps1: float, row_sums: Sequence[Tensor], col_sums: Sequence[Tensor]
 ) -> None:
@@ -195,10 +205,12 @@ def came_factored_sq_sums_begin(
     *,
     row_states: Sequence[Tensor],
     beta2: float,
+    folded: Optional[Sequence[Tensor]] = None,
 ) -> list[Optional[Tensor]]:
     """``came_factored_sq_sums``, and per fragment what it folded for ``came_update_sumsq``
     (``CameFactors.folded``): nothing here, where phase 2 is its own pass over g. ``row_states``
-    are the row second moments before this step's update."""
+    are the row second moments before this step's update; ``folded``, zeroed B*C buffers a
+    kernel set may fold into instead of allocating its own, is unused here."""
     came_factored_sq_sums(grads, layouts, eps1, row_sums, col_sums)
     return [None] * len(grads)
 

@@ -12,14 +12,16 @@ replicated on every rank that holds a piece of the tensor. The native CPU kernel
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from dist_cautious.kernels.reference import CameFactors, mask_scales
+from dist_cautious.kernels.reference import CameFactors, FactorList, mask_scales
 from dist_cautious.optim.base import FragmentOptimizer, Work, by_group, check_betas, check_lr, check_nonnegative, kernels_for
 from dist_cautious.shard.fragment import Fragment
 from dist_cautious.shard.reducer import BatchedReducer
@@ -85,140 +87,370 @@ class CAME(FragmentOptimizer):
             raise ValueError(f"{self._owner}: clip_threshold must be a finite number > 0, got {threshold!r}")
 
     def step_fragments(self, work: Work) -> None:
-        batches = by_group(work)
-        for _, fragments in batches:
-            self.step_counts(fragments)  # advanced once per step
-        factors = self._second_moment_factors(batches)
-        clip_divisors = self._rms_clip_divisors(batches, factors)
-        confidence, scales, pending = self._momentum_and_confidence(batches, factors, clip_divisors)
-        for (group, fragments), batch_confidence, batch_scales, batch_pending in zip(batches, confidence, scales, pending):
+        plan = self._came_plan_for(work)
+        for batch in plan.batches:
+            self.step_counts(batch.fragments)  # advanced once per step
+        self._second_moment_factors(plan)
+        clip_divisors = self._rms_clip_divisors(plan)
+        scales, pending = self._momentum_and_confidence(plan, clip_divisors)
+        for batch, batch_scales, batch_pending in zip(plan.batches, scales, pending):
+            group, fragments = batch.group, batch.fragments
             ops = kernels_for(fragments)
             params, grads = [f.param for f in fragments], [f.grad for f in fragments]
-            exp_avgs = [f.elementwise_state("exp_avg") for f in fragments]
             hyper = dict(lr=float(group["lr"]), weight_decay=group["weight_decay"], scales=batch_scales)
             if group["cautious"]:
-                ops.came_cautious_finish(batch_pending, params, grads, exp_avgs, batch_confidence, **hyper)
+                ops.came_cautious_finish(batch_pending, params, grads, batch.exp_avgs, batch.confidence, **hyper)
             else:
-                ops.came_apply(params, grads, exp_avgs, batch_confidence, **hyper)
+                ops.came_apply(params, grads, batch.exp_avgs, batch.confidence, **hyper)
 
-    def _second_moment_factors(self, batches: list[tuple[dict[str, Any], list[Fragment]]]) -> list[list[CameFactors]]:
-        """Phase 1 + reduction 1: update the second moments, return each fragment's preconditioner."""
+    def _came_plan_for(self, work: Work) -> "_CamePlan":
+        """The factor layout of this step: the one kept with the step plan while that plan and
+        the state it installed still hold, else built now (and kept if a step plan is in use).
+        Without a step plan (DeepSpeed ZeRO, params stepped on copies) it is built every step and
+        copies the factor state in and out instead of owning it."""
+        step_plan = getattr(self, "_plan_in_use", None)
+        kept = getattr(self, "_came_plan", None)
+        if step_plan is not None and kept is not None and kept[0] is step_plan and kept[1].still_valid():
+            return kept[1]
+        plan = _CamePlan(by_group(work), owns_state=step_plan is not None)
+        self._came_plan = (step_plan, plan) if step_plan is not None else None
+        return plan
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``FragmentOptimizer.load_state_dict``; the factor layout, which owns the old factor
+        state, is dropped with the step plan."""
+        self._came_plan = None
+        super().load_state_dict(state_dict)
+
+    def _second_moment_factors(self, plan: "_CamePlan") -> None:
+        """Phase 1 + reduction 1: update the second moments; each batch's ``factors`` are then
+        the preconditioners of this step."""
         reducer = BatchedReducer()
-        pending = []
-        for group, fragments in batches:
+        plan.zero_sums(0)
+        folded_by_batch = []
+        for batch in plan.batches:
+            group, ops = batch.group, kernels_for(batch.fragments)
             eps1, beta2 = group["eps"][0], group["betas"][1]
-            factored = [f for f in fragments if f.factored]
-            sums = [self._new_factor_sums(f, reducer) for f in factored]
-            row_states = [f.factor_state("exp_avg_sq_row", _factor_shapes(f.global_shape)[0]) for f in factored]
-            ops = kernels_for(fragments)
-            folded = ops.came_factored_sq_sums_begin(
-                [f.grad for f in factored], [f.layout() for f in factored], eps1, [s[0] for s in sums], [s[1] for s in sums],
-                row_states=row_states, beta2=beta2,
-            )  # fmt: skip
-            vectors = [f for f in fragments if not f.factored]
-            ops.came_vector_second_moment([f.grad for f in vectors], [f.elementwise_state("exp_avg_sq") for f in vectors], beta2, eps1)
-            pending.append({id(f): (*s, fold) for f, s, fold in zip(factored, sums, folded)})
+            folded: list[Optional[Tensor]] = []
+            if batch.factored:
+                batch.folded_buffer.zero_()
+                folded = ops.came_factored_sq_sums_begin(
+                    [f.grad for f in batch.factored], batch.layouts, eps1, batch.row_sums[0], batch.col_sums[0],
+                    row_states=batch.row_states, beta2=beta2, folded=batch.folded,
+                )  # fmt: skip
+            ops.came_vector_second_moment([f.grad for f in batch.vectors], batch.vector_exp_avg_sqs, beta2, eps1)
+            folded_by_batch.append(folded)
+        plan.reduce_sums(0, reducer)
         reducer.all_reduce()
-        factors = []
-        for (group, fragments), sums in zip(batches, pending):
-            factored = [f for f in fragments if f.factored]
-            updated = self._updated_factors(
-                factored, "exp_avg_sq", group["betas"][1], [sums[id(f)][:2] for f in factored], [sums[id(f)][2] for f in factored]
-            )
-            by_fragment = dict(zip(map(id, factored), updated))
-            factors.append([by_fragment.get(id(f)) or CameFactors(elementwise=f.elementwise_state("exp_avg_sq")) for f in fragments])
-        return factors
+        for batch, folded in zip(plan.batches, folded_by_batch):
+            for segment in batch.segments:
+                segment.update("exp_avg_sq", batch.group["betas"][1], 0)
+            batch.choose_factors(folded)
 
-    def _rms_clip_divisors(self, batches: list[tuple[dict[str, Any], list[Fragment]]], factors: list[list[CameFactors]]) -> list[Tensor]:
+    def _rms_clip_divisors(self, plan: "_CamePlan") -> list[Tensor]:
         """Phase 2 + reduction 2: ``max(1, RMS(uh) / d)`` per tensor, RMS over the whole tensor."""
         reducer = BatchedReducer()
         sumsqs = []
-        for (group, fragments), batch_factors in zip(batches, factors):
-            batch_sumsq = kernels_for(fragments).came_update_sumsq([f.grad for f in fragments], batch_factors)
-            for index, fragment in enumerate(fragments):
-                if fragment.group is not None:  # nothing to reduce for a whole local tensor
-                    reducer.add(fragment.group, batch_sumsq[index : index + 1])
+        for batch in plan.batches:
+            batch_sumsq = kernels_for(batch.fragments).came_update_sumsq([f.grad for f in batch.fragments], batch.factors)
+            batch.reduce_per_tensor(batch_sumsq, reducer)
             sumsqs.append(batch_sumsq)
         reducer.all_reduce()
         divisors = []
-        for (group, fragments), batch_sumsq in zip(batches, sumsqs):
-            sizes = torch.tensor([f.numel for f in fragments], dtype=torch.float32, device=batch_sumsq.device)
-            rms = batch_sumsq.sqrt() / sizes.sqrt()
-            divisors.append((rms / group["clip_threshold"]).clamp(min=1.0))
+        for batch, batch_sumsq in zip(plan.batches, sumsqs):
+            rms = batch_sumsq.sqrt() / batch.sqrt_sizes
+            divisors.append((rms / batch.group["clip_threshold"]).clamp(min=1.0))
         return divisors
 
-    def _momentum_and_confidence(
-        self,
-        batches: list[tuple[dict[str, Any], list[Fragment]]],
-        factors: list[list[CameFactors]],
-        clip_divisors: list[Tensor],
-    ) -> tuple[list[list[CameFactors]], list[Optional[Tensor]], list[object]]:
-        """Phase 3 + reduction 3: momentum, residual sums and mask counts; return the confidence
-        factors of the final update, the mask scales (``None`` where not cautious) and what the
+    def _momentum_and_confidence(self, plan: "_CamePlan", clip_divisors: list[Tensor]) -> tuple[list[Optional[Tensor]], list[object]]:
+        """Phase 3 + reduction 3: momentum, residual sums and mask counts; update each batch's
+        ``confidence`` factors, return the mask scales (``None`` where not cautious) and what the
         kernels keep for the apply phase of cautious groups (``came_cautious_begin``)."""
         reducer = BatchedReducer()
+        plan.zero_sums(1)
         pending = []
-        for (group, fragments), batch_factors, divisors in zip(batches, factors, clip_divisors):
-            res_sums = [self._new_factor_sums(f, reducer) if f.factored else (None, None) for f in fragments]
-            ops = kernels_for(fragments)
-            args = ([f.grad for f in fragments], [f.elementwise_state("exp_avg") for f in fragments], batch_factors, divisors)
-            kwargs = dict(beta1=group["betas"][0], eps2=group["eps"][1], res_row_sums=[s[0] for s in res_sums], res_col_sums=[s[1] for s in res_sums])
+        for batch, divisors in zip(plan.batches, clip_divisors):
+            group, fragments, ops = batch.group, batch.fragments, kernels_for(batch.fragments)
+            args = ([f.grad for f in fragments], batch.exp_avgs, batch.factors, divisors)
+            kwargs = dict(beta1=group["betas"][0], eps2=group["eps"][1], res_row_sums=batch.res_row_sums, res_col_sums=batch.res_col_sums)
             kept = None
             if group["cautious"]:
                 counts, kept = ops.came_cautious_begin(*args, **kwargs)
-                for index, fragment in enumerate(fragments):
-                    if fragment.group is not None:
-                        reducer.add(fragment.group, counts[index : index + 1])
+                batch.reduce_per_tensor(counts, reducer)
             else:
                 counts = ops.came_momentum(*args, **kwargs)
-            pending.append((res_sums, counts, kept))
+            pending.append((counts, kept))
+        plan.reduce_sums(1, reducer)
         reducer.all_reduce()
-        confidence, scales = [], []
-        for (group, fragments), (res_sums, counts, _) in zip(batches, pending):
-            factored = [(f, sums) for f, sums in zip(fragments, res_sums) if f.factored]
-            updated = self._updated_factors([f for f, _ in factored], "exp_avg_res", group["betas"][2], [sums for _, sums in factored])
-            by_fragment = dict(zip((id(f) for f, _ in factored), updated))
-            confidence.append([by_fragment.get(id(f)) or CameFactors() for f in fragments])
-            scales.append(mask_scales(counts, [f.numel for f in fragments]) if group["cautious"] else None)
-        return confidence, scales, [kept for _, _, kept in pending]
+        scales = []
+        for batch, (counts, _) in zip(plan.batches, pending):
+            for segment in batch.segments:
+                segment.update("exp_avg_res", batch.group["betas"][2], 1)
+            scales.append(mask_scales(counts, batch.sizes) if batch.group["cautious"] else None)
+        return scales, [kept for _, kept in pending]
 
-    @staticmethod
-    def _new_factor_sums(fragment: Fragment, reducer: BatchedReducer) -> tuple[Tensor, Tensor]:
-        """Zeroed full-size row and column partial-sum buffers, registered for reduction."""
-        row_shape, col_shape = _factor_shapes(fragment.global_shape)
-        device = fragment.param.device
-        rows = torch.zeros(math.prod(row_shape), dtype=torch.float32, device=device)
-        cols = torch.zeros(math.prod(col_shape), dtype=torch.float32, device=device)
-        return reducer.add(fragment.group, rows), reducer.add(fragment.group, cols)
 
-    @staticmethod
-    def _updated_factors(
-        fragments: list[Fragment], prefix: str, beta: float, sums: list[tuple[Tensor, Tensor]], folded: Optional[list[Optional[Tensor]]] = None
-    ) -> list[CameFactors]:
-        """Fold the reduced row/column sums into the replicated ``{prefix}_row`` / ``_col`` state
-        (a mean over columns / rows) and return the normalised factors they define (with what
-        phase 1 ``folded`` of phase 2, if anything). The same ops as ``_ema_`` and
-        ``_normalised_rsqrt`` per tensor, issued as ``torch._foreach_*`` over all the fragments:
-        the per-op dispatch, not the arithmetic, is what a small tensor's step pays for."""
-        if not fragments:
-            return []
-        shapes = [_factor_shapes(f.global_shape) for f in fragments]
-        rows = [f.factor_state(f"{prefix}_row", shape[0]) for f, shape in zip(fragments, shapes)]
-        cols = [f.factor_state(f"{prefix}_col", shape[1]) for f, shape in zip(fragments, shapes)]
-        for states, partial, counts in (
-            (rows, [s[0] for s in sums], [f.global_shape[-1] for f in fragments]),
-            (cols, [s[1] for s in sums], [f.global_shape[-2] for f in fragments]),
-        ):
-            torch._foreach_mul_(states, beta)
-            torch._foreach_add_(states, torch._foreach_div(partial, counts), alpha=1 - beta)
-        by_matrix = [r.view(-1, f.global_shape[-2]) for r, f in zip(rows, fragments)]
-        means = [m.mean(dim=-1, keepdim=True) for m in by_matrix]
-        row_factors = torch._foreach_rsqrt(torch._foreach_div(by_matrix, means))
-        col_factors = torch._foreach_rsqrt(cols)
-        folded = folded or [None] * len(fragments)
-        return [
-            CameFactors(f.layout(), r.view(-1), c)
-            if fold is None
-            else CameFactors(f.layout(), r.view(-1), c, folded=fold, row_means=mean.view(-1))
-            for f, r, c, mean, fold in zip(fragments, row_factors, col_factors, means, folded)
+#: per-matrix row means over runs of matrices of this many rows or more are taken one tensor at a
+#: time: from torch's reduction grain size (32768) on, a mean with one output may be split over
+#: threads, so batching it with other matrices could change its sum order; below it each row of a
+#: batched ``(N, R).mean(dim=-1)`` is summed exactly as ``(B, R).mean(dim=-1)`` of its tensor
+_BATCHED_MEAN_MAX_ROWS = 32768
+_PHASES = 2  # partial-sum phases: (g^2 + eps1) sums, residual sums
+
+
+class _FactorStore:
+    """One replicated state key (``exp_avg_sq_row`` ...) of a segment's fragments in ONE flat fp32
+    buffer, so that an EMA over all of them is one op.
+
+    ``owns_state``: the state dict entries become views into the buffer (kept with the step
+    plan; ``installed`` checks each step that nobody replaced them). Otherwise the buffer is a
+    copy made now, and ``store`` writes it back into the separate state tensors."""
+
+    def __init__(self, fragments: list[Fragment], key: str, shapes: list[tuple[int, ...]], owns_state: bool) -> None:
+        self.key = key
+        states = [f.factor_state(key, shape) for f, shape in zip(fragments, shapes)]
+        self.flat = torch.cat(states).to(torch.float32) if states else torch.zeros(0)
+        self.views = list(self.flat.split([math.prod(shape) for shape in shapes]))
+        self.targets: Optional[list[Tensor]] = None
+        self.owned: list[tuple[dict[str, Any], Tensor]] = []
+        if owns_state:
+            for fragment, view, shape in zip(fragments, self.views, shapes):
+                fragment.state[key] = view.view(shape)
+                self.owned.append((fragment.state, fragment.state[key]))
+        else:
+            self.targets = states
+
+    def store(self) -> None:
+        """Write the buffer back into the state tensors it was copied from (one op), if a copy."""
+        if self.targets is not None:
+            torch._foreach_copy_(self.targets, self.views)
+
+    def installed(self) -> bool:
+        return all(state.get(self.key) is tensor for state, tensor in self.owned)
+
+
+class _Segment:
+    """The factored fragments of one batch (param group, device) whose sums are reduced over one
+    process group, ordered by rows per matrix ``R`` (stably, the same on every rank: from global
+    shapes only). Their row / column states, partial sums and factors live in flat buffers, so
+    each step of the factor math is one op over all of them; the per-matrix row means take one
+    op per run of equal ``R``."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup], fragments: list[Fragment], owns_state: bool) -> None:
+        self.group = group
+        self.fragments = sorted(fragments, key=lambda f: f.global_shape[-2])
+        self.device = device = self.fragments[0].param.device
+        shapes = [_factor_shapes(f.global_shape) for f in self.fragments]
+        row_sizes = [math.prod(rows) for rows, _ in shapes]
+        col_sizes = [math.prod(cols) for _, cols in shapes]
+        self.num_rows, self.num_cols = sum(row_sizes), sum(col_sizes)
+        # per element, what its sum is divided by for a mean: C for a row sum, R for a column sum
+        self.row_counts = torch.cat([torch.full((n,), float(f.global_shape[-1])) for f, n in zip(self.fragments, row_sizes)]).to(device)
+        self.col_counts = torch.cat([torch.full((n,), float(f.global_shape[-2])) for f, n in zip(self.fragments, col_sizes)]).to(device)
+        self.stores = {
+            key: _FactorStore(self.fragments, key, [shape[axis] for shape in shapes], owns_state)
+            for key, axis in (("exp_avg_sq_row", 0), ("exp_avg_sq_col", 1), ("exp_avg_res_row", 0), ("exp_avg_res_col", 1))
+        }
+        # runs of matrices with equal R: (first row, number of rows, R)
+        runs: list[list[int]] = []
+        row_offset = 0
+        for fragment, size in zip(self.fragments, row_sizes):
+            rows_per_matrix = fragment.global_shape[-2]
+            if runs and runs[-1][2] == rows_per_matrix < _BATCHED_MEAN_MAX_ROWS:
+                runs[-1][1] += size
+            else:
+                runs.append([row_offset, size, rows_per_matrix])
+            row_offset += size
+        self.runs = [tuple(run) for run in runs]
+        self.num_matrices = sum(size // rows for _, size, rows in self.runs)
+        self.row_sizes, self.col_sizes = row_sizes, col_sizes
+        self.outputs = {prefix: _Factors(self, prefix, device) for prefix in ("exp_avg_sq", "exp_avg_res")}
+        self.sums: list[tuple[Tensor, Tensor]] = []  # per phase: views into the plan's packed buffer
+
+    def attach_sums(self, buffers: list[Tensor], offset: int) -> None:
+        """Take rows then columns at ``offset`` of each phase's packed partial-sum buffer."""
+        self.sums = [(buffer[offset : offset + self.num_rows], buffer[offset + self.num_rows : offset + self.num_rows + self.num_cols]) for buffer in buffers]
+
+    def sum_views(self, phase: int) -> tuple[list[Tensor], list[Tensor]]:
+        rows, cols = self.sums[phase]
+        return list(rows.split(self.row_sizes)), list(cols.split(self.col_sizes))
+
+    def update(self, prefix: str, beta: float, phase: int) -> None:
+        """Fold the reduced sums of ``phase`` into the ``{prefix}_row`` / ``_col`` state and
+        recompute the normalised factors: per element the ops of ``_ema_`` and
+        ``_normalised_rsqrt`` on each tensor, issued once over the flat buffers."""
+        rows, cols = self.stores[f"{prefix}_row"], self.stores[f"{prefix}_col"]
+        row_sums, col_sums = self.sums[phase]
+        for store, sums, counts in ((rows, row_sums, self.row_counts), (cols, col_sums, self.col_counts)):
+            store.flat.mul_(beta).add_(sums.div_(counts), alpha=1 - beta)
+            store.store()
+        self.outputs[prefix].compute(cols.flat)
+
+
+class _Factors:
+    """A segment's normalised factors ``rsqrt(r / mean(r))`` and ``rsqrt(c)`` and the per-matrix
+    means, in flat buffers rewritten in place every step; the per-fragment views the kernels
+    read are made once."""
+
+    def __init__(self, segment: _Segment, prefix: str, device: torch.device) -> None:
+        self.row = torch.empty(segment.num_rows, dtype=torch.float32, device=device)
+        self.col = torch.empty(segment.num_cols, dtype=torch.float32, device=device)
+        self.means = torch.empty(segment.num_matrices, dtype=torch.float32, device=device)
+        state = segment.stores[f"{prefix}_row"].flat
+        self.runs = []  # (row state by matrix, its means, its factor by matrix)
+        mean_offset = 0
+        for first, count, rows_per_matrix in segment.runs:
+            matrices = count // rows_per_matrix
+            self.runs.append(
+                (
+                    state[first : first + count].view(matrices, rows_per_matrix),
+                    self.means[mean_offset : mean_offset + matrices].view(matrices, 1),
+                    self.row[first : first + count].view(matrices, rows_per_matrix),
+                )
+            )
+            mean_offset += matrices
+        self.row_views = list(self.row.split(segment.row_sizes))
+        self.col_views = list(self.col.split(segment.col_sizes))
+        self.mean_views = list(self.means.split([size // f.global_shape[-2] for f, size in zip(segment.fragments, segment.row_sizes)]))
+
+    def compute(self, cols: Tensor) -> None:
+        """From the updated row state (read through ``runs``) and column state ``cols``."""
+        for by_matrix, means, factor in self.runs:
+            torch.mean(by_matrix, dim=-1, keepdim=True, out=means)
+            torch.div(by_matrix, means, out=factor)
+        self.row.rsqrt_()
+        torch.rsqrt(cols, out=self.col)
+
+
+class _CameBatch:
+    """One batch (param group, device) of a step: its fragments in order, their segments, and
+    the per-fragment lists the kernels take (views into the segments' buffers), made once."""
+
+    def __init__(self, group: dict[str, Any], fragments: list[Fragment], owns_state: bool) -> None:
+        self.group, self.fragments = group, fragments
+        self.factored = [f for f in fragments if f.factored]
+        self.vectors = [f for f in fragments if not f.factored]
+        by_group: dict[Optional[dist.ProcessGroup], list[Fragment]] = {}
+        for fragment in self.factored:
+            by_group.setdefault(fragment.group, []).append(fragment)
+        self.segments = [_Segment(pg, members, owns_state) for pg, members in by_group.items()]
+        self.exp_avgs = [f.elementwise_state("exp_avg") for f in fragments]
+        self.vector_exp_avg_sqs = [f.elementwise_state("exp_avg_sq") for f in self.vectors]
+        #: kept with a step plan (plain tensors, DTensors): (state dict, key, tensor) of the
+        #: elementwise state viewed above, which ``still_valid`` checks is still in place
+        self.viewed: list[tuple[dict[str, Any], str, Tensor]] = []
+        if owns_state:
+            self.viewed = [(f.state, key, f.state[key]) for f in fragments for key in ("exp_avg", "exp_avg_sq") if key in f.state]
+        device = fragments[0].param.device
+        self.sizes = torch.tensor([f.numel for f in fragments], dtype=torch.float32, device=device)
+        self.sqrt_sizes = self.sizes.sqrt()
+        # per-tensor values (sums of squares, mask counts) to reduce: one entry per process group
+        positions: dict[dist.ProcessGroup, list[int]] = {}
+        for index, fragment in enumerate(fragments):
+            if fragment.group is not None:
+                positions.setdefault(fragment.group, []).append(index)
+        self.per_tensor_reductions = [
+            (pg, None if len(indices) == len(fragments) else torch.tensor(indices, dtype=torch.long, device=device)) for pg, indices in positions.items()
         ]
+        col_total = sum(segment.num_cols for segment in self.segments)
+        self.folded_buffer = torch.zeros(col_total, dtype=torch.float32, device=device)
+        self.folded: list[Optional[Tensor]] = []
+        self.factors: list[CameFactors] = []
+        self.confidence: list[CameFactors] = []
+
+    def finish(self) -> None:
+        """After the plan attached the packed sums: the kernels' lists, in fragment order."""
+        where = {id(f): (segment, i) for segment in self.segments for i, f in enumerate(segment.fragments)}
+        sums = [[segment.sum_views(phase) for segment in self.segments] for phase in range(_PHASES)]
+        seg_index = {id(segment): k for k, segment in enumerate(self.segments)}
+
+        def pick(f: Fragment) -> tuple[_Segment, int, int]:
+            segment, i = where[id(f)]
+            return segment, i, seg_index[id(segment)]
+
+        located = [pick(f) for f in self.factored]
+        self.layouts = [f.layout() for f in self.factored]
+        self.row_sums = [[sums[phase][k][0][i] for _, i, k in located] for phase in range(_PHASES)]
+        self.col_sums = [[sums[phase][k][1][i] for _, i, k in located] for phase in range(_PHASES)]
+        self.row_states = [segment.stores["exp_avg_sq_row"].views[i] for segment, i, _ in located]
+        self.folded = list(self.folded_buffer.split([segment.col_sizes[i] for segment, i, _ in located]))
+        res_rows = dict(zip(map(id, self.factored), self.row_sums[1]))
+        res_cols = dict(zip(map(id, self.factored), self.col_sums[1]))
+        self.res_row_sums = [res_rows.get(id(f)) for f in self.fragments]
+        self.res_col_sums = [res_cols.get(id(f)) for f in self.fragments]
+        vector_factors = {id(f): CameFactors(elementwise=v) for f, v in zip(self.vectors, self.vector_exp_avg_sqs)}
+
+        def factors(prefix: str, folded: bool) -> list[CameFactors]:
+            made = {}
+            for (segment, i, _), f, layout, fold in zip(located, self.factored, self.layouts, self.folded):
+                out = segment.outputs[prefix]
+                extra = dict(folded=fold, row_means=out.mean_views[i]) if folded else {}
+                made[id(f)] = CameFactors(layout, out.row_views[i], out.col_views[i], **extra)
+            return FactorList(made.get(id(f)) or vector_factors.get(id(f)) or CameFactors() for f in self.fragments)
+
+        self.plain_factors = factors("exp_avg_sq", folded=False)
+        self.folded_factors = factors("exp_avg_sq", folded=True)
+        confidence = {id(f): c for f, c in zip(self.fragments, factors("exp_avg_res", folded=False)) if f.factored}
+        self.confidence = FactorList(confidence.get(id(f)) or CameFactors() for f in self.fragments)
+
+    def choose_factors(self, folded: Sequence[Optional[Tensor]]) -> None:
+        """This step's preconditioners: with the folded sums if the kernels filled the buffers
+        handed to them, without if they folded nothing."""
+        if folded is self.folded or not self.factored:
+            self.factors = self.folded_factors if self.factored else self.plain_factors
+        elif all(fold is None for fold in folded):
+            self.factors = self.plain_factors
+        else:  # a kernel set that folded into buffers of its own
+            by_id = dict(zip(map(id, self.factored), folded))
+            self.factors = []
+            for fragment, factor in zip(self.fragments, self.folded_factors):
+                if fragment.factored:
+                    fold = by_id[id(fragment)]
+                    factor = dataclasses.replace(factor, folded=fold, row_means=factor.row_means if fold is not None else None)
+                self.factors.append(factor)
+
+    def reduce_per_tensor(self, values: Tensor, reducer: BatchedReducer) -> None:
+        """Register one value per fragment (``values[i]`` for fragment ``i``) for reduction over
+        the fragment's process group; whole local tensors are not reduced."""
+        for pg, index in self.per_tensor_reductions:
+            reducer.add(pg, values, index)
+
+    def still_valid(self) -> bool:
+        if any(state.get(key) is not tensor for state, key, tensor in self.viewed):
+            return False
+        return all(store.installed() for segment in self.segments for store in segment.stores.values())
+
+
+class _CamePlan:
+    """CAME's layout of a step: the batches, and per phase ONE zeroed partial-sum buffer per
+    process group that every fragment's row / column sums are views into, reduced in place."""
+
+    def __init__(self, batches: list[tuple[dict[str, Any], list[Fragment]]], owns_state: bool) -> None:
+        self.batches = [_CameBatch(group, fragments, owns_state) for group, fragments in batches]
+        # keyed by (process group, device): a buffer is one tensor
+        sizes: dict[tuple[Optional[dist.ProcessGroup], torch.device], int] = {}
+        for batch in self.batches:
+            for segment in batch.segments:
+                key = (segment.group, segment.device)
+                sizes[key] = sizes.get(key, 0) + segment.num_rows + segment.num_cols
+        self.sums: list[dict[tuple[Optional[dist.ProcessGroup], torch.device], Tensor]] = [
+            {key: torch.zeros(size, dtype=torch.float32, device=key[1]) for key, size in sizes.items()} for _ in range(_PHASES)
+        ]
+        offsets = dict.fromkeys(sizes, 0)
+        for batch in self.batches:
+            for segment in batch.segments:
+                key = (segment.group, segment.device)
+                segment.attach_sums([self.sums[phase][key] for phase in range(_PHASES)], offsets[key])
+                offsets[key] += segment.num_rows + segment.num_cols
+            batch.finish()
+
+    def zero_sums(self, phase: int) -> None:
+        for buffer in self.sums[phase].values():
+            buffer.zero_()
+
+    def reduce_sums(self, phase: int, reducer: BatchedReducer) -> None:
+        for (pg, _), buffer in self.sums[phase].items():
+            reducer.add(pg, buffer)
+
+    def still_valid(self) -> bool:
+        return all(batch.still_valid() for batch in self.batches)

@@ -1,11 +1,13 @@
 """Batched reductions: one all-reduce per process group per optimizer phase.
 
 Partial sums that need the whole tensor (cautious mask counts, CAME row/column sums, sums of
-squares for the RMS clip) are registered here as small fp32 tensors. ``all_reduce`` packs all
-tensors bound for the same process group into ONE flat buffer, reduces it with one
-``torch.distributed.all_reduce`` (sum), and copies the results back in place. Every rank of a
-group registers the same tensors in the same order with the same lengths (they derive from
-global shapes only), which is what makes the packed buffers line up.
+squares for the RMS clip) are registered here as fp32 tensors. ``all_reduce`` makes ONE
+``torch.distributed.all_reduce`` (sum) per process group: a group with a single registered
+contiguous fp32 tensor (CAME's packed partial-sum buffer, whose per-fragment sums are views into
+it) is reduced in place; several tensors are packed into one flat buffer and copied back, one
+op per registered tensor, never per fragment. Every rank of a group registers the same tensors
+in the same order with the same lengths (they derive from global shapes only), which is what
+makes the packed buffers line up.
 """
 
 from __future__ import annotations
@@ -26,24 +28,37 @@ class BatchedReducer:
     """Collects partial sums per process group; ``all_reduce`` completes them all at once."""
 
     def __init__(self) -> None:
-        self._pending: dict[dist.ProcessGroup, list[Tensor]] = {}
+        self._pending: dict[dist.ProcessGroup, list[tuple[Tensor, Optional[Tensor]]]] = {}
 
-    def add(self, group: Optional[dist.ProcessGroup], partial: Tensor) -> Tensor:
-        """Register ``partial`` (reduced in place over ``group``) and return it."""
+    def add(self, group: Optional[dist.ProcessGroup], partial: Tensor, index: Optional[Tensor] = None) -> Tensor:
+        """Register ``partial`` (reduced in place over ``group``) and return it. With ``index``
+        (a 1-D int64 tensor on ``partial``'s device) only the entries ``partial[index]`` along
+        dim 0 are reduced: one gather and one scatter instead of one slice per entry."""
         if needs_communication(group):
-            self._pending.setdefault(group, []).append(partial)
+            self._pending.setdefault(group, []).append((partial, index))
         return partial
 
     def all_reduce(self) -> None:
         """One sum all-reduce per group; gloo rejects empty buffers, so those are skipped
         (all ranks skip together: lengths depend on global shapes only)."""
         for group, partials in self._pending.items():
-            flat = torch.cat([t.reshape(-1).float() for t in partials])
+            if len(partials) == 1:
+                only, index = partials[0]
+                if index is None and only.dtype == torch.float32 and only.is_contiguous():
+                    if only.numel():
+                        dist.all_reduce(only, op=dist.ReduceOp.SUM, group=group)
+                    continue
+            pieces = [t.reshape(-1).float() if index is None else t.index_select(0, index).reshape(-1).float() for t, index in partials]
+            flat = torch.cat(pieces)
             if flat.numel() == 0:
                 continue
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
             offset = 0
-            for t in partials:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+            for (t, index), piece in zip(partials, pieces):
+                reduced = flat[offset : offset + piece.numel()]
+                if index is None:
+                    t.copy_(reduced.view_as(t))
+                else:
+                    t.index_copy_(0, index, reduced.view((-1, *t.shape[1:])).to(t.dtype))
+                offset += piece.numel()
         self._pending.clear()
