@@ -9,10 +9,18 @@
 set -euo pipefail
 : "${NNODES:?set NNODES, the number of nodes}"
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of the rendezvous node}"
+# Unless set: is this host the rendezvous endpoint (by its interfaces' addresses, not by its
+# hostname, which often resolves to loopback), and which address do the other hosts reach it at.
+# The ranks then pick the interface routing to the master themselves (GLOO_SOCKET_IFNAME).
+if [[ -z "${RDZV_CONF:-}" || -z "${LOCAL_ADDR:-}" ]]; then
+    eval "$("${PYTHON:-python3}" -m dist_cautious.netif "${RDZV_ENDPOINT%:*}")"
+    RDZV_CONF="${RDZV_CONF:-${NETIF_IS_HOST:+is_host=${NETIF_IS_HOST}}}"
+    LOCAL_ADDR="${LOCAL_ADDR:-${NETIF_LOCAL_ADDR:-}}"
+fi
 extra=()
 [[ -n "${NODE_RANK:-}" ]] && extra+=(--node-rank "$NODE_RANK")
 [[ -n "${RDZV_CONF:-}" ]] && extra+=(--rdzv-conf "$RDZV_CONF")
 [[ -n "${LOCAL_ADDR:-}" ]] && extra+=(--local-addr "$LOCAL_ADDR")
-exec torchrun --nnodes "$NNODES" --nproc-per-node "${NPROC:-1}" \
+exec "${PYTHON:-python3}" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "${NPROC:-1}" \
     --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-dist-cautious}" \
     "${extra[@]}" -m dist_cautious.cli train "$@"

@@ -14,6 +14,7 @@ and at the root: ``Shard(0)`` DTensor params, the optimizer reduces its partial 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from torch import nn
 
 from dist_cautious.integrations.deepspeed_shm import release_cpu_allreduce_buffer
 from dist_cautious.local_ranks import free_port
+from dist_cautious.netif import choose_socket_interface
+
+logger = logging.getLogger("dist_cautious")
 
 BACKENDS = ("single", "ddp", "fsdp2", "deepspeed")
 _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
@@ -125,6 +129,9 @@ def init_runtime(backend: str, device: str = "auto", timeout_s: float = 300.0) -
     run_device = pick_device(device, local_rank)
     if backend != "single" and not dist.is_initialized():
         kind = "nccl" if run_device.type == "cuda" else "gloo"
+        interface = choose_socket_interface(nccl=kind == "nccl")
+        if interface is not None and rank == 0:
+            logger.info("dist_cautious: the job spans hosts; ranks talk over %s (GLOO_SOCKET_IFNAME%s)", interface, ", NCCL_SOCKET_IFNAME" if kind == "nccl" else "")
         dist.init_process_group(kind, timeout=timedelta(seconds=timeout_s), **({"device_id": run_device} if kind == "nccl" else {}))
     runtime = Runtime(rank, world_size, local_rank, local_world, run_device)
     if backend == "fsdp2":

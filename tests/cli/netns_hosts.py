@@ -1,0 +1,85 @@
+"""Test "hosts": Linux network namespaces joined by a bridge, each with its own address.
+
+``hosts(2)`` builds namespaces ``dc<id>-h0``, ``dc<id>-h1`` ... whose only link is a veth into
+a bridge in another namespace (the "switch"), with addresses ``10.231.<net>.<1 + index>/24``
+chosen here, and loopback up in each. They share this machine's hostname, which resolves to
+127.0.0.1, as cloned cluster images often do: a process that advertises the address its
+hostname resolves to is unreachable from the other hosts, as on a real cluster. Everything is
+torn down on exit, whatever happens. ``available()`` says why namespaces cannot be made here
+(not root, no ``ip``), for a test to skip with that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Host:
+    """One namespace: its name, its address on the test network, and its interface's name."""
+
+    namespace: str
+    address: str
+    interface: str
+
+    def command(self, argv: list[str]) -> list[str]:
+        """``argv`` run inside this host's network namespace."""
+        return ["ip", "netns", "exec", self.namespace, *argv]
+
+
+def available() -> str | None:
+    """``None`` when network namespaces can be made here, else the reason they cannot."""
+    if shutil.which("ip") is None:
+        return "no `ip` command (Debian package iproute2)"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    probe = f"dcprobe{uuid.uuid4().hex[:6]}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"ip netns add failed: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+@contextlib.contextmanager
+def hosts(count: int, net: int = 7) -> Iterator[list[Host]]:
+    """``count`` hosts on one bridged /24; removed on exit (processes still inside are killed)."""
+    tag = f"dc{uuid.uuid4().hex[:5]}"
+    switch = f"{tag}-sw"
+    made: list[str] = []
+    try:
+        _ip("netns", "add", switch)
+        made.append(switch)
+        _ip("-n", switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", switch, "link", "set", "br0", "up")
+        result = []
+        for index in range(count):
+            namespace, interface = f"{tag}-h{index}", f"eth{index}"
+            _ip("netns", "add", namespace)
+            made.append(namespace)
+            _ip("link", "add", interface, "netns", namespace, "type", "veth", "peer", "name", f"p{index}", "netns", switch)
+            address = f"10.231.{net}.{1 + index}"
+            _ip("-n", namespace, "addr", "add", f"{address}/24", "dev", interface)
+            _ip("-n", namespace, "link", "set", interface, "up")
+            _ip("-n", namespace, "link", "set", "lo", "up")
+            _ip("-n", switch, "link", "set", f"p{index}", "master", "br0")
+            _ip("-n", switch, "link", "set", f"p{index}", "up")
+            result.append(Host(namespace, address, interface))
+        yield result
+    finally:
+        for namespace in reversed(made):
+            pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), 9)
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
