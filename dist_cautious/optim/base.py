@@ -306,6 +306,19 @@ def global_mask_scales(
         counts.append(batch_counts)
     reducer.all_reduce()
     return [
-        None if batch_counts is None else mask_scales(batch_counts, [f.numel for f in fragments])
+        None if batch_counts is None else mask_scales(batch_counts, batch_sizes(fragments, batch_counts.device))
         for (_, fragments), batch_counts in zip(batches, counts)
     ]
+
+
+def batch_sizes(fragments: Sequence[Fragment], device: torch.device) -> Tensor:
+    """The whole-tensor sizes of ``fragments`` as an fp32 tensor on ``device``, made once and
+    kept on the batch's first fragment: a step plan reuses its fragments, in the same batches,
+    step after step, so later steps copy nothing from the host (no ``torch.tensor(list,
+    device=cuda)`` per step). Fragments built anew each step (ZeRO) make it anew, as before."""
+    cached = getattr(fragments[0], "batch_sizes", None)
+    if cached is not None and cached[0] == len(fragments) and cached[1].device == device:
+        return cached[1]
+    sizes = torch.tensor([f.numel for f in fragments], dtype=torch.float32, device=device)
+    fragments[0].batch_sizes = (len(fragments), sizes)
+    return sizes

@@ -211,15 +211,8 @@ def test_step_allocates_on_the_device_and_runs_the_cuda_ops(optimizer_name: str,
 
 
 #: host syncs this test found and that are not fixed yet, with where they are
-KNOWN_SYNCS = {
-    name: (
-        "optim/base.py global_mask_scales calls mask_scales(counts, [f.numel ...]) every step, and "
-        "reference.mask_scales turns the list into torch.tensor(numels, device=cuda): a blocking "
-        "host-to-device copy per step. Remove this mark once the step plan hands it a sizes tensor "
-        "made once (mask_scales already accepts one; CAME's plan does so)"
-    )
-    for name in ("adamw", "lion")
-}
+#: optimizer -> why its step still synchronises the host (an xfail(strict=True) reason); none left
+KNOWN_SYNCS: dict[str, str] = {}
 
 
 def _sync_cases() -> list[Any]:
