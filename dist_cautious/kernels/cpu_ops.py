@@ -86,6 +86,8 @@ class _FactorArgs:
                 self.row.append(None)
                 self.col.append(None)
                 self.elem.append(factor.elementwise)
+        #: bytes of mask scratch per fragment, kept by ``_came_momentum`` for a ``FactorList``
+        self.mask_bytes: list[int] = []
         self.folded = [f.folded if f.layout is not None and f.folded is not None and f.row_means is not None else None for f in factors]
         self.row_means = [f.row_means if fold is not None else None for f, fold in zip(factors, self.folded)]
 
@@ -376,7 +378,11 @@ class CpuOps:
         kept: Optional[_CameMask] = None
         masks: list[Optional[Tensor]] = [None] * len(grads)
         if keep_mask:
-            sizes = [self.module.came_mask_bytes(g.numel()) for g in grads]
+            sizes = packed.mask_bytes if isinstance(factors, FactorList) and len(packed.mask_bytes) == len(grads) else None
+            if sizes is None:
+                sizes = [self.module.came_mask_bytes(g.numel()) for g in grads]
+                if isinstance(factors, FactorList):  # a plan's fragments: the same sizes every step
+                    packed.mask_bytes = sizes
             buffer, views = self._scratch.take(sizes)
             buffer[: sum(sizes)].zero_()  # the views, back to back: one op, not one per tensor
             kept, masks = _CameMask(buffer, views), list(views)
@@ -455,6 +461,19 @@ class _TrustedCpuOps(CpuOps):
     @staticmethod
     def _ok(values: Sequence[Optional[Tensor]], state: Sequence[Optional[Tensor]] = ()) -> bool:
         return True
+
+    @staticmethod
+    def _check_layouts(grads: Sequence[Tensor], layouts: Sequence[FactoredLayout]) -> None:
+        """Counts only: the step plan made each layout from the fragment whose grad it passes
+        (a grad's shape is the param's, checked before every step), so per-tensor sizes match."""
+        if len(grads) != len(layouts):
+            raise ValueError(f"{len(grads)} grads but {len(layouts)} layouts")
+
+    @staticmethod
+    def _check_factors(grads: Sequence[Tensor], factors: Sequence[CameFactors]) -> None:
+        """Counts only, as ``_check_layouts``."""
+        if len(grads) != len(factors):
+            raise ValueError(f"{len(grads)} grads but {len(factors)} factors")
 
 
 def native_ok(values: Sequence[Optional[Tensor]], state: Sequence[Optional[Tensor]] = ()) -> bool:

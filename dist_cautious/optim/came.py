@@ -13,7 +13,9 @@ replicated on every rank that holds a piece of the tensor. The native CPU kernel
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
@@ -212,11 +214,14 @@ class _FactorStore:
         self.flat = torch.cat(states).to(torch.float32) if states else torch.zeros(0)
         self.views = list(self.flat.split([math.prod(shape) for shape in shapes]))
         self.targets: Optional[list[Tensor]] = None
-        self.owned: list[tuple[dict[str, Any], Tensor]] = []
+        #: with ``owns_state``: the state dicts and the views installed in them under ``key``
+        self.owned_dicts: list[dict[str, Any]] = []
+        self.owned: list[Tensor] = []
         if owns_state:
             for fragment, view, shape in zip(fragments, self.views, shapes):
                 fragment.state[key] = view.view(shape)
-                self.owned.append((fragment.state, fragment.state[key]))
+                self.owned_dicts.append(fragment.state)
+                self.owned.append(fragment.state[key])
         else:
             self.targets = states
 
@@ -226,7 +231,8 @@ class _FactorStore:
             torch._foreach_copy_(self.targets, self.views)
 
     def installed(self) -> bool:
-        return all(state.get(self.key) is tensor for state, tensor in self.owned)
+        """Every state entry this store installed is still the one in its state dict."""
+        return all(map(operator.is_, map(dict.get, self.owned_dicts, itertools.repeat(self.key)), self.owned))
 
 
 class _Segment:
@@ -338,9 +344,14 @@ class _CameBatch:
         self.vector_exp_avg_sqs = [f.elementwise_state("exp_avg_sq") for f in self.vectors]
         #: kept with a step plan (plain tensors, DTensors): (state dict, key, tensor) of the
         #: elementwise state viewed above, which ``still_valid`` checks is still in place
-        self.viewed: list[tuple[dict[str, Any], str, Tensor]] = []
+        self.viewed: tuple[list[dict[str, Any]], list[str], list[Tensor]] = ([], [], [])
         if owns_state:
-            self.viewed = [(f.state, key, f.state[key]) for f in fragments for key in ("exp_avg", "exp_avg_sq") if key in f.state]
+            for fragment in fragments:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in fragment.state:
+                        self.viewed[0].append(fragment.state)
+                        self.viewed[1].append(key)
+                        self.viewed[2].append(fragment.state[key])
         device = fragments[0].param.device
         self.sizes = torch.tensor([f.numel for f in fragments], dtype=torch.float32, device=device)
         self.sqrt_sizes = self.sizes.sqrt()
@@ -416,7 +427,8 @@ class _CameBatch:
             reducer.add(pg, values, index)
 
     def still_valid(self) -> bool:
-        if any(state.get(key) is not tensor for state, key, tensor in self.viewed):
+        states, keys, tensors = self.viewed
+        if not all(map(operator.is_, map(dict.get, states, keys), tensors)):
             return False
         return all(store.installed() for segment in self.segments for store in segment.stores.values())
 

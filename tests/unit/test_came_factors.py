@@ -9,6 +9,9 @@ summed on its own, exactly as ``(B, R).mean(dim=-1)`` of its own tensor sums it,
 output is never split over threads; torch may split from ``R`` = 32768 (its grain size) on, so
 runs of such matrices take their means one tensor at a time. The check runs with two threads
 and includes matrices of 40000 and 33000 rows.
+
+The partial sums are views into one packed buffer per phase and process group, reduced in
+place; the last test runs the reducer on two gloo ranks for that and for its index path.
 """
 
 from __future__ import annotations
@@ -113,3 +116,35 @@ def test_replaced_factor_state_is_noticed() -> None:
     assert optimizer._came_plan is not kept
     row = optimizer.state[params[0]]["exp_avg_sq_row"]
     assert row is not replacement and row.min() > 0.999 * 2.0 - 1e-6  # stepped from the replacement
+
+
+def _reduce_on_two_ranks(rank: int, world_size: int, payload: object) -> list[torch.Tensor]:
+    """Rank ``r`` registers ``r + 1`` times the same values: a lone packed buffer on one group
+    (reduced in place), and on another group a tensor in full plus chosen entries of a third."""
+    import torch.distributed as dist
+
+    from dist_cautious.shard.reducer import BatchedReducer
+
+    other = dist.new_group([0, 1])
+    packed = torch.arange(6, dtype=torch.float32) * (rank + 1)
+    whole = torch.ones(2, 2) * (rank + 1)
+    some = torch.tensor([1.0, 10.0, 100.0, 1000.0]) * (rank + 1)
+    storage = packed.untyped_storage().data_ptr()
+    reducer = BatchedReducer()
+    reducer.add(dist.group.WORLD, packed)
+    reducer.add(other, whole)
+    reducer.add(other, some, torch.tensor([0, 2]))
+    reducer.add(None, torch.zeros(1))  # a whole local tensor: never communicated
+    reducer.all_reduce()
+    assert packed.untyped_storage().data_ptr() == storage
+    return [torch.tensor(float(rank + 1)), packed, whole, some]
+
+
+def test_reducer_packs_in_place_and_by_index_on_two_ranks() -> None:
+    from dist_cautious.local_ranks import run_ranks
+
+    for own, packed, whole, some in run_ranks(_reduce_on_two_ranks, 2):
+        assert torch.equal(packed, torch.arange(6, dtype=torch.float32) * 3)
+        assert torch.equal(whole, torch.full((2, 2), 3.0))
+        # the registered entries summed over both ranks, the others this rank's own
+        assert torch.equal(some, torch.stack([torch.tensor(3.0), 10 * own, torch.tensor(300.0), 1000 * own]))
