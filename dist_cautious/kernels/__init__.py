@@ -44,7 +44,10 @@ def kernel_mode() -> str:
 
 def _load_native(device_type: str) -> Any | None:
     if device_type in _loaded:
-        return _loaded[device_type]
+        if _loaded[device_type] is not None or kernel_mode() != "native":
+            return _loaded[device_type]
+        # an earlier ``auto`` call fell back: under ``native`` that fallback must not be reused
+        # silently, so the load is tried again and raises if it still fails
     ops = None
     try:
         module = importlib.import_module(_NATIVE_MODULES[device_type])

@@ -417,7 +417,10 @@ def test_ops_for_picks_native_and_falls_back_once(ops, monkeypatch, caplog):
         assert kernels.ops_for(torch.device("cpu")) is ref
         assert kernels.ops_for(torch.device("cpu")) is ref
     assert len([r for r in caplog.records if "no compiler" in r.getMessage()]) == 1
+    # native after an auto fallback was cached in this process: it must not reuse the fallback
     monkeypatch.setenv("DIST_CAUTIOUS_KERNELS", "native")
+    with pytest.raises(RuntimeError, match="no compiler"):
+        kernels.ops_for(torch.device("cpu"))
     monkeypatch.setattr(kernels, "_loaded", {})
     with pytest.raises(RuntimeError, match="no compiler"):
         kernels.ops_for(torch.device("cpu"))
@@ -433,6 +436,8 @@ def test_optimizer_steps_native_vs_reference(ops, monkeypatch, name):
     results = []
     for mode in ("reference", "native"):
         monkeypatch.setenv("DIST_CAUTIOUS_KERNELS", mode)
+        used = kernels.ops_for(torch.device("cpu"))
+        assert (used is ref) == (mode == "reference"), f"{mode}: stepped with {used!r}"  # native really ran
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
         opt = getattr(optim, name)(params, **kwargs)
