@@ -31,6 +31,8 @@ def check_lr(lr: Any, owner: str) -> None:
     if lr is None:
         raise ValueError(f"{owner}: lr is required")
     if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{owner}: Tensor lr must be 1-element, got shape {tuple(lr.shape)}")  # torch.optim's error
         lr = lr.item()
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"{owner}: lr must be a finite number >= 0, got {lr!r}")
@@ -45,6 +47,7 @@ def check_betas(betas: Any, count: int, owner: str) -> tuple[float, ...]:
     """Betas arrive as tuples from Python and as lists from DeepSpeed JSON: accept both."""
     if not isinstance(betas, (tuple, list)) or len(betas) != count:
         raise ValueError(f"{owner}: betas must be {count} numbers, got {betas!r}")
+    betas = [beta.item() if isinstance(beta, Tensor) and beta.numel() == 1 else beta for beta in betas]  # torch.optim takes 1-element tensors
     for index, beta in enumerate(betas):
         if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
             raise ValueError(f"{owner}: betas[{index}] must be in [0, 1), got {beta!r}")
@@ -56,6 +59,8 @@ def step_count(state: dict[str, Any]) -> int:
     ZeRO-3 calls ``step()`` once per sub-group)."""
     if "step" not in state:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    elif not isinstance(state["step"], Tensor):  # a Python number from an older state_dict, as torch accepts
+        state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
     state["step"] += 1
     return int(state["step"].item())
 
