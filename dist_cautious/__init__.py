@@ -14,9 +14,10 @@ _check_version("torch", _torch.__version__)  # fail closed on an untested torch
 
 from dist_cautious.optim import CAME, CautiousAdamW, CautiousLion  # noqa: E402
 from dist_cautious.integrations import deepspeed as _deepspeed_integration  # noqa: E402
+from dist_cautious.train.optimizers import create_optimizer  # noqa: E402
 
 # DeepSpeed configs may name the optimizers ("type": "CAME"); cheap when DeepSpeed is not imported
 _deepspeed_integration.register()
 
 __version__ = "0.1.0"
-__all__ = ["CAME", "CautiousAdamW", "CautiousLion", "__version__"]
+__all__ = ["CAME", "CautiousAdamW", "CautiousLion", "create_optimizer", "__version__"]

@@ -4,6 +4,8 @@ After ``register()`` (``import dist_cautious`` calls it), a DeepSpeed config may
 
     "optimizer": {"type": "CautiousAdamW" | "CAME" | "CautiousLion", "params": {...}}
 
+or any spelling ``dist_cautious.integrations.names`` accepts (any case, ``-`` / ``_`` optional,
+timm's ``cadamw`` / ``clion``; not ``adamw`` / ``lion``, which are DeepSpeed's own optimizers),
 and a plain ``deepspeed.initialize`` builds it (DeepSpeed falls back to ``torch.optim.<type>``
 for names it does not know, so the classes are published there), with or without
 ``zero_optimization`` stages 0-3 and ``offload_optimizer: {"device": "cpu"}``. Right after
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dist_cautious.integrations.names import NAMES, accepted_names, lookup, normalise
 from dist_cautious.optim import CAME, CautiousAdamW, CautiousLion
 from dist_cautious.optim.base import FragmentOptimizer
 from dist_cautious.shard.zero import PER_TENSOR, Piece, ZeroFragmentSource, tensor_state, zero12_layout, zero3_layout
@@ -105,6 +108,13 @@ def _patch_engine(engine_module: Any) -> None:
     for cls in OPTIMIZERS.values():
         if cls not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
             zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(cls)
+    original_sanity_check = engine_cls._do_sanity_check
+
+    def _do_sanity_check(self: Any) -> None:
+        resolve_config_name(self._config)
+        original_sanity_check(self)
+
+    engine_cls._do_sanity_check = _do_sanity_check
     original = engine_cls._configure_optimizer
 
     def _configure_optimizer(self: Any, client_optimizer: Any, model_parameters: Any) -> None:
@@ -128,6 +138,36 @@ def _patch_engine(engine_module: Any) -> None:
 
     engine_cls._configure_optimizer = _configure_optimizer
     setattr(engine_cls, _PATCHED, True)
+
+
+def resolve_config_name(config: Any) -> None:
+    """Rewrite a DeepSpeed config's ``optimizer.type`` that names one of ours in another spelling
+    (``cadamw``, ``c-came``, ``cautious_lion`` ...) to the class name DeepSpeed looks up in
+    ``torch.optim``, and put the keywords the name implies (``cautious``) under the params the
+    config gives, which win. DeepSpeed's own names (``adamw``, ``lion``, ...) and ``torch.optim``
+    classes are left alone; a name that is none of these raises ``ValueError`` listing ours
+    (DeepSpeed itself would only assert)."""
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    name = getattr(config, "optimizer_name", None)
+    if not isinstance(name, str) or name in OPTIMIZERS:
+        return
+    if name.lower() in DEEPSPEED_OPTIMIZERS or (getattr(torch.optim, name, None) is not None and normalise(name) not in _our_keys()):
+        return
+    try:
+        entry = lookup(name, include_baselines=False)
+    except ValueError as error:
+        raise ValueError(
+            f"dist_cautious: DeepSpeed config optimizer.type {name!r} is none of DeepSpeed's optimizers "
+            f"({', '.join(DEEPSPEED_OPTIMIZERS)}), torch.optim's classes or ours ({', '.join(accepted_names(False))}; "
+            f"case-insensitive, '-' or '_' optional): {error}"
+        ) from None
+    config.optimizer_name = entry.cls.__name__
+    config.optimizer_params = {**entry.implied, **(config.optimizer_params or {})}
+
+
+def _our_keys() -> set[str]:
+    return {key for key, entry in NAMES.items() if not entry.baseline}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,6 +513,7 @@ __all__ = [
     "OPTIMIZERS",
     "FACTOR_KEYS",
     "register",
+    "resolve_config_name",
     "check_config",
     "install",
     "get_full_optimizer_state",
