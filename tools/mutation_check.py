@@ -24,6 +24,7 @@ only when the baseline passed and every fault was caught.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import re
@@ -92,14 +93,14 @@ def copy_tree(destination: Path, ref: str | None) -> str:
     return f"working tree on {head}"
 
 
-def environment(tree: Path, work: Path, run: TestRun | None, mode: str) -> dict[str, str]:
+def environment(tree: Path, extensions: Path, run: TestRun | None, mode: str) -> dict[str, str]:
     env = dict(os.environ)
     for key in ("MUTATION_DS_CASES", "MUTATION_FSDP_MESH"):
         env.pop(key, None)
     env.update(
         PYTHONPATH=os.pathsep.join([str(tree), str(TOOLS)]),
         PYTHONDONTWRITEBYTECODE="1",
-        TORCH_EXTENSIONS_DIR=str(work / "torch_extensions"),
+        TORCH_EXTENSIONS_DIR=str(extensions),
         DS_ACCELERATOR="cpu",
         DIST_CAUTIOUS_KERNELS=mode,
         COLUMNS="400",  # pytest's short summary keeps each failure's message on its line
@@ -157,9 +158,39 @@ def check_imports(tree: Path, env: dict[str, str]) -> None:
         raise SystemExit(f"the copy at {tree} is not what Python imports there: {done.stdout}{done.stderr}")
 
 
-def build_native(tree: Path, work: Path, timeout: float) -> float:
+def kernel_cache(work: Path, tree: Path) -> Path:
+    """The extension cache the copy builds its native kernels into: one per content of
+    ``csrc/``, so a new commit with the same kernel sources loads the earlier build. The copy's
+    ``csrc`` files get one fixed old modification time (a fresh ``git archive`` stamps them
+    with the commit's time, which would make ninja rebuild); a different content gets a
+    different, empty cache, so no stale build is ever loaded."""
+    digest = hashlib.sha256()
+    for path in sorted((tree / "csrc").rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(tree)).encode() + b"\0" + path.read_bytes() + b"\0")
+            os.utime(path, (1_000_000_000, 1_000_000_000))
+    cache = work / "torch_extensions" / digest.hexdigest()[:16]
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+def seed_deepspeed_ops(cache: Path) -> None:
+    """Copy DeepSpeed's own JIT-built ops (its CPU all-reduce) from the shared extension cache
+    into the copy's, so that the copy's DeepSpeed runs load them instead of compiling them
+    again: their sources live in DeepSpeed's package, the same for the copy. The package's own
+    kernels are never copied (they are built from the copy's csrc)."""
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+    shared = Path(os.environ["TORCH_EXTENSIONS_DIR"]) if os.environ.get("TORCH_EXTENSIONS_DIR") else Path.home() / ".cache" / "torch_extensions" / tag
+    if not shared.is_dir():
+        return
+    for entry in shared.iterdir():
+        if entry.is_dir() and not entry.name.startswith("dist_cautious") and not (cache / entry.name).exists() and not (entry / "lock").exists():
+            shutil.copytree(entry, cache / entry.name, copy_function=shutil.copy2)
+
+
+def build_native(tree: Path, cache: Path, timeout: float) -> float:
     """Build (or load from the work folder's cache) and self-check the copy's native CPU kernels."""
-    env = environment(tree, work, None, "native")
+    env = environment(tree, cache, None, "native")
     code, output, seconds = run_command([sys.executable, "-c", "from dist_cautious.kernels import prebuild; prebuild('cpu')"], tree, env, timeout)
     if code != 0:
         raise SystemExit(f"the unmutated copy's native CPU kernels did not build or self-check:\n{output[-3000:]}")
@@ -203,6 +234,7 @@ def main() -> int:
     work = args.workdir
     pristine, tree = work / "pristine", work / "tree"
     what = copy_tree(pristine, None if args.worktree else args.ref)
+    cache = kernel_cache(work, pristine)
     if tree.exists():
         shutil.rmtree(tree)
     shutil.copytree(pristine, tree, copy_function=shutil.copy2)
@@ -221,9 +253,10 @@ def main() -> int:
         plant(probe, fault)  # raises MutationTargetNotFound
         shutil.rmtree(probe)
 
-    check_imports(tree, environment(tree, work, None, "reference"))
+    check_imports(tree, environment(tree, cache, None, "reference"))
+    seed_deepspeed_ops(cache)
     if any(f.run.mode == "native" for f in faults):
-        print(f"native CPU kernels of the copy ready after {build_native(tree, work, args.timeout):.0f} s")
+        print(f"native CPU kernels of the copy ready after {build_native(tree, cache, args.timeout):.0f} s")
 
     holes = (tree / HOLES).is_file()
     runs: dict[tuple, TestRun] = {f.run.key(): f.run for f in faults}
@@ -234,7 +267,7 @@ def main() -> int:
     print(f"baseline: the unmutated copy runs {len(runs)} test runs")
     baseline_ok = True
     for run in tqdm(list(runs.values()), desc="baseline", unit="run"):
-        outcome = pytest_run(run.tests, tree, environment(tree, work, run, run.mode), args.timeout, stop_first=False)
+        outcome = pytest_run(run.tests, tree, environment(tree, cache, run, run.mode), args.timeout, stop_first=False)
         tqdm.write(f"  baseline [{run.mode}] {run.label or run.tests}: {outcome.status} in {outcome.seconds:.0f} s")
         if outcome.status != "passed":
             baseline_ok = False
@@ -250,12 +283,12 @@ def main() -> int:
         progress.set_postfix_str(fault.name)
         changed = plant(tree, fault)
         try:
-            env = environment(tree, work, fault.run, fault.run.mode)
+            env = environment(tree, cache, fault.run, fault.run.mode)
             outcome = pytest_run(fault.run.tests, tree, env, args.timeout, stop_first=True)
             result, seconds = outcome.status, outcome.seconds
             failure = outcome.first_failure
             if outcome.status == "passed" and holes:
-                hole = pytest_run((HOLES,), tree, environment(tree, work, None, fault.run.mode), args.timeout, stop_first=True)
+                hole = pytest_run((HOLES,), tree, environment(tree, cache, None, fault.run.mode), args.timeout, stop_first=True)
                 seconds += hole.seconds
                 result = {"failed": "missed, then caught by the new tests", "passed": "missed"}.get(hole.status, hole.status)
                 failure = hole.first_failure
