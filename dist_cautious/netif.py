@@ -7,6 +7,12 @@ to 127.0.1.1), so each host advertises 127.0.0.1 to the others and the job dies 
 ``GLOO_SOCKET_IFNAME`` (and ``NCCL_SOCKET_IFNAME`` for NCCL) to the interface that routes to the
 job's master address, when the job spans more than one host and the user set neither; when no
 such interface can be found it raises, naming the variable to set. Linux only (IPv4, ioctl).
+
+Under ``mpirun`` nothing names a master: rank 0 must offer an address of its own host that the
+other hosts reach, and its hostname is no guide (it may resolve to loopback). Every rank sends
+rank 0 its host's addresses (``host_networks``) and ``master_address`` picks rank 0's address on
+a network every other host has an address on (not docker0's 172.17.0.1, which each host has
+alike), else the address the kernel routes to the others from.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 _SIOCGIFADDR = 0x8915
+_SIOCGIFNETMASK = 0x891B
 
 
 def interface_addresses() -> dict[str, str]:
@@ -34,15 +42,35 @@ def interface_addresses() -> dict[str, str]:
     return out
 
 
-def interface_routing_to(host: str) -> Optional[str]:
-    """The interface whose address the kernel would send from to reach ``host`` (a UDP
-    ``connect`` sends nothing; it only chooses the route), or ``None`` if none is found."""
+def interface_networks() -> dict[str, ipaddress.IPv4Interface]:
+    """Each interface's IPv4 address with its netmask: ``{"eth0": IPv4Interface("10.0.0.2/24")}``."""
+    out = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for name, address in interface_addresses().items():
+            try:
+                packed = fcntl.ioctl(probe.fileno(), _SIOCGIFNETMASK, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+            out[name] = ipaddress.IPv4Interface(f"{address}/{socket.inet_ntoa(packed[20:24])}")
+    return out
+
+
+def source_address_to(host: str) -> Optional[str]:
+    """The address the kernel would send from to reach ``host`` (a UDP ``connect`` sends
+    nothing; it only chooses the route), or ``None`` when there is no route."""
     try:
         target = socket.gethostbyname(host)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.connect((target, 9))
-            source = sock.getsockname()[0]
+            return sock.getsockname()[0]
     except OSError:
+        return None
+
+
+def interface_routing_to(host: str) -> Optional[str]:
+    """The interface whose address the kernel would send from to reach ``host``, or ``None``."""
+    source = source_address_to(host)
+    if source is None:
         return None
     for name, address in interface_addresses().items():
         if address == source:
@@ -82,6 +110,45 @@ def choose_socket_interface(nccl: bool = False, environ: Optional[dict[str, str]
     for name in names:
         env.setdefault(name, interface)
     return interface
+
+
+def host_networks() -> list[str]:
+    """This host's non-loopback IPv4 addresses with their prefix (``"10.0.0.2/24"``), in
+    interface order: what each rank sends rank 0 under ``mpirun`` (``master_address``)."""
+    return [str(net) for net in interface_networks().values() if not net.ip.is_loopback]
+
+
+def master_address(
+    everyone: Sequence[Sequence[str]], route: Callable[[str], Optional[str]] = source_address_to, interface: Optional[str] = None
+) -> str:
+    """On rank 0 of a job that spans hosts: the address of rank 0's host the other ranks can
+    reach. ``everyone`` is each rank's ``host_networks()``, in rank order (rank 0's first).
+
+    ``interface`` (the user's ``GLOO_SOCKET_IFNAME``) wins if given. Otherwise: rank 0's first
+    address whose network holds an address of every other host that is not also rank 0's own
+    (an address every host has alike, such as docker0's, tells nothing); else the one address
+    the kernel routes to all the other hosts from (``route``). Raises ``RuntimeError`` naming
+    ``MASTER_ADDR`` when neither exists."""
+    if interface is not None:
+        address = interface_addresses().get(interface)
+        if address is None:
+            raise RuntimeError(f"dist_cautious: GLOO_SOCKET_IFNAME={interface!r} names no interface with an IPv4 address on rank 0's host")
+        return address
+    own = [ipaddress.IPv4Interface(net) for net in everyone[0]]
+    own_ips = {net.ip for net in own}
+    others = {frozenset(ipaddress.IPv4Interface(net).ip for net in nets) - own_ips for nets in everyone[1:]} - {frozenset()}
+    if others:  # none: the other hosts' addresses are all rank 0's too, which tells nothing
+        for candidate in own:
+            if all(any(ip in candidate.network for ip in host) for host in others):
+                return str(candidate.ip)
+        sources = {route(str(min(host))) for host in others}
+        if len(sources) == 1 and None not in sources and not ipaddress.ip_address(next(iter(sources))).is_loopback:
+            return next(iter(sources))
+    raise RuntimeError(
+        "dist_cautious: launched by mpirun across several hosts, but rank 0's host has no address that every other host "
+        f"is known to reach (its addresses: {', '.join(everyone[0]) or 'none but loopback'}). Set MASTER_ADDR to an address "
+        "of rank 0's host on the network the hosts share (mpirun -x MASTER_ADDR=...), or GLOO_SOCKET_IFNAME to its interface"
+    )
 
 
 def launcher_settings(rendezvous_host: str) -> dict[str, str]:
