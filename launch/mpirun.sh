@@ -9,4 +9,4 @@ set -euo pipefail
 args=(-n "${NP:-2}")
 [[ -n "${HOSTFILE:-}" ]] && args+=(--hostfile "$HOSTFILE")
 # shellcheck disable=SC2086
-exec mpirun "${args[@]}" ${MPI_ARGS:-} python -m dist_cautious.cli train "$@"
+exec mpirun "${args[@]}" ${MPI_ARGS:-} "${PYTHON:-python3}" -m dist_cautious.cli train "$@"

@@ -7,6 +7,12 @@ chosen here, and loopback up in each. They share this machine's hostname, which 
 hostname resolves to is unreachable from the other hosts, as on a real cluster. Everything is
 torn down on exit, whatever happens. ``available()`` says why namespaces cannot be made here
 (not root, no ``ip``), for a test to skip with that reason.
+
+``hosts(n, own_names=True)`` goes one step further, for launchers that tell nodes apart by name
+(Open MPI, SLURM): each host gets its own hostname ``dc-hostN`` (a UTS namespace), its own
+``/etc/hosts`` mapping that name to 127.0.1.1 as Debian's default does (``ip netns exec``
+bind-mounts ``/etc/netns/NS/hosts``), and its own ``/dev/shm`` (machines do not share shared
+memory; Open MPI's shared-memory transport would otherwise mix the two hosts' segments).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -27,10 +34,15 @@ class Host:
     namespace: str
     address: str
     interface: str
+    hostname: str | None = None  # None: this machine's own, shared by every host
 
     def command(self, argv: list[str]) -> list[str]:
-        """``argv`` run inside this host's network namespace."""
-        return ["ip", "netns", "exec", self.namespace, *argv]
+        """``argv`` run inside this host's network namespace (and, with a ``hostname``, under that
+        name with a private ``/dev/shm``)."""
+        if self.hostname is None:
+            return ["ip", "netns", "exec", self.namespace, *argv]
+        setup = 'hostname "$0" && mount -t tmpfs -o size=1g,mode=1777 dc-shm /dev/shm && exec "$@"'
+        return ["ip", "netns", "exec", self.namespace, "unshare", "--uts", "sh", "-c", setup, self.hostname, *argv]
 
 
 def available() -> str | None:
@@ -52,8 +64,9 @@ def _ip(*args: str) -> None:
 
 
 @contextlib.contextmanager
-def hosts(count: int, net: int = 7) -> Iterator[list[Host]]:
-    """``count`` hosts on one bridged /24; removed on exit (processes still inside are killed)."""
+def hosts(count: int, net: int = 7, own_names: bool = False) -> Iterator[list[Host]]:
+    """``count`` hosts on one bridged /24; removed on exit (processes still inside are killed).
+    ``own_names``: each host has its own hostname, resolving to 127.0.1.1 (see the module doc)."""
     tag = f"dc{uuid.uuid4().hex[:5]}"
     switch = f"{tag}-sw"
     made: list[str] = []
@@ -74,7 +87,12 @@ def hosts(count: int, net: int = 7) -> Iterator[list[Host]]:
             _ip("-n", namespace, "link", "set", "lo", "up")
             _ip("-n", switch, "link", "set", f"p{index}", "master", "br0")
             _ip("-n", switch, "link", "set", f"p{index}", "up")
-            result.append(Host(namespace, address, interface))
+            hostname = f"dc-host{index}" if own_names else None
+            if hostname is not None:
+                etc = Path("/etc/netns") / namespace
+                etc.mkdir(parents=True, exist_ok=True)
+                (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {hostname}\n")
+            result.append(Host(namespace, address, interface, hostname))
         yield result
     finally:
         for namespace in reversed(made):
@@ -83,3 +101,4 @@ def hosts(count: int, net: int = 7) -> Iterator[list[Host]]:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), 9)
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+            shutil.rmtree(Path("/etc/netns") / namespace, ignore_errors=True)
