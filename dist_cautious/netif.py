@@ -22,6 +22,7 @@ import ipaddress
 import os
 import socket
 import struct
+import sys
 from collections.abc import Callable, Sequence
 from typing import Optional
 
@@ -167,9 +168,33 @@ def launcher_settings(rendezvous_host: str) -> dict[str, str]:
     return settings
 
 
-if __name__ == "__main__":
-    import sys
+def address_towards(host: str) -> str:
+    """This host's address that the kernel sends from to reach ``host``: what ``host`` reaches
+    this one at (``launch/slurm.sbatch`` asks it on the first node about the second, to name the
+    rendezvous by address). Raises ``RuntimeError`` when there is no route, or only loopback."""
+    source = source_address_to(host)
+    if source is None or ipaddress.ip_address(source).is_loopback:
+        raise RuntimeError(f"dist_cautious: no route from this host to {host!r} but over loopback; name the rendezvous host yourself")
+    return source
 
-    # shell assignments for the launcher scripts: python -m dist_cautious.netif RENDEZVOUS_HOST
-    for key, value in launcher_settings(sys.argv[1]).items():
+
+def _main(argv: list[str]) -> int:
+    """``python -m dist_cautious.netif RENDEZVOUS_HOST``: shell assignments for the launcher
+    scripts (``NETIF_IS_HOST=...``); ``--address-towards HOST``: ``address_towards(HOST)``."""
+    if len(argv) == 2 and argv[0] == "--address-towards":
+        try:
+            print(address_towards(argv[1]))
+        except RuntimeError as error:
+            print(error, file=sys.stderr)
+            return 1
+        return 0
+    if len(argv) != 1:
+        print("usage: python -m dist_cautious.netif RENDEZVOUS_HOST | --address-towards HOST", file=sys.stderr)
+        return 2
+    for key, value in launcher_settings(argv[0]).items():
         print(f"NETIF_{key}={value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

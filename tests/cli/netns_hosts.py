@@ -10,8 +10,9 @@ torn down on exit, whatever happens. ``available()`` says why namespaces cannot 
 
 ``hosts(n, own_names=True)`` goes one step further, for launchers that tell nodes apart by name
 (Open MPI, SLURM): each host gets its own hostname ``dc-hostN`` (a UTS namespace), its own
-``/etc/hosts`` mapping that name to 127.0.1.1 as Debian's default does (``ip netns exec``
-bind-mounts ``/etc/netns/NS/hosts``), and its own ``/dev/shm`` (machines do not share shared
+``/etc/hosts`` mapping that name to 127.0.1.1 as Debian's default does, and the other hosts'
+names to their addresses, as a cluster's DNS would (``ip netns exec`` bind-mounts
+``/etc/netns/NS/hosts``), and its own ``/dev/shm`` (machines do not share shared
 memory; Open MPI's shared-memory transport would otherwise mix the two hosts' segments).
 """
 
@@ -87,12 +88,13 @@ def hosts(count: int, net: int = 7, own_names: bool = False) -> Iterator[list[Ho
             _ip("-n", namespace, "link", "set", "lo", "up")
             _ip("-n", switch, "link", "set", f"p{index}", "master", "br0")
             _ip("-n", switch, "link", "set", f"p{index}", "up")
-            hostname = f"dc-host{index}" if own_names else None
-            if hostname is not None:
-                etc = Path("/etc/netns") / namespace
+            result.append(Host(namespace, address, interface, f"dc-host{index}" if own_names else None))
+        if own_names:  # each host's name resolves to loopback there, the others' to their addresses
+            others = "".join(f"{host.address} {host.hostname}\n" for host in result)
+            for host in result:
+                etc = Path("/etc/netns") / host.namespace
                 etc.mkdir(parents=True, exist_ok=True)
-                (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {hostname}\n")
-            result.append(Host(namespace, address, interface, hostname))
+                (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {host.hostname}\n{others}")
         yield result
     finally:
         for namespace in reversed(made):
