@@ -192,12 +192,18 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero3-persistence-threshold", type=_nonnegative_int, default=d.zero3_persistence_threshold, metavar="N", help="DeepSpeed ZeRO-3 keeps params of at most N elements whole on every rank (stage3_param_persistence_threshold; default: %(default)s, DeepSpeed's)")
     parser.add_argument("--metrics", default=None, metavar="PATH", help="write the losses and per-rank memory as JSON (rank 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="checkpoint into DIR/step-XXXXXXXX/ and resume from the newest complete checkpoint there (docs/checkpoint.md)")
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N", help=f"steps between checkpoints; one is also written after the last step (default: {d.checkpoint_every})")
+    parser.add_argument("--keep-checkpoints", type=_positive_int, default=None, metavar="K", help=f"complete checkpoints to keep; older ones are deleted once a newer one is complete (default: {d.keep_checkpoints})")
 
 
 def _train_config(args: argparse.Namespace) -> Any:
     from dist_cautious.train.loop import TrainConfig
 
-    return TrainConfig(
+    checkpoints = {k: getattr(args, k) for k in ("checkpoint_dir", "checkpoint_every", "keep_checkpoints") if getattr(args, k) is not None}
+    if checkpoints and "checkpoint_dir" not in checkpoints:
+        raise ValueError("--checkpoint-every and --keep-checkpoints need --checkpoint-dir")
+    return TrainConfig(**checkpoints,
         optimizer=args.optimizer, backend=args.backend, steps=args.steps, global_batch=args.global_batch,
         context=args.context, width=args.width, layers=args.layers, heads=args.heads, lr=args.lr,
         weight_decay=args.weight_decay, warmup=min(args.warmup, args.steps), corpus_bytes=args.corpus_bytes,

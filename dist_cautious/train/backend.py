@@ -132,13 +132,37 @@ def init_runtime(backend: str, device: str = "auto", timeout_s: float = 300.0) -
         interface = choose_socket_interface(nccl=kind == "nccl")
         if interface is not None and rank == 0:
             logger.info("dist_cautious: the job spans hosts; ranks talk over %s (GLOO_SOCKET_IFNAME%s)", interface, ", NCCL_SOCKET_IFNAME" if kind == "nccl" else "")
-        dist.init_process_group(kind, timeout=timedelta(seconds=timeout_s), **({"device_id": run_device} if kind == "nccl" else {}))
+        store = torchelastic_store(rank, timeout_s)
+        joined = {"store": store, "rank": rank, "world_size": world_size} if store is not None else {}
+        dist.init_process_group(kind, timeout=timedelta(seconds=timeout_s), **joined, **({"device_id": run_device} if kind == "nccl" else {}))
     runtime = Runtime(rank, world_size, local_rank, local_world, run_device)
     if backend == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
 
         runtime.mesh = init_device_mesh(run_device.type, (world_size,))
     return runtime
+
+
+def torchelastic_store(rank: int, timeout_s: float) -> Optional[dist.Store]:
+    """Under torchrun with one agent, the store the job's process group meets in: torchrun's
+    shared rendezvous store, under a prefix of the restart count. Otherwise ``None`` (the
+    default ``env://`` rendezvous).
+
+    torchrun (torch 2.13) shares its rendezvous TCPStore with the workers and keeps it across
+    restarts, so a restarted job's ranks read the previous attempt's gloo/NCCL addresses
+    ("Connection refused" at ``init_process_group``; pytorch issue 135712). One agent restarts
+    all its workers with the same ``TORCHELASTIC_RESTART_COUNT``, so the count is a key every
+    rank agrees on. Several agents may not agree on it (a healthy node restarts its workers
+    without counting): there the fix is torchrun's own ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``,
+    and rank 0 says so when restarts are enabled without it."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        if rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            logger.warning("dist_cautious: torchrun shares its rendezvous store with the job, so a restart on several nodes may read the previous attempt's addresses (pytorch issue 135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun")
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"dist_cautious/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def wrap_model(model: nn.Module, backend: str, runtime: Runtime, precision: str = "fp32") -> nn.Module:

@@ -1,5 +1,7 @@
 """The training loop every backend shares: warm-up + cosine learning rate, mean loss over ranks,
-a tqdm bar on rank 0, validation at the end, and the bytes each rank holds.
+a tqdm bar on rank 0, validation at the end, the bytes each rank holds, and, with a checkpoint
+directory, checkpoints every N steps and a resume from the newest complete one
+(``dist_cautious.train.resume``; ``DIST_CAUTIOUS_FAULT`` injects faults, ``train.faults``).
 
 ``train(config)`` runs on every rank of an already-launched job and returns a ``TrainResult``
 (the same on every rank; rank 0 prints it). The global batch is fixed and split over ranks, so
@@ -23,8 +25,10 @@ import torch.distributed as dist
 
 from dist_cautious.train import backend as backends
 from dist_cautious.train.corpus import VAL_FRACTION, VOCAB_SIZE, Corpus
+from dist_cautious.train.faults import FaultPlan
 from dist_cautious.train.model import GPTConfig, build_model
 from dist_cautious.train.optimizers import make_optimizer, optimizer_spec
+from dist_cautious.train.resume import Checkpointer, PoisonedState
 
 
 @dataclass
@@ -51,13 +55,16 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     metrics_path: Optional[str] = None
+    checkpoint_dir: Optional[str] = None  # None: no checkpoints
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
 
     def validate(self, world_size: int = 1) -> None:
         """``ValueError`` naming the bad argument, before any work starts."""
         optimizer_spec(self.optimizer)
         if self.backend not in backends.BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(backends.BACKENDS)}")
-        for name in ("steps", "global_batch", "context", "eval_batches", "log_every"):
+        for name in ("steps", "global_batch", "context", "eval_batches", "log_every", "checkpoint_every", "keep_checkpoints"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -98,10 +105,13 @@ class TrainResult:
     parameters: int = 0
     memory: list[dict[str, int]] = field(default_factory=list)  # one entry per rank
     notes: list[str] = field(default_factory=list)  # what the memory lines need said (ZeRO-3 persistence)
+    resumed_from: Optional[int] = None  # the checkpoint's step, when the job resumed
+
 
     def summary(self) -> str:
         lines = [
-            f"{self.optimizer} / {self.backend} / {self.world_size} rank(s): {self.steps} steps, "
+            f"{self.optimizer} / {self.backend} / {self.world_size} rank(s): {self.steps} steps"
+            + (f" (resumed from step {self.resumed_from})" if self.resumed_from is not None else "") + ", "
             f"{self.parameters:,} params, final train loss {self.losses[-1]:.4f}, val loss {self.val_loss:.4f}, "
             f"{self.seconds:.1f}s ({self.tokens_per_second:,.0f} tokens/s)"
         ]
@@ -149,6 +159,16 @@ class NonFiniteLoss(RuntimeError):
         self.step, self.loss, self.peak_lr = step, loss, peak_lr
 
 
+class NonFiniteState(NonFiniteLoss):
+    """A weight or optimizer-state tensor is nan/inf when a checkpoint is due (a non-finite
+    gradient can poison the state while the cautious mask keeps the loss finite): the job stops
+    at that step and writes no checkpoint."""
+
+    def __init__(self, step: int, what: str, peak_lr: float) -> None:
+        super().__init__(step, float("nan"), peak_lr)
+        self.args = (f"step {step}: non-finite values in {what}; stopping, no checkpoint written",)
+
+
 def _mean_over_ranks(value: torch.Tensor) -> float:
     value = value.detach().float().clone()
     if dist.is_initialized():
@@ -163,6 +183,9 @@ def train(config: TrainConfig, runtime: Optional[backends.Runtime] = None) -> Tr
 
     runtime = runtime or backends.init_runtime(config.backend, config.device)
     config.validate(runtime.world_size)
+    faults = FaultPlan.from_env(runtime.rank)
+    checkpointer = Checkpointer(config, faults) if config.checkpoint_dir else None
+    resume = checkpointer.find() if checkpointer else None
     corpus = Corpus.from_stdlib(config.corpus_bytes, VAL_FRACTION)
     model_config = GPTConfig(VOCAB_SIZE, config.context, config.width, config.layers, config.heads)
     model = build_model(model_config, config.seed)
@@ -172,17 +195,21 @@ def train(config: TrainConfig, runtime: Optional[backends.Runtime] = None) -> Tr
     base_lr = spec.lr if config.lr is None else config.lr
     engine = None
     if config.backend == "deepspeed":
-        engine = _deepspeed_engine(model, config, runtime, base_lr)
+        engine = _deepspeed_engine(model, config, runtime, base_lr, load_universal=bool(resume and resume.universal))
         optimizer = engine.optimizer
     else:
         optimizer = make_optimizer(config.optimizer, model.parameters(), base_lr, config.weight_decay)
     loss_of = (lambda x, y: engine.module.loss(x, y)) if engine else (lambda x, y: _loss(model, x, y))
 
     result = TrainResult(config.optimizer, config.backend, runtime.world_size, config.steps, parameters=parameters)
-    bar = _progress(config, runtime)
+    first = 0
+    if resume is not None:
+        first, result.losses = checkpointer.load(resume, model, optimizer, engine)
+        result.resumed_from = first
+    bar = _progress(config, runtime, first)
     memory: dict[str, int] = {}
     start = time.perf_counter()
-    for step in range(config.steps):
+    for step in range(first, config.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, base_lr, config.warmup, config.steps)
         if not engine:
@@ -196,12 +223,21 @@ def train(config: TrainConfig, runtime: Optional[backends.Runtime] = None) -> Tr
             engine.step()
         else:
             loss.backward()
+            faults.poison(step + 1, model.parameters())
             optimizer.step()
         result.losses.append(_mean_over_ranks(loss))
         if not math.isfinite(result.losses[-1]):  # same value on every rank: all stop here
             if bar is not None:
                 bar.close()
             raise NonFiniteLoss(step + 1, result.losses[-1], base_lr)
+        faults.fire("step", step + 1)
+        if checkpointer is not None and checkpointer.due(step + 1):
+            try:
+                checkpointer.save(step + 1, model, optimizer, engine, result.losses)
+            except PoisonedState as error:
+                if bar is not None:
+                    bar.close()
+                raise NonFiniteState(step + 1, str(error), base_lr) from error
         if bar is not None:
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps - 1:
@@ -209,10 +245,11 @@ def train(config: TrainConfig, runtime: Optional[backends.Runtime] = None) -> Tr
     result.seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    result.tokens_per_second = config.steps * config.global_batch * config.context / result.seconds
+    result.tokens_per_second = (config.steps - first) * config.global_batch * config.context / result.seconds
     if not engine:
         memory = held_bytes(model, optimizer)
     else:
+        memory = memory or deepspeed_held_bytes(engine)  # resumed with no step left to run
         result.notes = _zero3_persistence_notes(engine, config)
     memory["peak_rss"] = _peak_rss_bytes()
     if runtime.device.type == "cuda":
@@ -249,19 +286,20 @@ def _gather(memory: dict[str, int], runtime: backends.Runtime) -> list[dict[str,
     return everyone
 
 
-def _progress(config: TrainConfig, runtime: backends.Runtime) -> Any:
+def _progress(config: TrainConfig, runtime: backends.Runtime, first: int = 0) -> Any:
     if not (config.progress and runtime.is_main):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.steps, desc=f"{config.optimizer} ({config.backend}, {runtime.world_size} rank{'s' * (runtime.world_size > 1)})", unit="step", dynamic_ncols=True, mininterval=0.5)
+    return tqdm(total=config.steps, initial=first, desc=f"{config.optimizer} ({config.backend}, {runtime.world_size} rank{'s' * (runtime.world_size > 1)})", unit="step", dynamic_ncols=True, mininterval=0.5)
 
 
-def deepspeed_config(config: TrainConfig, world_size: int, base_lr: float) -> dict[str, Any]:
+def deepspeed_config(config: TrainConfig, world_size: int, base_lr: float, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config of the job: the optimizer named by string (as a user's JSON would),
     the ZeRO stage, optional CPU offload of the optimizer, bf16 if asked, ZeRO-3's param
     persistence threshold, and no gradient clipping (DeepSpeed 0.19 clips at 1.0 when the key
-    is absent, which would make its run differ from the others)."""
+    is absent, which would make its run differ from the others). ``load_universal``: the job
+    resumes from a universal checkpoint (another world size)."""
     spec = optimizer_spec(config.optimizer)
     zero: dict[str, Any] = {"stage": config.zero_stage}
     if config.offload:
@@ -269,6 +307,8 @@ def deepspeed_config(config: TrainConfig, world_size: int, base_lr: float) -> di
     if config.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = config.zero3_persistence_threshold
     extra: dict[str, Any] = {"bf16": {"enabled": True}} if config.precision == "bf16" else {}
+    if load_universal:
+        extra["checkpoint"] = {"load_universal": True}
     return {
         **extra,
         "train_micro_batch_size_per_gpu": config.global_batch // world_size,
@@ -284,7 +324,7 @@ def deepspeed_config(config: TrainConfig, world_size: int, base_lr: float) -> di
     }
 
 
-def _deepspeed_engine(model: torch.nn.Module, config: TrainConfig, runtime: backends.Runtime, base_lr: float) -> Any:
+def _deepspeed_engine(model: torch.nn.Module, config: TrainConfig, runtime: backends.Runtime, base_lr: float, load_universal: bool = False) -> Any:
     """``deepspeed.initialize`` with the optimizer named in the config (the integration registers
     the names); DeepSpeed joins the process group ``init_runtime`` created."""
     if runtime.device.type == "cpu":
@@ -294,7 +334,7 @@ def _deepspeed_engine(model: torch.nn.Module, config: TrainConfig, runtime: back
     import dist_cautious.integrations.deepspeed as integration
 
     integration.register()
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=deepspeed_config(config, runtime.world_size, base_lr))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=deepspeed_config(config, runtime.world_size, base_lr, load_universal))
     return engine
 
 
