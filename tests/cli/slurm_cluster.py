@@ -1,8 +1,8 @@
 """A real SLURM cluster on network-namespace hosts (``netns_hosts``), for the SLURM launcher test.
 
-``cluster(hosts, workdir)`` starts one ``munged`` (its socket is a file every namespace sees),
-``slurmctld`` on the first host and a ``slurmd`` on each, from a minimal ``slurm.conf`` written
-here (CPU nodes, no cgroups, no accounting, root as SlurmUser: what a container allows), waits
+``cluster(hosts, workdir)`` starts ``munged`` and ``slurmctld`` on the first host (munge's socket
+is a file every namespace sees) and a ``slurmd`` on each, from a minimal ``slurm.conf`` written
+here (CPU nodes, no cgroup enforcement, no accounting, root as SlurmUser), waits
 until every node is idle, and stops every daemon on exit whatever happens. ``ensure_installed``
 installs Debian's packages when they are missing (bounded time), and otherwise says why not.
 """
@@ -147,11 +147,11 @@ def cluster(hosts: list[netns_hosts.Host], workdir: Path, ready_timeout_s: float
     daemons: list[subprocess.Popen] = []
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        daemons.append(subprocess.Popen([
+        daemons.append(subprocess.Popen(hosts[0].command([  # in a namespace: gone with it, whatever happens
             "munged", "--foreground", "--force", f"--socket={socket_path}", f"--key-file={key}",
             f"--log-file={workdir / 'logs' / 'munged.log'}", f"--pid-file={workdir / 'munge' / 'munged.pid'}",
             f"--seed-file={workdir / 'munge' / 'munged.seed'}",
-        ], **quiet))
+        ]), **quiet))
         _wait_for(lambda: socket_path.exists(), 20.0, "munged did not create its socket", made, daemons)
         daemons.append(subprocess.Popen(hosts[0].command(["slurmctld", "-D", "-c", "-f", str(conf)]), **quiet))
         for host in hosts:
