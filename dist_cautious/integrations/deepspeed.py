@@ -17,8 +17,10 @@ which that mapping would be wrong, or the state could not be saved, raise ``Valu
 
 Full-state access (``get_full_optimizer_state``) covers CAME's row / column factors, which
 DeepSpeed's own ``safe_get_full_optimizer_state`` cannot see (they are not shaped like the
-partition). ``save_full_state`` / ``load_full_state`` are the world-size-change path for every
-optimizer (DeepSpeed's universal checkpoint only knows ``exp_avg`` / ``exp_avg_sq``).
+partition). DeepSpeed's universal checkpoint (``ds_to_universal``) changes the world size for all three
+optimizers: ``deepspeed_universal`` makes the saved state carry what the converter does not
+know (CAME's factors, per-tensor steps); ``save_full_state`` / ``load_full_state`` are a
+second, DeepSpeed-independent path.
 """
 
 from __future__ import annotations
@@ -243,6 +245,9 @@ def install(engine: Any) -> Optional[ZeroFragmentSource]:
     for flat, pieces in source.layout.values():
         for piece in pieces:
             piece.param._dist_cautious_piece = (optimizer, flat, piece)
+    from dist_cautious.integrations import deepspeed_universal
+
+    deepspeed_universal.enable(engine)  # ds_to_universal carries every optimizer's state
     return source
 
 

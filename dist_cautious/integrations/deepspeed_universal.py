@@ -1,0 +1,163 @@
+"""DeepSpeed's universal checkpoint (``ds_to_universal``) for all three optimizers.
+
+DeepSpeed's converter reads, per flat partition, exactly ``exp_avg``, ``exp_avg_sq`` and
+``step`` of the base optimizer's state, cuts them into per-param files by the partition
+mapping, and copies every other top-level entry of rank 0's ZeRO optimizer ``state_dict`` into
+``zero/optimizer_state.pt``. Loading (``"checkpoint": {"load_universal": true}``) reads those
+per-param files back into each rank's new partition. That carries CautiousAdamW's state. It
+does not carry CautiousLion (no ``exp_avg_sq``: the converter stops with a ``KeyError``) nor
+CAME (its factored rows / columns, and its 1-D second moments, are per tensor, not per
+partition element).
+
+So, on engines running our optimizers, the ZeRO wrapper's ``state_dict`` (what
+``save_checkpoint`` writes on every rank) is extended:
+
+- each partition's saved state gets an ``exp_avg_sq`` where the optimizer has none: zeros as a
+  one-element tensor expanded to the partition's length (``torch.save`` stores one element,
+  the converter can cut it like any other partition);
+- ``PER_TENSOR_KEY`` holds the full per-tensor state of every param, by param name: ``step``,
+  and for CAME its four factors (factored params) or its ``exp_avg_sq`` (1-D / 0-D params).
+  It is gathered across ranks (a collective, as ``save_checkpoint`` is) and is small: O(rows +
+  cols) per matrix. The converter copies it into ``zero/optimizer_state.pt`` untouched.
+
+After DeepSpeed's universal load, ``restore_per_tensor_state`` sets each param's per-tensor
+state from that entry at the new world size, and drops the partition-shaped ``exp_avg_sq``
+DeepSpeed loaded for optimizers that keep none (it would be dead memory the size of
+``exp_avg``). After a regular ``load_checkpoint`` the same placeholder is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+
+#: the entry of the ZeRO optimizer state_dict carrying per-tensor state through the converter
+PER_TENSOR_KEY = "dist_cautious_per_tensor_state"
+#: what the converter requires of every partition's state
+CONVERTER_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _base_state(state_dict: dict[str, Any]) -> dict[Any, dict[str, Any]]:
+    """The base optimizer's ``state`` inside a ZeRO wrapper's state_dict: under
+    ``base_optimizer_state`` (ZeRO-1/2, the bf16 wrapper) or ``optimizer_state_dict`` (ZeRO-3)."""
+    from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, OPTIMIZER_STATE_DICT
+
+    for key in (BASE_OPTIMIZER_STATE, OPTIMIZER_STATE_DICT):
+        if isinstance(state_dict.get(key), dict) and "state" in state_dict[key]:
+            return state_dict[key]["state"]
+    raise ValueError(f"dist_cautious: unknown DeepSpeed optimizer state_dict layout (keys {sorted(state_dict)})")
+
+
+def per_tensor_keys(optimizer: Any, shape: torch.Size) -> list[str]:
+    """The state keys of one param that the converter does not carry."""
+    from dist_cautious.integrations.deepspeed import FACTOR_KEYS
+    from dist_cautious.optim import CAME
+
+    if isinstance(optimizer, CAME):
+        return [*FACTOR_KEYS, "step"] if len(shape) >= 2 else ["exp_avg_sq", "step"]
+    return ["step"]
+
+
+def gather_per_tensor_state(engine: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """``{param name: {key: full value}}`` of the per-tensor state; a collective over every
+    rank (each value is reduced over the ranks that hold the param)."""
+    from dist_cautious.integrations.deepspeed import _managed_params, _piece_of, get_full_optimizer_state
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, param in _managed_params(engine):
+        optimizer, _, piece = _piece_of(param)
+        entry = {}
+        for key in per_tensor_keys(optimizer, piece.global_shape):
+            value = get_full_optimizer_state(param, key)
+            if value is not None:
+                entry[key] = value.cpu()
+        out[name] = entry
+    return out
+
+
+def extend_state_dict(engine: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` (a ZeRO wrapper's) with what the universal converter needs; the live
+    optimizer state is not touched (entries are copied, not mutated)."""
+    base = _base_state(state_dict)
+    for index, entry in list(base.items()):
+        if "exp_avg" in entry and "exp_avg_sq" not in entry:
+            exp_avg = entry["exp_avg"]
+            placeholder = torch.zeros(1, dtype=exp_avg.dtype, device=exp_avg.device).expand(exp_avg.numel())
+            base[index] = {**entry, "exp_avg_sq": placeholder}
+    state_dict[PER_TENSOR_KEY] = gather_per_tensor_state(engine)
+    return state_dict
+
+
+def drop_placeholders(optimizer: Any) -> None:
+    """Remove a partition-shaped ``exp_avg_sq`` from partitions whose optimizer keeps none."""
+    if "exp_avg_sq" in optimizer.partition_state_keys:
+        return
+    for state in optimizer.state.values():
+        if isinstance(state, dict):
+            state.pop("exp_avg_sq", None)
+
+
+def restore_per_tensor_state(engine: Any, checkpoint_folder: str) -> None:
+    """Set every param's per-tensor state from a universal checkpoint's
+    ``zero/optimizer_state.pt`` (no communication: every rank reads the full values)."""
+    from dist_cautious.integrations.deepspeed import _managed_params, set_full_optimizer_state
+
+    path = os.path.join(checkpoint_folder, "zero", "optimizer_state.pt")
+    saved = torch.load(path, map_location="cpu", weights_only=False).get(PER_TENSOR_KEY)
+    optimizer = engine.basic_optimizer
+    managed = dict(_managed_params(engine))
+    if saved is None:
+        from dist_cautious.optim import CautiousAdamW
+
+        if isinstance(optimizer, CautiousAdamW):
+            drop_placeholders(optimizer)
+            return  # written without the integration: exp_avg / exp_avg_sq / step are all AdamW has
+        raise ValueError(
+            f"dist_cautious: {path} has no {PER_TENSOR_KEY!r}: the checkpoint was saved without dist_cautious's DeepSpeed "
+            f"integration, so {type(optimizer).__name__}'s per-tensor state (step, CAME's factors) is not in it"
+        )
+    missing = sorted(set(managed) - set(saved))
+    if missing:
+        raise ValueError(f"dist_cautious: the universal checkpoint has no per-tensor state for {missing}")
+    for name, param in managed.items():
+        for key, value in saved[name].items():
+            set_full_optimizer_state(param, key, value)
+    drop_placeholders(optimizer)
+
+
+def enable(engine: Any) -> None:
+    """Hook the engine's ZeRO wrapper: ``state_dict`` extended for the converter,
+    ``_load_universal_checkpoint`` followed by the per-tensor restore, ``load_state_dict``
+    followed by dropping the placeholder. Instance attributes: other engines are untouched."""
+    wrapper = engine.optimizer
+    if getattr(wrapper, "_dist_cautious_universal", False):
+        return
+    optimizer = engine.basic_optimizer
+    original_state_dict: Callable[..., dict[str, Any]] = wrapper.state_dict
+    original_load_universal = getattr(wrapper, "_load_universal_checkpoint", None)
+    original_load_state_dict = wrapper.load_state_dict
+
+    def state_dict(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return extend_state_dict(engine, original_state_dict(*args, **kwargs))
+
+    def load_universal(checkpoint_folder: str, load_optimizer_states: bool, load_from_fp32_weights: bool) -> Any:
+        out = original_load_universal(checkpoint_folder, load_optimizer_states, load_from_fp32_weights)
+        if load_optimizer_states:
+            restore_per_tensor_state(engine, checkpoint_folder)
+        return out
+
+    def load_state_dict(*args: Any, **kwargs: Any) -> Any:
+        out = original_load_state_dict(*args, **kwargs)
+        drop_placeholders(optimizer)
+        return out
+
+    wrapper.state_dict = state_dict
+    if original_load_universal is not None:
+        wrapper._load_universal_checkpoint = load_universal
+    wrapper.load_state_dict = load_state_dict
+    wrapper._dist_cautious_universal = True
+
+
+__all__ = ["PER_TENSOR_KEY", "enable", "extend_state_dict", "gather_per_tensor_state", "restore_per_tensor_state", "drop_placeholders"]
