@@ -89,6 +89,9 @@ def test_an_engine_without_our_basic_optimizer_is_refused(monkeypatch: pytest.Mo
     monkeypatch.setattr(integration, "check_config", lambda engine: None)  # the stand-in has no config
 
     class Engine:
+        def _do_sanity_check(self) -> None:  # patched too: the config's optimizer name is resolved there
+            pass
+
         def _configure_optimizer(self, client_optimizer: Any, model_parameters: Any) -> None:
             self.renamed_basic_optimizer = client_optimizer
 
