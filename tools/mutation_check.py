@@ -14,11 +14,13 @@ built from the copy into the work folder's own extension cache (``TORCH_EXTENSIO
 into the shared one.
 
 First the unmutated copy must pass every test run the faults use (else a "caught" would mean
-nothing); then per fault: caught (a test failed; the first failure is shown), or missed. A fault
-the named tests miss is then tried against tests/unit/test_mutation_holes.py, the tests written
-for the holes this check found. Every pytest run has a timeout (``--timeout``); a run that ends
-in a usage or collection error counts as an error of the check, never as a catch. Exit status 0
-only when the baseline passed and every fault was caught.
+nothing); then per fault: caught (a test failed; the first failure is shown, each run's output
+is kept in the work folder's ``logs``), or missed. A fault the named tests miss is then tried
+against tests/unit/test_mutation_holes.py, the tests written for the holes this check found.
+A fault in ``csrc/`` gets its own kernel build. Every pytest run has a timeout (``--timeout``);
+a run that ends in a usage or collection error, or passes without running anything, counts as
+an error of the check, never as a catch. Exit status 0 only when the baseline passed and every
+fault was caught.
 """
 
 from __future__ import annotations
@@ -131,19 +133,32 @@ def first_failure(output: str) -> str:
             text = line.split(" ", 1)[1]
             if "kernel self-check failed" in output and "self-check" not in text:
                 text += " [native kernel self-check failed at load]"
+            if text.rstrip().endswith("raised:"):  # a rank's exception: name it
+                raised = re.search(r"^E\s+(\w+(?:Error|Exception): .*)$", output, flags=re.M)
+                if raised:
+                    text += " " + raised.group(1)
             return text
     return ""
 
 
+def summary_counts(output: str) -> dict[str, int]:
+    """pytest's final counts (``{"passed": 6, "skipped": 2}``) from its last summary line."""
+    lines = [line for line in output.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)]
+    return {what: int(n) for n, what in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)", lines[-1])} if lines else {}
+
+
 def pytest_run(tests: tuple[str, ...], tree: Path, env: dict[str, str], timeout: float, stop_first: bool) -> Outcome:
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "mutation_plugin", "-rfE", "--tb=line", "-W", "ignore::DeprecationWarning"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "mutation_plugin", "-rfE", "--tb=short", "-W", "ignore::DeprecationWarning"]
     if stop_first:
         command.append("-x")
     code, output, seconds = run_command([*command, *tests], tree, env, timeout)
     if code is None:
         return Outcome("timeout", seconds, f"no result within {timeout:.0f} s", output)
     if code == 0:
-        return Outcome("passed", seconds, "", output)
+        counts = summary_counts(output)
+        if not counts.get("passed"):
+            return Outcome("error", seconds, f"nothing passed: {counts}", output)
+        return Outcome("passed", seconds, ", ".join(f"{n} {what}" for what, n in counts.items()), output)
     if code == 1:
         return Outcome("failed", seconds, first_failure(output) or "(a test failed)", output)
     return Outcome("error", seconds, f"pytest exit status {code}: {output.strip().splitlines()[-1] if output.strip() else ''}", output)
@@ -188,12 +203,21 @@ def seed_deepspeed_ops(cache: Path) -> None:
             shutil.copytree(entry, cache / entry.name, copy_function=shutil.copy2)
 
 
-def build_native(tree: Path, cache: Path, timeout: float) -> float:
-    """Build (or load from the work folder's cache) and self-check the copy's native CPU kernels."""
+def build_native(tree: Path, cache: Path, timeout: float, must_pass: bool = True) -> float:
+    """Build (or load from ``cache``) the copy's native CPU kernels and self-check them. For the
+    unmutated copy both must succeed; a faulty build may fail its self-check (the test run then
+    shows it), but it must compile."""
     env = environment(tree, cache, None, "native")
-    code, output, seconds = run_command([sys.executable, "-c", "from dist_cautious.kernels import prebuild; prebuild('cpu')"], tree, env, timeout)
+    build = "from dist_cautious.kernels import cpu_ops; cpu_ops.load()"
+    code, output, seconds = run_command([sys.executable, "-c", build], tree, env, timeout)
     if code != 0:
-        raise SystemExit(f"the unmutated copy's native CPU kernels did not build or self-check:\n{output[-3000:]}")
+        raise SystemExit(f"the copy's native CPU kernels did not build:\n{output[-3000:]}")
+    if must_pass:
+        check = "from dist_cautious.kernels import prebuild; prebuild('cpu')"
+        code, output, more = run_command([sys.executable, "-c", check], tree, env, timeout)
+        seconds += more
+        if code != 0:
+            raise SystemExit(f"the unmutated copy's native CPU kernels fail their self-check:\n{output[-3000:]}")
     return seconds
 
 
@@ -247,9 +271,10 @@ def main() -> int:
         if probe.exists():
             shutil.rmtree(probe)
         probe.mkdir(parents=True)
-        for edit in fault.edits:
-            (probe / edit.path).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(pristine / edit.path, probe / edit.path)
+        for path in fault.paths():
+            (probe / path).parent.mkdir(parents=True, exist_ok=True)
+            if (pristine / path).is_file():
+                shutil.copy2(pristine / path, probe / path)
         plant(probe, fault)  # raises MutationTargetNotFound
         shutil.rmtree(probe)
 
@@ -268,7 +293,7 @@ def main() -> int:
     baseline_ok = True
     for run in tqdm(list(runs.values()), desc="baseline", unit="run"):
         outcome = pytest_run(run.tests, tree, environment(tree, cache, run, run.mode), args.timeout, stop_first=False)
-        tqdm.write(f"  baseline [{run.mode}] {run.label or run.tests}: {outcome.status} in {outcome.seconds:.0f} s")
+        tqdm.write(f"  baseline [{run.mode}] {run.label or run.tests}: {outcome.status} in {outcome.seconds:.0f} s ({outcome.first_failure})")
         if outcome.status != "passed":
             baseline_ok = False
             tqdm.write(outcome.output[-4000:])
@@ -283,21 +308,30 @@ def main() -> int:
         progress.set_postfix_str(fault.name)
         changed = plant(tree, fault)
         try:
-            env = environment(tree, cache, fault.run, fault.run.mode)
+            fault_cache = cache
+            if any(path.startswith("csrc/") for path in fault.paths()):
+                # the kernels themselves are faulty: a cache of their own, built before the run
+                fault_cache = kernel_cache(work, tree)
+                seed_deepspeed_ops(fault_cache)
+                built = build_native(tree, fault_cache, args.timeout, must_pass=False)
+                tqdm.write(f"  {fault.name}: faulty native kernels built in {built:.0f} s")
+            env = environment(tree, fault_cache, fault.run, fault.run.mode)
             outcome = pytest_run(fault.run.tests, tree, env, args.timeout, stop_first=True)
             result, seconds = outcome.status, outcome.seconds
             failure = outcome.first_failure
             if outcome.status == "passed" and holes:
-                hole = pytest_run((HOLES,), tree, environment(tree, cache, None, fault.run.mode), args.timeout, stop_first=True)
+                hole = pytest_run((HOLES,), tree, environment(tree, fault_cache, None, fault.run.mode), args.timeout, stop_first=True)
                 seconds += hole.seconds
                 result = {"failed": "missed, then caught by the new tests", "passed": "missed"}.get(hole.status, hole.status)
                 failure = hole.first_failure
             elif outcome.status == "passed":
-                result = "missed"
+                result, failure = "missed", f"none ({outcome.first_failure})"
             elif outcome.status == "failed":
                 result = "caught"
             elif outcome.status == "timeout":
                 result = "caught (timeout)"
+            (work / "logs").mkdir(exist_ok=True)
+            (work / "logs" / f"{fault.name}.log").write_text(outcome.output)
         finally:
             restore(tree, pristine, changed)
         all_caught &= result.startswith("caught") or result.endswith("caught by the new tests")

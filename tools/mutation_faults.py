@@ -41,6 +41,14 @@ class Edit:
 
 
 @dataclass(frozen=True)
+class OneOf:
+    """Alternative edits of one fault for code that is being rewritten: the first whose snippet
+    is found (exactly as ``Edit`` requires) is planted."""
+
+    edits: tuple[Edit, ...]
+
+
+@dataclass(frozen=True)
 class TestRun:
     """One pytest run: node ids, the kernel mode, and the plugin's case filters."""
 
@@ -57,12 +65,15 @@ class TestRun:
 class Fault:
     name: str
     what: str
-    edits: tuple[Edit, ...]
+    edits: tuple[Edit | OneOf, ...]
     run: TestRun
     where: str = field(default="")
 
+    def paths(self) -> list[str]:
+        return sorted({e.path for edit in self.edits for e in (edit.edits if isinstance(edit, OneOf) else (edit,))})
+
     def location(self) -> str:
-        return self.where or ", ".join(sorted({e.path.removeprefix("dist_cautious/") for e in self.edits}))
+        return self.where or ", ".join(path.removeprefix("dist_cautious/") for path in self.paths())
 
 
 def _scope(text: str, within: str | None, path: str) -> tuple[int, int]:
@@ -80,32 +91,53 @@ def _scope(text: str, within: str | None, path: str) -> tuple[int, int]:
     return starts[0], following.start() if following else len(text)
 
 
+def _apply(texts: dict[Path, str], root: Path, edit: Edit, fault: str) -> None:
+    """Apply one edit to the texts read so far (``texts``, by path); raise if its snippet is not
+    found exactly as often as it must be."""
+    path = root / edit.path
+    if path not in texts:
+        if not path.is_file():
+            raise MutationTargetNotFound(f"mutation target not found: {edit.path} does not exist")
+        texts[path] = path.read_text()
+    text = texts[path]
+    lo, hi = _scope(text, edit.within, edit.path)
+    region = text[lo:hi]
+    found = region.count(edit.old)
+    expected = 1 if edit.count is None else edit.count
+    if found != expected:
+        where = f" in {edit.within.strip()!r}" if edit.within else ""
+        raise MutationTargetNotFound(f"mutation target not found: {fault}: {edit.old.strip()!r} occurs {found} times{where} in {edit.path}, expected {expected}")
+    texts[path] = text[:lo] + region.replace(edit.old, edit.new) + text[hi:]
+
+
 def plant(root: Path, fault: Fault) -> list[Path]:
     """Apply ``fault``'s edits to the tree at ``root``; return the files changed."""
-    changed: dict[Path, str] = {}
+    texts: dict[Path, str] = {}
+    planted: list[Edit] = []
     for edit in fault.edits:
-        path = root / edit.path
-        if path not in changed:
-            if not path.is_file():
-                raise MutationTargetNotFound(f"mutation target not found: {edit.path} does not exist")
-            changed[path] = path.read_text()
-        text = changed[path]
-        lo, hi = _scope(text, edit.within, edit.path)
-        region = text[lo:hi]
-        found = region.count(edit.old)
-        expected = 1 if edit.count is None else edit.count
-        if found != expected:
-            where = f" in {edit.within.strip()!r}" if edit.within else ""
-            raise MutationTargetNotFound(
-                f"mutation target not found: {fault.name}: {edit.old.strip()!r} occurs {found} times{where} in {edit.path}, expected {expected}"
-            )
-        changed[path] = text[:lo] + region.replace(edit.old, edit.new) + text[hi:]
-    for path, text in changed.items():
+        if isinstance(edit, Edit):
+            _apply(texts, root, edit, fault.name)
+            planted.append(edit)
+            continue
+        errors = []
+        for alternative in edit.edits:
+            trial = dict(texts)
+            try:
+                _apply(trial, root, alternative, fault.name)
+            except MutationTargetNotFound as error:
+                errors.append(str(error))
+                continue
+            texts.update(trial)
+            planted.append(alternative)
+            break
+        else:
+            raise MutationTargetNotFound("; ".join(errors))
+    for path, text in texts.items():
         path.write_text(text)
-    for edit in fault.edits:  # read back: the replacement must be in the file now
+    for edit in planted:  # read back: the replacement must be in the file now
         if edit.new and edit.new not in (root / edit.path).read_text():
             raise MutationTargetNotFound(f"{fault.name}: the planted text is not in {edit.path} after writing")
-    return list(changed)
+    return list(texts)
 
 
 # --- the test runs ------------------------------------------------------------------------------
@@ -239,6 +271,18 @@ FAULTS: tuple[Fault, ...] = (
         UNIT_NATIVE,
     ),
     Fault(
+        "native-avx2-mask->=",
+        "the native AVX2 kernels' mask test m * g >= 0 (their 'greater than zero' compare made 'not less')",
+        (
+            Edit(
+                "csrc/cpu/simd.h",
+                "static inline M gt0(R a) { return _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GT_OQ); }",
+                "static inline M gt0(R a) { return _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GE_OQ); }",
+            ),
+        ),
+        TestRun((REFERENCES, LOW_PRECISION, "tests/kernels/test_cpu_kernels.py"), "native", label="test_against_references, test_low_precision_params_step_in_fp32, test_cpu_kernels"),
+    ),
+    Fault(
         "fp16-no-op-step",
         "fp16 params are never stepped (dropped from the step's work)",
         (Edit(BASE, "        if work:\n", "        work = [(g, f) for g, f in work if f.param.dtype != torch.float16]  # MUTATION\n        if work:\n", within="    def step("),),
@@ -280,11 +324,21 @@ FAULTS: tuple[Fault, ...] = (
         "weight-decay-masked",
         "AdamW's weight decay applied only where the cautious mask is on",
         (
-            Edit(
-                REF,
-                "p.mul_(1 - lr * weight_decay)",
-                "p.sub_(p * (lr * weight_decay) * (torch.lerp(exp_avg, g, 1 - beta1) * g > 0))  # MUTATION",
-                within="def adamw_apply(",
+            OneOf(
+                (
+                    Edit(
+                        REF,
+                        "p.mul_(1 - lr * weight_decay)",
+                        "p.sub_(p * (lr * weight_decay) * (torch.lerp(exp_avg, g, 1 - beta1) * g > 0))  # MUTATION",
+                        within="def adamw_apply(",
+                    ),
+                    Edit(  # the decay as a helper called after the update's numerator is known
+                        REF,
+                        "_decay_(p, numerator, lr * weight_decay, cautious_weight_decay)",
+                        "p.sub_(p * (lr * weight_decay) * (exp_avg * g > 0))  # MUTATION",
+                        within="def adamw_apply(",
+                    ),
+                )
             ),
         ),
         UNIT_REFERENCE,
