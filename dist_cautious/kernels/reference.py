@@ -1,8 +1,9 @@
-"""The torch reference path: plain tensor ops in fp32, the executable statement of ALGORITHMS.md.
+"""The torch reference path: plain tensor ops, the executable statement of ALGORITHMS.md.
 
 Every function takes lists of flat 1-D local tensors (fragments of larger tensors, possibly
-empty): params of any float dtype (the math runs in fp32 and is written back), gradients of
-any float dtype, fp32 state. The fused CPU and CUDA kernels implement these same signatures
+empty): params and gradients of any float dtype, and state in the dtype of the math: fp32 for
+fp32 / bf16 / fp16 params, float64 for float64 params (``shard.fragment.state_dtype``). Params
+and gradients are read in the state's dtype and the param is written back in its own. The fused CPU and CUDA kernels implement these same signatures
 and are tested against them element for element.
 
 The cautious mask needs the count of agreeing entries over the WHOLE tensor before its scale
@@ -24,18 +25,33 @@ from torch import Tensor
 from dist_cautious.kernels.layout import FactoredLayout
 
 
-def _fp32(tensor: Tensor) -> Tensor:
-    return tensor if tensor.dtype == torch.float32 else tensor.float()
+def _as(tensor: Tensor, like: Tensor) -> Tensor:
+    """``tensor`` in ``like``'s dtype (the dtype of the math), without a copy when it is."""
+    return tensor if tensor.dtype == like.dtype else tensor.to(like.dtype)
 
 
-def _store(param: Tensor, param_fp32: Tensor) -> None:
-    if param_fp32 is not param:
-        param.copy_(param_fp32)
+def _store(param: Tensor, computed: Tensor) -> None:
+    if computed is not param:
+        param.copy_(computed)
 
 
 def _count_agreeing(update: Tensor, grad: Tensor) -> Tensor:
-    """phi = 1[update * grad > 0]: the product form, so an underflow to 0 masks the entry."""
-    return (update * grad > 0).sum(dtype=torch.float32)
+    """phi = 1[update * grad > 0]: the product form, so an underflow to 0 masks the entry.
+    Counted in the math's dtype (float64 math counts in float64)."""
+    return (update * grad > 0).sum(dtype=update.dtype)
+
+
+def _decay_(param: Tensor, update: Tensor, decay: float, cautious: bool) -> None:
+    """Decoupled weight decay ``p *= 1 - decay`` (``decay = lr * weight_decay``). With
+    ``cautious`` (cautious weight decay, arXiv 2510.12402) only where the update ``u`` that is
+    subtracted and the param agree in sign, ``u * p >= 0``: taken from their signs, so that no
+    product underflows (exact either way). Called before ``p`` receives ``-lr * u``."""
+    if not cautious:
+        param.mul_(1 - decay)
+        return
+    agree = torch.sign(update).mul_(torch.sign(param)) >= 0
+    factor = torch.full((), 1 - decay, dtype=param.dtype, device=param.device)
+    param.mul_(torch.where(agree, factor, torch.ones((), dtype=param.dtype, device=param.device)))
 
 
 def mask_scales(counts: Tensor, numels: Sequence[int] | Tensor) -> Tensor:
@@ -47,7 +63,7 @@ def mask_scales(counts: Tensor, numels: Sequence[int] | Tensor) -> Tensor:
 
 def adamw_mask_counts(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
     """Local count of ``m_new * g > 0`` per tensor, ``m_new = lerp(m, g, 1 - beta1)``; reads only."""
-    counts = [_count_agreeing(torch.lerp(m, _fp32(g), 1 - beta1), _fp32(g)) for g, m in zip(grads, exp_avgs)]
+    counts = [_count_agreeing(torch.lerp(m, _as(g, m), 1 - beta1), _as(g, m)) for g, m in zip(grads, exp_avgs)]
     return torch.stack(counts) if counts else torch.zeros(0)
 
 
@@ -64,26 +80,33 @@ def adamw_apply(
     eps: float,
     weight_decay: float,
     scales: Optional[Tensor] = None,
+    max_exp_avg_sqs: Optional[Sequence[Tensor]] = None,
+    cautious_weight_decay: bool = False,
 ) -> None:
     """One AdamW step in the op order of ``torch.optim.AdamW``; with ``scales`` (one per tensor)
-    the update is masked where ``m * g <= 0`` and multiplied by the tensor's scale."""
+    the update is masked where ``m * g <= 0`` and multiplied by the tensor's scale. With
+    ``max_exp_avg_sqs`` (amsgrad) the denominator uses the running maximum of ``v``, as torch's.
+    ``cautious_weight_decay``: decay only where the update and the param agree in sign."""
     for index, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
-        p, g = _fp32(param), _fp32(grad)
-        p.mul_(1 - lr * weight_decay)
+        p, g = _as(param, exp_avg), _as(grad, exp_avg)
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         step_size = lr / (1 - beta1**step)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+        second_moment = exp_avg_sq
+        if max_exp_avg_sqs is not None:
+            second_moment = torch.maximum(max_exp_avg_sqs[index], exp_avg_sq, out=max_exp_avg_sqs[index])
+        denom = (second_moment.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
         numerator = exp_avg
         if scales is not None:
-            numerator = exp_avg * (exp_avg * g > 0).float().mul_(scales[index])
+            numerator = exp_avg * (exp_avg * g > 0).to(exp_avg.dtype).mul_(scales[index])
+        _decay_(p, numerator, lr * weight_decay, cautious_weight_decay)  # the update's sign is the numerator's
         p.addcdiv_(numerator, denom, value=-step_size)
         _store(param, p)
 
 
 def lion_mask_counts(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
     """Local count of ``sign(lerp(m, g, 1 - beta1)) * g > 0`` per tensor; reads only."""
-    counts = [_count_agreeing(torch.lerp(m, _fp32(g), 1 - beta1).sign_(), _fp32(g)) for g, m in zip(grads, exp_avgs)]
+    counts = [_count_agreeing(torch.lerp(m, _as(g, m), 1 - beta1).sign_(), _as(g, m)) for g, m in zip(grads, exp_avgs)]
     return torch.stack(counts) if counts else torch.zeros(0)
 
 
@@ -97,14 +120,16 @@ def lion_apply(
     beta2: float,
     weight_decay: float,
     scales: Optional[Tensor] = None,
+    cautious_weight_decay: bool = False,
 ) -> None:
-    """One Lion step; the momentum is never masked."""
+    """One Lion step; the momentum is never masked. ``cautious_weight_decay``: decay only where
+    the (masked) update and the param agree in sign."""
     for index, (param, grad, exp_avg) in enumerate(zip(params, grads, exp_avgs)):
-        p, g = _fp32(param), _fp32(grad)
-        p.mul_(1 - lr * weight_decay)
+        p, g = _as(param, exp_avg), _as(grad, exp_avg)
         update = torch.lerp(exp_avg, g, 1 - beta1).sign_()
         if scales is not None:
-            update.mul_((update * g > 0).float().mul_(scales[index]))
+            update.mul_((update * g > 0).to(update.dtype).mul_(scales[index]))
+        _decay_(p, update, lr * weight_decay, cautious_weight_decay)
         p.add_(update, alpha=-lr)
         exp_avg.lerp_(g, 1 - beta2)
         _store(param, p)
@@ -136,10 +161,11 @@ def lion_cautious_finish(
     beta2: float,
     weight_decay: float,
     scales: Tensor,
+    cautious_weight_decay: bool = False,
 ) -> None:
     """Phase 2: params (and, if phase 1 left it, the momentum) of a cautious Lion step with the
     global ``scales``; the same inputs as ``lion_cautious_begin`` had."""
-    lion_apply(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales)
+    lion_apply(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales, cautious_weight_decay=cautious_weight_decay)
 
 
 # --- CAME -------------------------------------------------------------------------------------
@@ -170,6 +196,14 @@ class CameFactors:
     folded: Optional[Tensor] = None
     row_means: Optional[Tensor] = None
 
+    def math_dtype(self, grad: Tensor) -> torch.dtype:
+        """The dtype of the math these factors take part in: their own, or for the identity
+        the one a param of ``grad``'s dtype gets (float64 for float64, else fp32)."""
+        for tensor in (self.row, self.elementwise):
+            if tensor is not None:
+                return tensor.dtype
+        return torch.float64 if grad.dtype == torch.float64 else torch.float32
+
     def apply_to(self, tensor: Tensor) -> Tensor:
         if self.layout is not None:
             return self.layout.outer(self.row, self.col).mul_(tensor)
@@ -192,7 +226,7 @@ def came_factored_sq_sums(
 ) -> None:
     """Add each fragment's partial row and column sums of ``g^2 + eps1`` into full-size buffers."""
     for grad, layout, rows, cols in zip(grads, layouts, row_sums, col_sums):
-        g = _fp32(grad)
+        g = _as(grad, rows)
         layout.add_row_col_sums(g * g + eps1, rows, cols)
 
 
@@ -218,13 +252,13 @@ def came_factored_sq_sums_begin(
 def came_vector_second_moment(grads: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], beta2: float, eps1: float) -> None:
     """1-D / 0-D tensors: ``v = beta2 v + (1 - beta2)(g^2 + eps1)``, elementwise and local."""
     for grad, exp_avg_sq in zip(grads, exp_avg_sqs):
-        g = _fp32(grad)
+        g = _as(grad, exp_avg_sq)
         exp_avg_sq.mul_(beta2).add_(g * g + eps1, alpha=1 - beta2)
 
 
 def came_update_sumsq(grads: Sequence[Tensor], factors: Sequence[CameFactors]) -> Tensor:
     """Local sum of squares of the preconditioned update ``uh = g * factors`` per tensor."""
-    sums = [factor.apply_to(_fp32(grad)).square().sum() for grad, factor in zip(grads, factors)]
+    sums = [factor.apply_to(grad.to(factor.math_dtype(grad))).square().sum() for grad, factor in zip(grads, factors)]
     return torch.stack(sums) if sums else torch.zeros(0)
 
 
@@ -244,7 +278,7 @@ def came_momentum(
     confidence factor is positive, so this is the sign of the final update)."""
     counts = []
     for index, (grad, exp_avg, factor) in enumerate(zip(grads, exp_avgs, factors)):
-        g = _fp32(grad)
+        g = _as(grad, exp_avg)
         update = factor.apply_to(g).div_(clip_divisors[index])
         exp_avg.mul_(beta1).add_(update, alpha=1 - beta1)
         if factor.layout is not None:
@@ -263,14 +297,16 @@ def came_apply(
     lr: float,
     weight_decay: float,
     scales: Optional[Tensor] = None,
+    cautious_weight_decay: bool = False,
 ) -> None:
-    """``u = m * confidence``; ``p *= 1 - lr wd``; ``p -= lr u`` (masked where ``m * g <= 0``)."""
+    """``u = m * confidence``; ``p *= 1 - lr wd`` (with ``cautious_weight_decay`` only where
+    ``u * p >= 0``); ``p -= lr u`` (masked where ``m * g <= 0``)."""
     for index, (param, grad, exp_avg, factor) in enumerate(zip(params, grads, exp_avgs, confidence)):
-        p = _fp32(param)
+        p = _as(param, exp_avg)
         update = factor.apply_to(exp_avg)
         if scales is not None:
-            update.mul_((exp_avg * _fp32(grad) > 0).float().mul_(scales[index]))
-        p.mul_(1 - lr * weight_decay)
+            update.mul_((exp_avg * _as(grad, exp_avg) > 0).to(exp_avg.dtype).mul_(scales[index]))
+        _decay_(p, update, lr * weight_decay, cautious_weight_decay)
         p.add_(update, alpha=-lr)
         _store(param, p)
 
@@ -306,6 +342,7 @@ def came_cautious_finish(
     lr: float,
     weight_decay: float,
     scales: Tensor,
+    cautious_weight_decay: bool = False,
 ) -> None:
     """``came_apply`` of a cautious step, after ``came_cautious_begin`` on the same tensors."""
-    came_apply(params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales)
+    came_apply(params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales, cautious_weight_decay=cautious_weight_decay)

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Optional
 
-from dist_cautious.optim.base import FragmentOptimizer, Work, by_group, check_betas, global_mask_scales, check_lr, check_nonnegative, kernels_for
+from dist_cautious.optim.base import (
+    FragmentOptimizer, Work, by_group, cautious_decay_options, check_betas, check_flag, check_lr, check_nonnegative,
+    global_mask_scales, kernels_for_group, refuse_torch_only_options,
+)  # fmt: skip
 
 
 class CautiousAdamW(FragmentOptimizer):
     """AdamW whose update is zeroed where ``m * g <= 0`` and rescaled by ``1 / max(mean(mask), 1e-3)``,
     the mean taken over the whole original tensor wherever its shards live.
 
-    State per param: ``exp_avg``, ``exp_avg_sq`` (fp32, shaped like the local param) and ``step``.
-    One sum all-reduce of mask counts per step and process group, none when nothing is sharded.
+    State per param: ``exp_avg``, ``exp_avg_sq`` (shaped like the local param; fp32, float64 for
+    float64 params), ``max_exp_avg_sq`` with ``amsgrad``, and ``step``. One sum all-reduce of
+    mask counts per step and process group, none when nothing is sharded.
+
+    ``maximize`` and ``amsgrad`` have ``torch.optim.AdamW``'s exact meaning (both elementwise, so
+    exact under every backend). ``cautious_weight_decay`` (CWD, arXiv 2510.12402) decays only
+    where the update and the param agree in sign; independent of ``cautious``. With ``amsgrad``
+    or CWD the step runs the torch reference ops (``kernels.reference``), not the fused kernels. Of AdamW's implementation switches, ``foreach`` / ``fused`` None or True
+    and ``differentiable`` / ``capturable`` False are accepted (what this class always does);
+    other values raise ``ValueError``.
     """
 
     partition_state_keys = ("exp_avg", "exp_avg_sq")
@@ -26,35 +37,49 @@ class CautiousAdamW(FragmentOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         cautious: bool = True,
+        *,
+        cautious_weight_decay: bool = False,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, cautious=cautious))
+        refuse_torch_only_options(type(self).__name__, foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, cautious=cautious,
+            cautious_weight_decay=cautious_weight_decay, amsgrad=amsgrad, maximize=maximize,
+        )  # fmt: skip
+        super().__init__(params, defaults)
 
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"], self._owner)
         group["betas"] = check_betas(group["betas"], 2, self._owner)
         check_nonnegative(group["eps"], "eps", self._owner)
         check_nonnegative(group["weight_decay"], "weight_decay", self._owner)
+        for flag in ("cautious", "cautious_weight_decay", "amsgrad", "maximize"):
+            check_flag(group.setdefault(flag, False), flag, self._owner)
 
     def step_fragments(self, work: Work) -> None:
         batches = by_group(work)
         scales = global_mask_scales(
             batches,
-            lambda group, fragments: kernels_for(fragments).adamw_mask_counts(
+            lambda group, fragments: kernels_for_group(group, fragments).adamw_mask_counts(
                 [f.grad for f in fragments], [f.elementwise_state("exp_avg") for f in fragments], group["betas"][0]
             ),
         )
         for (group, fragments), scale in zip(batches, scales):
             beta1, beta2 = group["betas"]
-            kernels_for(fragments).adamw_apply(
+            args = (
                 [f.param for f in fragments],
                 [f.grad for f in fragments],
                 [f.elementwise_state("exp_avg") for f in fragments],
                 [f.elementwise_state("exp_avg_sq") for f in fragments],
                 self.step_counts(fragments),
-                lr=float(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                scales=scale,
             )
+            hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], scales=scale)
+            hyper.update(cautious_decay_options(group))
+            if group["amsgrad"]:
+                hyper["max_exp_avg_sqs"] = [f.elementwise_state("max_exp_avg_sq") for f in fragments]
+            kernels_for_group(group, fragments).adamw_apply(*args, **hyper)

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from dist_cautious.kernels import ops_for
+from dist_cautious.kernels import ops_for, reference
 from dist_cautious.kernels.reference import mask_scales
 from dist_cautious.shard.adapters import FragmentSource, default_fragments, local_storage, param_fragments, rebound_grad
-from dist_cautious.shard.fragment import Fragment
+from dist_cautious.shard.fragment import Fragment, state_dtype
 from dist_cautious.shard.reducer import BatchedReducer
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -54,6 +54,28 @@ def check_betas(betas: Any, count: int, owner: str) -> tuple[float, ...]:
     return tuple(float(beta) for beta in betas)
 
 
+def check_flag(value: Any, name: str, owner: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
+
+
+def refuse_torch_only_options(owner: str, **options: Any) -> None:
+    """``torch.optim``'s implementation switches that ask for something these optimizers do not
+    do raise ``ValueError`` naming the option; the values that ask for what they always do pass:
+    ``foreach`` / ``fused`` None or True (every step is a multi-tensor fused kernel per param
+    group), ``differentiable`` / ``capturable`` False."""
+    wanted = {"foreach": (None, True), "fused": (None, True), "differentiable": (False,), "capturable": (False,)}
+    for name, value in options.items():
+        if value not in wanted[name]:
+            why = {
+                "foreach": "every step already runs multi-tensor kernels; a per-tensor loop is not offered",
+                "fused": "every step already runs fused kernels; an unfused path is not offered",
+                "differentiable": "the step runs under no_grad in fused kernels; autograd through it is not supported",
+                "capturable": "lr and step counts live on the host; CUDA-graph capture of the step is not supported yet",
+            }[name]
+            raise ValueError(f"{owner}: {name}={value!r} is not supported ({why})")
+
+
 def step_count(state: dict[str, Any]) -> int:
     """Advance and return the per-tensor step (kept in the state, never in the group:
     ZeRO-3 calls ``step()`` once per sub-group)."""
@@ -76,11 +98,31 @@ class FragmentOptimizer(Optimizer):
     partition_state_keys: tuple[str, ...] = ("exp_avg",)
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
-        self._owner = type(self).__name__
         self._plan: Optional[StepPlan] = None
         self._plan_in_use: Optional[StepPlan] = None
         self.check_hyperparameters(defaults)
         super().__init__(params, defaults)
+
+    @property
+    def _owner(self) -> str:
+        """The name errors start with (a property: it survives pickling, which keeps only
+        ``defaults``, ``state`` and ``param_groups``)."""
+        return type(self).__name__
+
+    def __getstate__(self) -> dict[str, Any]:
+        """``Optimizer.__getstate__``, plus a mark when a backend installed its fragment source
+        (DeepSpeed): that source is not carried over, and a copy stepping without it would step
+        flat partitions as whole tensors, so a copy so marked refuses to step."""
+        state = super().__getstate__()
+        if "fragment_source" in self.__dict__:
+            state["_lost_fragment_source"] = True
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._plan = self._plan_in_use = None
+        for group in self.param_groups:
+            self.check_hyperparameters(group)
 
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming the argument; may normalise values in place."""
@@ -100,6 +142,12 @@ class FragmentOptimizer(Optimizer):
                 self.param_groups[-1][key] = tuple(self.param_groups[-1][key])
 
     def _check_before_step(self) -> None:
+        if self.__dict__.get("_lost_fragment_source") and "fragment_source" not in self.__dict__:
+            raise RuntimeError(
+                f"{self._owner}: this optimizer is a copy (deepcopy / pickle) of one a backend (DeepSpeed) had "
+                "installed its fragment source on; the copy would step flat partitions as whole tensors. "
+                "Copy the model engine's state_dict instead, or build the engine again."
+            )
         for group in self.param_groups:
             self.check_hyperparameters(group)
             for param in group["params"]:
@@ -114,9 +162,18 @@ class FragmentOptimizer(Optimizer):
                     raise ValueError(f"{self._owner}: gradient shape {tuple(grad.shape)} != param shape {tuple(param.shape)}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``Optimizer.load_state_dict``; the step plan, which points into the old state, is dropped."""
+        """``Optimizer.load_state_dict``, keeping floating state in the dtype of this optimizer's
+        math (``state_dtype``: fp32 for fp32 / bf16 / fp16 params, float64 for float64) where
+        torch casts it to the param's own dtype (bf16 momentum would lose bits and no longer fit
+        the kernels); ``step`` as torch keeps it. The step plan, which points into the old
+        state, is dropped."""
         self._plan = None
         super().load_state_dict(state_dict)
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        params = [param for group in self.param_groups for param in group["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            if saved_id in state_dict["state"]:
+                self.state[param] = _placed_state(param, state_dict["state"][saved_id])
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -140,7 +197,12 @@ class FragmentOptimizer(Optimizer):
         else:
             work = self._fresh_work()
         if work:
-            self.step_fragments(work)
+            restore = _negate_grads_to_maximize(work)
+            try:
+                self.step_fragments(work)
+            finally:
+                for fragment, grad in restore:
+                    fragment.grad = grad
             for _, fragment in work:
                 fragment.commit()
         return loss
@@ -166,11 +228,40 @@ class FragmentOptimizer(Optimizer):
         raise NotImplementedError
 
 
+def _placed_state(param: Tensor, value: Any, key: Any = None) -> Any:
+    """A loaded state value as ``load_state_dict`` keeps it: tensors on the param's device,
+    floating ones (``step`` aside, kept as saved, as torch keeps it) in ``state_dtype``; nested
+    dicts (per-tensor state under ZeRO) likewise; anything else as it is."""
+    if isinstance(value, Tensor):
+        if key == "step":
+            return value
+        if value.is_floating_point():
+            return value.to(dtype=state_dtype(param.dtype), device=param.device)
+        return value.to(device=param.device)
+    if isinstance(value, dict):
+        return {k: _placed_state(param, v, k) for k, v in value.items()}
+    return value
+
+
+def _negate_grads_to_maximize(work: Work) -> list[tuple[Fragment, Tensor]]:
+    """For groups with ``maximize=True``, hand the step ``-grad`` (as torch.optim does: the
+    same step on the negated gradient, the mask included) in new tensors, one op for all;
+    the user's gradients are untouched. Returns what to restore after the step."""
+    flipped = [fragment for group, fragment in work if group.get("maximize")]
+    if not flipped:
+        return []
+    restore = [(fragment, fragment.grad) for fragment in flipped]
+    for fragment, negated in zip(flipped, torch._foreach_neg([fragment.grad for fragment in flipped])):
+        fragment.grad = negated
+    return restore
+
+
 def by_group(work: Work) -> list[tuple[dict[str, Any], list[Fragment]]]:
-    """Fragments grouped by param group (and device, for the kernel dispatch), in order."""
-    batches: dict[tuple[int, torch.device], tuple[dict[str, Any], list[Fragment]]] = {}
+    """Fragments grouped by param group, device (for the kernel dispatch) and state dtype (a
+    batch's math runs in one dtype: fp32, or float64 for float64 params), in order."""
+    batches: dict[tuple[int, torch.device, torch.dtype], tuple[dict[str, Any], list[Fragment]]] = {}
     for group, fragment in work:
-        key = (id(group), fragment.param.device)
+        key = (id(group), fragment.param.device, fragment.state_dtype)
         batches.setdefault(key, (group, []))[1].append(fragment)
     return list(batches.values())
 
@@ -179,6 +270,21 @@ def kernels_for(fragments: Sequence[Fragment]) -> Any:
     """The kernel namespace for a batch of one device; the one the step plan checked, if any."""
     ops = fragments[0].ops
     return ops if ops is not None else ops_for(fragments[0].param.device)
+
+
+def cautious_decay_options(group: dict[str, Any]) -> dict[str, bool]:
+    """``{"cautious_weight_decay": True}`` for a group whose decay is cautious and nonzero (the
+    reference ops' keyword), else nothing: with a zero decay the option changes nothing."""
+    return {"cautious_weight_decay": True} if group.get("cautious_weight_decay") and group["weight_decay"] else {}
+
+
+def kernels_for_group(group: dict[str, Any], fragments: Sequence[Fragment]) -> Any:
+    """``kernels_for``, or the torch reference ops (``kernels.reference``, on any device) for a
+    group that asks for what only they implement: cautious weight decay and amsgrad. The same
+    math either way; the fused kernels are faster."""
+    if cautious_decay_options(group) or group.get("amsgrad"):
+        return reference
+    return kernels_for(fragments)
 
 
 def _native_checked(fragments: Sequence[Fragment]) -> Any:
@@ -284,13 +390,27 @@ def reduce_per_tensor(fragments: Sequence[Fragment], values: Tensor, reducer: Ba
     """Register ``values[i]`` (one value per fragment ``i``) for reduction over fragment ``i``'s
     process group; whole local tensors (no group) are not reduced. One entry per process group:
     the whole tensor when every fragment shares that group (FSDP2, ZeRO), else its positions."""
+    for group, index in _reduction_positions(fragments, values.device):
+        reducer.add(group, values, index)
+
+
+def _reduction_positions(fragments: Sequence[Fragment], device: torch.device) -> list[tuple[Any, Optional[Tensor]]]:
+    """Per process group, the positions of its fragments (``None``: all of them), made once and
+    kept on the batch's first fragment like ``batch_sizes``: no ``torch.tensor(list, device)``
+    per step for a batch that mixes sharded and whole tensors."""
+    cached = getattr(fragments[0], "reduction_positions", None)
+    if cached is not None and cached[0] == len(fragments) and cached[1] == device:
+        return cached[2]
     positions: dict[Any, list[int]] = {}
     for index, fragment in enumerate(fragments):
         if fragment.group is not None:
             positions.setdefault(fragment.group, []).append(index)
-    for group, indices in positions.items():
-        index = None if len(indices) == len(fragments) else torch.tensor(indices, dtype=torch.long, device=values.device)
-        reducer.add(group, values, index)
+    made = [
+        (group, None if len(indices) == len(fragments) else torch.tensor(indices, dtype=torch.long, device=device))
+        for group, indices in positions.items()
+    ]
+    fragments[0].reduction_positions = (len(fragments), device, made)
+    return made
 
 
 def global_mask_scales(
@@ -311,19 +431,19 @@ def global_mask_scales(
         counts.append(batch_counts)
     reducer.all_reduce()
     return [
-        None if batch_counts is None else mask_scales(batch_counts, batch_sizes(fragments, batch_counts.device))
+        None if batch_counts is None else mask_scales(batch_counts, batch_sizes(fragments, batch_counts.device, batch_counts.dtype))
         for (_, fragments), batch_counts in zip(batches, counts)
     ]
 
 
-def batch_sizes(fragments: Sequence[Fragment], device: torch.device) -> Tensor:
-    """The whole-tensor sizes of ``fragments`` as an fp32 tensor on ``device``, made once and
+def batch_sizes(fragments: Sequence[Fragment], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The whole-tensor sizes of ``fragments`` as a ``dtype`` tensor on ``device``, made once and
     kept on the batch's first fragment: a step plan reuses its fragments, in the same batches,
     step after step, so later steps copy nothing from the host (no ``torch.tensor(list,
     device=cuda)`` per step). Fragments built anew each step (ZeRO) make it anew, as before."""
     cached = getattr(fragments[0], "batch_sizes", None)
-    if cached is not None and cached[0] == len(fragments) and cached[1].device == device:
+    if cached is not None and cached[0] == len(fragments) and cached[1].device == device and cached[1].dtype == dtype:
         return cached[1]
-    sizes = torch.tensor([f.numel for f in fragments], dtype=torch.float32, device=device)
+    sizes = torch.tensor([f.numel for f in fragments], dtype=dtype, device=device)
     fragments[0].batch_sizes = (len(fragments), sizes)
     return sizes

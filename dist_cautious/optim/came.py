@@ -24,7 +24,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dist_cautious.kernels.reference import CameFactors, FactorList, mask_scales
-from dist_cautious.optim.base import FragmentOptimizer, Work, by_group, check_betas, check_lr, check_nonnegative, kernels_for
+from dist_cautious.optim.base import (
+    FragmentOptimizer, Work, by_group, cautious_decay_options, check_betas, check_flag, check_lr, check_nonnegative, kernels_for_group,
+)  # fmt: skip
 from dist_cautious.shard.fragment import Fragment
 from dist_cautious.shard.reducer import BatchedReducer
 
@@ -52,7 +54,10 @@ class CAME(FragmentOptimizer):
 
     State: ``exp_avg`` (like the param); factored tensors ``exp_avg_sq_row`` (``S[:-1]``),
     ``exp_avg_sq_col`` (``S[:-2] + S[-1:]``), ``exp_avg_res_row``, ``exp_avg_res_col``; 1-D and
-    0-D tensors ``exp_avg_sq``; and ``step``.
+    0-D tensors ``exp_avg_sq``; and ``step``; all fp32, float64 for float64 params.
+    ``maximize=True`` steps on the negated gradient, as torch.optim's optimizers do.
+    ``cautious_weight_decay`` (CWD, arXiv 2510.12402) decays only where the update and the param
+    agree in sign; independent of ``cautious``; it runs the torch reference ops.
     """
 
     #: only ``exp_avg`` is per element for every tensor: under ZeRO, the 1-D / 0-D tensors'
@@ -68,10 +73,16 @@ class CAME(FragmentOptimizer):
         betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
         weight_decay: float = 0.0,
         cautious: bool = False,
+        *,
+        cautious_weight_decay: bool = False,
+        maximize: bool = False,
     ) -> None:
         if lr is None:
             raise ValueError("CAME: lr is required (there is no default; 2e-4 is typical)")
-        defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay, cautious=cautious)
+        defaults = dict(
+            lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay, cautious=cautious,
+            cautious_weight_decay=cautious_weight_decay, maximize=maximize,
+        )  # fmt: skip
         super().__init__(params, defaults)
 
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
@@ -87,6 +98,8 @@ class CAME(FragmentOptimizer):
         threshold = group["clip_threshold"]
         if not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 0:
             raise ValueError(f"{self._owner}: clip_threshold must be a finite number > 0, got {threshold!r}")
+        for flag in ("cautious", "cautious_weight_decay", "maximize"):
+            check_flag(group.setdefault(flag, False), flag, self._owner)
 
     def step_fragments(self, work: Work) -> None:
         plan = self._came_plan_for(work)
@@ -97,9 +110,9 @@ class CAME(FragmentOptimizer):
         scales, pending = self._momentum_and_confidence(plan, clip_divisors)
         for batch, batch_scales, batch_pending in zip(plan.batches, scales, pending):
             group, fragments = batch.group, batch.fragments
-            ops = kernels_for(fragments)
+            ops = kernels_for_group(group, fragments)
             params, grads = [f.param for f in fragments], [f.grad for f in fragments]
-            hyper = dict(lr=float(group["lr"]), weight_decay=group["weight_decay"], scales=batch_scales)
+            hyper = dict(lr=float(group["lr"]), weight_decay=group["weight_decay"], scales=batch_scales, **cautious_decay_options(group))
             if group["cautious"]:
                 ops.came_cautious_finish(batch_pending, params, grads, batch.exp_avgs, batch.confidence, **hyper)
             else:
@@ -131,7 +144,7 @@ class CAME(FragmentOptimizer):
         plan.zero_sums(0)
         folded_by_batch = []
         for batch in plan.batches:
-            group, ops = batch.group, kernels_for(batch.fragments)
+            group, ops = batch.group, kernels_for_group(batch.group, batch.fragments)
             eps1, beta2 = group["eps"][0], group["betas"][1]
             folded: list[Optional[Tensor]] = []
             if batch.factored:
@@ -154,7 +167,7 @@ class CAME(FragmentOptimizer):
         reducer = BatchedReducer()
         sumsqs = []
         for batch in plan.batches:
-            batch_sumsq = kernels_for(batch.fragments).came_update_sumsq([f.grad for f in batch.fragments], batch.factors)
+            batch_sumsq = kernels_for_group(batch.group, batch.fragments).came_update_sumsq([f.grad for f in batch.fragments], batch.factors)
             batch.reduce_per_tensor(batch_sumsq, reducer)
             sumsqs.append(batch_sumsq)
         reducer.all_reduce()
@@ -172,7 +185,7 @@ class CAME(FragmentOptimizer):
         plan.zero_sums(1)
         pending = []
         for batch, divisors in zip(plan.batches, clip_divisors):
-            group, fragments, ops = batch.group, batch.fragments, kernels_for(batch.fragments)
+            group, fragments, ops = batch.group, batch.fragments, kernels_for_group(batch.group, batch.fragments)
             args = ([f.grad for f in fragments], batch.exp_avgs, batch.factors, divisors)
             kwargs = dict(beta1=group["betas"][0], eps2=group["eps"][1], res_row_sums=batch.res_row_sums, res_col_sums=batch.res_col_sums)
             kept = None
@@ -201,17 +214,17 @@ _PHASES = 2  # partial-sum phases: (g^2 + eps1) sums, residual sums
 
 
 class _FactorStore:
-    """One replicated state key (``exp_avg_sq_row`` ...) of a segment's fragments in ONE flat fp32
-    buffer, so that an EMA over all of them is one op.
+    """One replicated state key (``exp_avg_sq_row`` ...) of a segment's fragments in ONE flat
+    buffer (in the segment's state dtype), so that an EMA over all of them is one op.
 
     ``owns_state``: the state dict entries become views into the buffer (kept with the step
     plan; ``installed`` checks each step that nobody replaced them). Otherwise the buffer is a
     copy made now, and ``store`` writes it back into the separate state tensors."""
 
-    def __init__(self, fragments: list[Fragment], key: str, shapes: list[tuple[int, ...]], owns_state: bool) -> None:
+    def __init__(self, fragments: list[Fragment], key: str, shapes: list[tuple[int, ...]], owns_state: bool, dtype: torch.dtype) -> None:
         self.key = key
         states = [f.factor_state(key, shape) for f, shape in zip(fragments, shapes)]
-        self.flat = torch.cat(states).to(torch.float32) if states else torch.zeros(0)
+        self.flat = torch.cat(states).to(dtype) if states else torch.zeros(0, dtype=dtype)
         self.views = list(self.flat.split([math.prod(shape) for shape in shapes]))
         self.targets: Optional[list[Tensor]] = None
         #: with ``owns_state``: the state dicts and the views installed in them under ``key``
@@ -246,15 +259,16 @@ class _Segment:
         self.group = group
         self.fragments = sorted(fragments, key=lambda f: f.global_shape[-2])
         self.device = device = self.fragments[0].param.device
+        self.dtype = dtype = self.fragments[0].state_dtype
         shapes = [_factor_shapes(f.global_shape) for f in self.fragments]
         row_sizes = [math.prod(rows) for rows, _ in shapes]
         col_sizes = [math.prod(cols) for _, cols in shapes]
         self.num_rows, self.num_cols = sum(row_sizes), sum(col_sizes)
         # per element, what its sum is divided by for a mean: C for a row sum, R for a column sum
-        self.row_counts = torch.cat([torch.full((n,), float(f.global_shape[-1])) for f, n in zip(self.fragments, row_sizes)]).to(device)
-        self.col_counts = torch.cat([torch.full((n,), float(f.global_shape[-2])) for f, n in zip(self.fragments, col_sizes)]).to(device)
+        self.row_counts = torch.cat([torch.full((n,), float(f.global_shape[-1]), dtype=dtype) for f, n in zip(self.fragments, row_sizes)]).to(device)
+        self.col_counts = torch.cat([torch.full((n,), float(f.global_shape[-2]), dtype=dtype) for f, n in zip(self.fragments, col_sizes)]).to(device)
         self.stores = {
-            key: _FactorStore(self.fragments, key, [shape[axis] for shape in shapes], owns_state)
+            key: _FactorStore(self.fragments, key, [shape[axis] for shape in shapes], owns_state, dtype)
             for key, axis in (("exp_avg_sq_row", 0), ("exp_avg_sq_col", 1), ("exp_avg_res_row", 0), ("exp_avg_res_col", 1))
         }
         # runs of matrices with equal R: (first row, number of rows, R)
@@ -299,9 +313,9 @@ class _Factors:
     read are made once."""
 
     def __init__(self, segment: _Segment, prefix: str, device: torch.device) -> None:
-        self.row = torch.empty(segment.num_rows, dtype=torch.float32, device=device)
-        self.col = torch.empty(segment.num_cols, dtype=torch.float32, device=device)
-        self.means = torch.empty(segment.num_matrices, dtype=torch.float32, device=device)
+        self.row = torch.empty(segment.num_rows, dtype=segment.dtype, device=device)
+        self.col = torch.empty(segment.num_cols, dtype=segment.dtype, device=device)
+        self.means = torch.empty(segment.num_matrices, dtype=segment.dtype, device=device)
         state = segment.stores[f"{prefix}_row"].flat
         self.runs = []  # (row state by matrix, its means, its factor by matrix)
         mean_offset = 0
@@ -352,8 +366,8 @@ class _CameBatch:
                         self.viewed[0].append(fragment.state)
                         self.viewed[1].append(key)
                         self.viewed[2].append(fragment.state[key])
-        device = fragments[0].param.device
-        self.sizes = torch.tensor([f.numel for f in fragments], dtype=torch.float32, device=device)
+        device, dtype = fragments[0].param.device, fragments[0].state_dtype
+        self.sizes = torch.tensor([f.numel for f in fragments], dtype=dtype, device=device)
         self.sqrt_sizes = self.sizes.sqrt()
         # per-tensor values (sums of squares, mask counts) to reduce: one entry per process group
         positions: dict[dist.ProcessGroup, list[int]] = {}
@@ -364,7 +378,7 @@ class _CameBatch:
             (pg, None if len(indices) == len(fragments) else torch.tensor(indices, dtype=torch.long, device=device)) for pg, indices in positions.items()
         ]
         col_total = sum(segment.num_cols for segment in self.segments)
-        self.folded_buffer = torch.zeros(col_total, dtype=torch.float32, device=device)
+        self.folded_buffer = torch.zeros(col_total, dtype=dtype, device=device)
         self.folded: list[Optional[Tensor]] = []
         self.factors: list[CameFactors] = []
         self.confidence: list[CameFactors] = []
@@ -435,23 +449,24 @@ class _CameBatch:
 
 class _CamePlan:
     """CAME's layout of a step: the batches, and per phase ONE zeroed partial-sum buffer per
-    process group that every fragment's row / column sums are views into, reduced in place."""
+    process group (and device and dtype) that every fragment's row / column sums are views
+    into, reduced in place."""
 
     def __init__(self, batches: list[tuple[dict[str, Any], list[Fragment]]], owns_state: bool) -> None:
         self.batches = [_CameBatch(group, fragments, owns_state) for group, fragments in batches]
-        # keyed by (process group, device): a buffer is one tensor
-        sizes: dict[tuple[Optional[dist.ProcessGroup], torch.device], int] = {}
+        # keyed by (process group, device, dtype): a buffer is one tensor
+        sizes: dict[tuple[Optional[dist.ProcessGroup], torch.device, torch.dtype], int] = {}
         for batch in self.batches:
             for segment in batch.segments:
-                key = (segment.group, segment.device)
+                key = (segment.group, segment.device, segment.dtype)
                 sizes[key] = sizes.get(key, 0) + segment.num_rows + segment.num_cols
-        self.sums: list[dict[tuple[Optional[dist.ProcessGroup], torch.device], Tensor]] = [
-            {key: torch.zeros(size, dtype=torch.float32, device=key[1]) for key, size in sizes.items()} for _ in range(_PHASES)
+        self.sums: list[dict[tuple[Optional[dist.ProcessGroup], torch.device, torch.dtype], Tensor]] = [
+            {key: torch.zeros(size, dtype=key[2], device=key[1]) for key, size in sizes.items()} for _ in range(_PHASES)
         ]
         offsets = dict.fromkeys(sizes, 0)
         for batch in self.batches:
             for segment in batch.segments:
-                key = (segment.group, segment.device)
+                key = (segment.group, segment.device, segment.dtype)
                 segment.attach_sums([self.sums[phase][key] for phase in range(_PHASES)], offsets[key])
                 offsets[key] += segment.num_rows + segment.num_cols
             batch.finish()
@@ -461,7 +476,7 @@ class _CamePlan:
             buffer.zero_()
 
     def reduce_sums(self, phase: int, reducer: BatchedReducer) -> None:
-        for (pg, _), buffer in self.sums[phase].items():
+        for (pg, _, _), buffer in self.sums[phase].items():
             reducer.add(pg, buffer)
 
     def still_valid(self) -> bool:

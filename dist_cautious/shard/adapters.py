@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor
 
-from dist_cautious.shard.fragment import Fragment
+from dist_cautious.shard.fragment import Fragment, state_dtype
 
 
 class FragmentSource(Protocol):
@@ -41,7 +41,7 @@ def whole_tensor_fragment(param: Tensor, state: dict[str, Any], name: str = "<pa
         start=0,
         end=param.numel(),
         group=None,
-        new_elementwise_state=lambda: torch.zeros(param.shape, dtype=torch.float32, device=param.device),
+        new_elementwise_state=lambda: torch.zeros(param.shape, dtype=state_dtype(param.dtype), device=param.device),
         local_view=lambda t: t.view(-1),
         name=name,
         writeback=writeback,

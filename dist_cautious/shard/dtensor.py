@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from dist_cautious.shard.fragment import Fragment
+from dist_cautious.shard.fragment import Fragment, state_dtype
 
 
 def is_dtensor(tensor: Tensor) -> bool:
@@ -78,7 +78,7 @@ def dtensor_fragment(param: DTensor, state: dict[str, Any], name: str) -> Fragme
         start=start,
         end=start + local_param.numel(),
         group=group,
-        new_elementwise_state=lambda: torch.zeros_like(param, dtype=torch.float32),
+        new_elementwise_state=lambda: torch.zeros_like(param, dtype=state_dtype(param.dtype)),
         local_view=lambda t: t.to_local().view(-1),
         name=name,
     )

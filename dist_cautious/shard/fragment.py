@@ -24,12 +24,19 @@ from dist_cautious.kernels.layout import FactoredLayout
 ElementwiseStateFactory = Callable[[], Tensor]
 
 
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of optimizer state and math for params of ``param_dtype``, as torch.optim
+    keeps it: float64 for float64 params; fp32 for fp32, bf16 and fp16 params (low-precision
+    params get fp32 state, the mixed-precision practice the kernels implement)."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
 @dataclass
 class Fragment:
     """One process's piece ``[start, end)`` of one original tensor of ``global_shape``.
 
     ``param`` and ``grad`` are flat 1-D views of the local elements (any float dtype; the
-    optimizer computes in fp32 and writes back). ``state`` is the optimizer state of the whole
+    optimizer computes in ``state_dtype(param.dtype)`` and writes back). ``state`` is the optimizer state of the whole
     tensor on this rank: per-element entries hold only the local range, factored entries (CAME
     rows/columns) are full-size and identical on every rank of ``group``. ``group`` is ``None``
     when the whole tensor is local (single process, DDP): then nothing is ever communicated.
@@ -50,6 +57,10 @@ class Fragment:
     #: and the kernel namespace the plan checked its tensors for (``None``: check per call)
     step_slot: Optional[int] = None
     ops: Any = None
+    #: kept on the first fragment of a batch by the optimizers (``base.batch_sizes``,
+    #: ``base.reduce_per_tensor``): per-batch tensors made once for a plan's batches
+    batch_sizes: Any = None
+    reduction_positions: Any = None
     _views: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     @cached_property
@@ -74,8 +85,13 @@ class Fragment:
         if self.writeback is not None:
             self.writeback()
 
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The dtype of this fragment's state and math (``state_dtype``)."""
+        return state_dtype(self.param.dtype)
+
     def elementwise_state(self, key: str) -> Tensor:
-        """Flat fp32 view of the local range of per-element state ``key``, created as zeros."""
+        """Flat view (``state_dtype``) of the local range of per-element state ``key``, created as zeros."""
         full = self.state.get(key)
         if full is None:
             full = self.state[key] = self.new_elementwise_state()
@@ -87,8 +103,9 @@ class Fragment:
         return view
 
     def factor_state(self, key: str, shape: tuple[int, ...]) -> Tensor:
-        """Flat view of full-size replicated fp32 state (CAME row / column factors of ``shape``),
-        created as zeros on the fragment's device; identical on every rank of ``group``."""
+        """Flat view of full-size replicated state (CAME row / column factors of ``shape``,
+        ``state_dtype``), created as zeros on the fragment's device; identical on every rank of
+        ``group``."""
         if key not in self.state:
-            self.state[key] = torch.zeros(shape, dtype=torch.float32, device=self.param.device)
+            self.state[key] = torch.zeros(shape, dtype=self.state_dtype, device=self.param.device)
         return self.state[key].view(-1)

@@ -78,10 +78,10 @@ class PartitionFragment(Fragment):
         assert self.partition is not None
         if key not in self.partition_keys:
             if key not in self.state:
-                self.state[key] = torch.zeros(self.local_numel, dtype=torch.float32, device=self.partition.device)
+                self.state[key] = torch.zeros(self.local_numel, dtype=self.state_dtype, device=self.partition.device)
             return self.state[key].view(-1)
         if key not in self.partition_state:
-            self.partition_state[key] = torch.zeros(self.partition.numel(), dtype=torch.float32, device=self.partition.device)
+            self.partition_state[key] = torch.zeros(self.partition.numel(), dtype=self.state_dtype, device=self.partition.device)
         return self.partition_state[key].view(-1).narrow(0, self.flat_offset, self.local_numel)
 
 

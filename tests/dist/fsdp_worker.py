@@ -2,7 +2,7 @@
 
 Every rank trains on the whole global batch (see ``train``). A case is a dict: ``optimizer``, ``cautious``, ``mesh`` ("fsdp" 1-D, "hsdp" 2-D replicate x
 shard, or "ddp": plain tensors), ``steps``, ``mixed_precision``, ``offload``, ``model`` ("awkward" or "deep": more
-tensors), and optionally ``load_from`` / ``save_to`` (a torch.distributed.checkpoint directory)
+tensors), ``options`` (the optimizer's keyword flags, as (name, value) pairs), ``dtype`` ("float64": params, data and returned weights in float64; default fp32), and optionally ``load_from`` / ``save_to`` (a torch.distributed.checkpoint directory)
 with ``first_step``. Every rank returns, per case, the full weights (``full_tensor``) and how
 many all-reduces each ``optimizer.step()`` issued.
 """
@@ -44,6 +44,7 @@ def make_deep_model(seed: int = 0) -> nn.Module:
 
 def build(case: dict[str, Any], world_size: int) -> nn.Module:
     model = make_model() if case.get("model", "awkward") == "awkward" else make_deep_model()
+    model = model.to(dtype_of(case))
     if world_size == 0:  # single-process reference: plain tensors
         return model
     if case.get("mesh") == "ddp":
@@ -63,6 +64,10 @@ def build(case: dict[str, Any], world_size: int) -> nn.Module:
             fully_shard(child, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def dtype_of(case: dict[str, Any]) -> torch.dtype:
+    return torch.float64 if case.get("dtype") == "float64" else torch.float32
 
 
 def count_all_reduces(optimizer: torch.optim.Optimizer) -> list[int]:
@@ -92,7 +97,7 @@ def count_all_reduces(optimizer: torch.optim.Optimizer) -> list[int]:
 def train(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
     """``world_size == 0`` trains the plain single-process reference on the global batch."""
     model = build(case, world_size)
-    optimizer = make_optimizer(case["optimizer"], case["cautious"], model.parameters())
+    optimizer = make_optimizer(case["optimizer"], case["cautious"], model.parameters(), **dict(case.get("options", ())))
     first = case.get("first_step", 0)
     if "load_from" in case:
         model_state, optim_state = get_state_dict(model, optimizer)
@@ -107,7 +112,7 @@ def train(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
         # single-process one to an ulp, so the comparison isolates the optimizer. With a split
         # batch, cancellation in the per-rank sums makes small gradients differ by up to 1e-3
         # relative, which Adam-style normalisation passes on to the weights.
-        images, targets = batch(step)
+        images, targets = (t.to(dtype_of(case)) for t in batch(step))
         loss_fn(model, images, targets).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -117,7 +122,7 @@ def train(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
     weights = {}
     for name, param in model.named_parameters():
         full = param.full_tensor() if hasattr(param, "full_tensor") else param
-        weights[name.removeprefix("module.")] = full.detach().float().clone()
+        weights[name.removeprefix("module.")] = full.detach().to(dtype_of(case)).clone()
     state_dtypes = {v.dtype for s in optimizer.state.values() for k, v in s.items() if k != "step"}
     return {"weights": weights, "all_reduces": counts, "state_dtypes": state_dtypes}
 
@@ -147,3 +152,44 @@ def refused_placements(rank: int, world_size: int, _: Any) -> list[str]:
             errors.append(str(error))
         assert torch.equal(param.full_tensor(), before), "a refused step changed the param"
     return errors
+
+
+def dispatch_counts(rank: int, world_size: int, layer_counts: list[int]) -> dict[str, list[int]]:
+    """Per optimizer setting, the ops the SECOND ``step()`` dispatches (TorchDispatchMode; the
+    native kernels count as one op each) on FSDP2 models of ``layer_counts`` Linear(8, 8) layers
+    (two tensors each), with the grads of one backward kept across both steps."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dist_cautious import CAME, CautiousAdamW, CautiousLion
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    factories = {
+        "CautiousAdamW": lambda ps: CautiousAdamW(ps, lr=1e-3),
+        "CautiousLion": lambda ps: CautiousLion(ps, lr=1e-4),
+        "CAME": lambda ps: CAME(ps, lr=2e-4),
+        "CAME, cautious=True": lambda ps: CAME(ps, lr=2e-4, cautious=True),
+    }
+    mesh = init_device_mesh("cpu", (world_size,))
+    counts: dict[str, list[int]] = {}
+    for name, factory in factories.items():
+        for layers in layer_counts:
+            torch.manual_seed(0)
+            model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)])
+            for layer in model:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            model(torch.randn(4, 8)).square().sum().backward()
+            optimizer = factory(model.parameters())
+            optimizer.step()
+            with CountOps() as counter:
+                optimizer.step()
+            counts.setdefault(name, []).append(counter.count)
+    return counts

@@ -12,13 +12,14 @@ OPTIMIZERS = ("adamw", "came", "lion")
 CASES = [(name, cautious) for name in OPTIMIZERS for cautious in (True, False)]
 
 
-def make_optimizer(name: str, cautious: bool, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+def make_optimizer(name: str, cautious: bool, params: Iterable[torch.Tensor], **options: bool) -> torch.optim.Optimizer:
     """Learning rates that move every weight visibly in 8 steps without chaotic training (CAME has no
-    bias correction: its first steps are about 10x lr, so it gets a 10x smaller lr)."""
+    bias correction: its first steps are about 10x lr, so it gets a 10x smaller lr). ``options``:
+    the optimizers' keyword flags (cautious_weight_decay, maximize, amsgrad)."""
     if name == "adamw":
-        return CautiousAdamW(params, lr=1e-2, weight_decay=0.1, cautious=cautious)
+        return CautiousAdamW(params, lr=1e-2, weight_decay=0.1, cautious=cautious, **options)
     if name == "came":
-        return CAME(params, lr=1e-3, weight_decay=0.1, cautious=cautious)
+        return CAME(params, lr=1e-3, weight_decay=0.1, cautious=cautious, **options)
     if name == "lion":
-        return CautiousLion(params, lr=1e-3, weight_decay=0.1, cautious=cautious)
+        return CautiousLion(params, lr=1e-3, weight_decay=0.1, cautious=cautious, **options)
     raise ValueError(f"unknown optimizer {name!r}")
