@@ -12,6 +12,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from dist_cautious.shard.fragment import Fragment, state_dtype
 
@@ -31,7 +32,7 @@ def whole_tensor_fragment(param: Tensor, state: dict[str, Any], name: str = "<pa
     is stepped on a contiguous copy that ``writeback`` copies back."""
     flat = _flat_contiguous(param.data)
     writeback: Callable[[], None] | None = None
-    if flat.data_ptr() != param.data.data_ptr() or not param.is_contiguous():
+    if not param.is_contiguous():  # a contiguous param's flat form is a view of it (no data_ptr: fake tensors have none)
         writeback = lambda: param.data.copy_(flat.view(param.shape))  # noqa: E731
     return Fragment(
         param=flat,
@@ -83,10 +84,14 @@ def refuse_fsdp1(param: Tensor, name: str) -> None:
         )
 
 
-def local_storage(tensor: Tensor) -> int:
-    """Address of the local storage behind ``tensor`` (a DTensor's local shard): the step plan
-    rebuilds when it moves (``param.data = ...``, ``model.to(...)``)."""
+def local_storage(tensor: Tensor) -> Any:
+    """Where the local data behind ``tensor`` (a DTensor's local shard) lives: the step plan
+    rebuilds when it moves (``param.data = ...``, ``model.to(...)``). The data address; for a
+    fake tensor (FakeTensorMode: no data, and reading its address is deprecated) the identity of
+    its storage and its offset."""
     local = getattr(tensor, "_local_tensor", tensor)
+    if isinstance(local, FakeTensor):
+        return (local.untyped_storage()._cdata, local.storage_offset())
     return local.data_ptr()
 
 
