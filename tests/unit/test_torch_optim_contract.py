@@ -267,3 +267,23 @@ def test_torch_implementation_switches_asking_for_what_we_do_are_accepted(option
 def test_flags_must_be_booleans(name: str) -> None:
     with pytest.raises(TypeError, match="maximize"):
         FACTORIES[name]([torch.nn.Parameter(torch.randn(3))], maximize="yes")
+
+
+@pytest.mark.parametrize("name,cautious", SETTINGS)
+def test_a_group_mixing_float64_and_fp32_params_steps_each_as_alone(name: str, cautious: bool) -> None:
+    """Each dtype's tensors are batched apart (fp32 math and float64 math): together in one
+    group they step exactly as in two optimizers of their own."""
+    mixed = _params(torch.float32)[:2] + _params(torch.float64)[2:]
+    fp32_alone, float64_alone = _params(torch.float32)[:2], _params(torch.float64)[2:]
+    together = FACTORIES[name](mixed, cautious=cautious)
+    apart = [FACTORIES[name](fp32_alone, cautious=cautious), FACTORIES[name](float64_alone, cautious=cautious)]
+    for step in range(3):
+        _set_grads(mixed, step)
+        for p, q in zip(mixed, fp32_alone + float64_alone):
+            q.grad = p.grad.clone()
+        together.step()
+        for optimizer in apart:
+            optimizer.step()
+    for p, q in zip(mixed, fp32_alone + float64_alone):
+        assert p.dtype == q.dtype and torch.equal(p, q)
+    assert {v.dtype for p in mixed[2:] for k, v in together.state[p].items() if k != "step"} == {torch.float64}
