@@ -17,8 +17,10 @@ So, on engines running our optimizers, the ZeRO wrapper's ``state_dict`` (what
   the converter can cut it like any other partition);
 - ``PER_TENSOR_KEY`` holds the full per-tensor state of every param, by param name: ``step``,
   and for CAME its four factors (factored params) or its ``exp_avg_sq`` (1-D / 0-D params).
-  It is gathered across ranks (a collective, as ``save_checkpoint`` is) and is small: O(rows +
-  cols) per matrix. The converter copies it into ``zero/optimizer_state.pt`` untouched.
+  It is small (O(rows + cols) per matrix) and gathered across ranks when
+  ``engine.save_checkpoint`` starts, which every rank calls; ``state_dict`` itself never
+  communicates (DeepSpeed calls it on rank 0 alone in some set-ups). The converter copies the
+  entry into ``zero/optimizer_state.pt`` untouched.
 
 After DeepSpeed's universal load, ``restore_per_tensor_state`` sets each param's per-tensor
 state from that entry at the new world size, and drops the partition-shaped ``exp_avg_sq``
@@ -77,16 +79,18 @@ def gather_per_tensor_state(engine: Any) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def extend_state_dict(engine: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+def extend_state_dict(state_dict: dict[str, Any], per_tensor: dict[str, dict[str, torch.Tensor]] | None) -> dict[str, Any]:
     """``state_dict`` (a ZeRO wrapper's) with what the universal converter needs; the live
-    optimizer state is not touched (entries are copied, not mutated)."""
+    optimizer state is not touched (entries are copied, not mutated). ``per_tensor`` is what
+    ``gather_per_tensor_state`` returned when the checkpoint save began (``None`` outside one)."""
     base = _base_state(state_dict)
     for index, entry in list(base.items()):
         if "exp_avg" in entry and "exp_avg_sq" not in entry:
             exp_avg = entry["exp_avg"]
             placeholder = torch.zeros(1, dtype=exp_avg.dtype, device=exp_avg.device).expand(exp_avg.numel())
             base[index] = {**entry, "exp_avg_sq": placeholder}
-    state_dict[PER_TENSOR_KEY] = gather_per_tensor_state(engine)
+    if per_tensor is not None:
+        state_dict[PER_TENSOR_KEY] = per_tensor
     return state_dict
 
 
@@ -128,19 +132,29 @@ def restore_per_tensor_state(engine: Any, checkpoint_folder: str) -> None:
 
 
 def enable(engine: Any) -> None:
-    """Hook the engine's ZeRO wrapper: ``state_dict`` extended for the converter,
-    ``_load_universal_checkpoint`` followed by the per-tensor restore, ``load_state_dict``
-    followed by dropping the placeholder. Instance attributes: other engines are untouched."""
+    """Hook the engine and its ZeRO wrapper: ``save_checkpoint`` first gathers the per-tensor
+    state, ``state_dict`` is extended for the converter, ``_load_universal_checkpoint`` is
+    followed by the per-tensor restore and ``load_state_dict`` by dropping the placeholder.
+    Instance attributes: other engines are untouched."""
     wrapper = engine.optimizer
     if getattr(wrapper, "_dist_cautious_universal", False):
         return
     optimizer = engine.basic_optimizer
+    original_save: Callable[..., Any] = engine.save_checkpoint
     original_state_dict: Callable[..., dict[str, Any]] = wrapper.state_dict
     original_load_universal = getattr(wrapper, "_load_universal_checkpoint", None)
     original_load_state_dict = wrapper.load_state_dict
+    gathered: list[dict[str, dict[str, torch.Tensor]] | None] = [None]
+
+    def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        gathered[0] = gather_per_tensor_state(engine)  # a collective: every rank saves
+        try:
+            return original_save(*args, **kwargs)
+        finally:
+            gathered[0] = None
 
     def state_dict(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        return extend_state_dict(engine, original_state_dict(*args, **kwargs))
+        return extend_state_dict(original_state_dict(*args, **kwargs), gathered[0])
 
     def load_universal(checkpoint_folder: str, load_optimizer_states: bool, load_from_fp32_weights: bool) -> Any:
         out = original_load_universal(checkpoint_folder, load_optimizer_states, load_from_fp32_weights)
@@ -153,6 +167,7 @@ def enable(engine: Any) -> None:
         drop_placeholders(optimizer)
         return out
 
+    engine.save_checkpoint = save_checkpoint
     wrapper.state_dict = state_dict
     if original_load_universal is not None:
         wrapper._load_universal_checkpoint = load_universal
