@@ -10,7 +10,9 @@ naming our optimizer) or an ``accelerate`` script with the FSDP2 plugin. Each ra
 the test checks (optimizer classes in use, the optimizer state it holds, full weights) to
 ``<out>/<mode>-rank<r>.pt``.
 
-Usage: ``hf_worker.py MODE OUT_DIR CASES_JSON`` where CASES_JSON is a list of case dicts.
+Usage: ``hf_worker.py MODE OUT_DIR CASES_JSON`` where CASES_JSON is a list of case dicts, or
+``hf_worker.py local OUT_DIR '{"reference": [...], "trainer": [...]}'`` for several
+single-process modes in one process (imports, not steps, are what costs).
 """
 
 from __future__ import annotations
@@ -301,10 +303,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
-    results = {}
-    for case in cases:
-        results[case["id"]] = MODES[mode](case, out_dir)
-    torch.save(results, out_dir / f"{mode}-rank{rank}.pt")
+    for name, mode_cases in (cases.items() if mode == "local" else [(mode, cases)]):
+        results = {case["id"]: MODES[name](case, out_dir) for case in mode_cases}
+        torch.save(results, out_dir / f"{name}-rank{rank}.pt")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -1,9 +1,9 @@
 """Hugging Face ``Trainer`` and ``accelerate`` (FSDP2, with and without ``torch.compile``) run
 our optimizers, launched as a user launches them, and end at the single-process weights.
 
-Three launches plus one reference process (``tests/integrations/hf_worker.py`` has the runs):
-- ``python hf_worker.py trainer``: ``Trainer(optimizer_cls_and_kwargs=(CAME, {...}))`` and the
-  other two optimizers, one process;
+Three launches (``tests/integrations/hf_worker.py`` has the runs):
+- ``python hf_worker.py local``: the single-process reference loops, then
+  ``Trainer(optimizer_cls_and_kwargs=(CAME, {...}))`` and the other two optimizers;
 - ``torchrun --nproc_per_node 2 hf_worker.py trainer``: ``TrainingArguments(deepspeed=config)``
   with the optimizer named in the config (class names and aliases: ``c-came``, ``cadamw``),
   ZeRO-2 and ZeRO-3;
@@ -106,20 +106,24 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def references(out: Path) -> dict[str, Any]:
-    """The single-process plain-loop runs every launch is compared with, plus a control with
-    the cautious mask flipped."""
-    cases = [{**case, "world": 1} for case in SINGLE]
-    cases += [{"id": c["id"], "optimizer": c["optimizer"], "world": 2, "layers": c.get("layers", 2)} for c in DEEPSPEED + FSDP2]
-    cases.append({"id": "control-ds-zero2-c-came-unmasked", "optimizer": "CAME", "world": 2, "cautious": False})
-    launch([sys.executable, str(WORKER), "reference", str(out), json.dumps(cases)], "reference runs")
-    return _load(out, "reference", 1)[0]
+def local_runs(out: Path) -> dict[str, dict[str, Any]]:
+    """One process: the single-process plain-loop runs every launch is compared with (plus a
+    control with the cautious mask flipped), then Trainer with ``optimizer_cls_and_kwargs``."""
+    references = [{**case, "world": 1} for case in SINGLE]
+    references += [{"id": c["id"], "optimizer": c["optimizer"], "world": 2, "layers": c.get("layers", 2)} for c in DEEPSPEED + FSDP2]
+    references.append({"id": "control-ds-zero2-c-came-unmasked", "optimizer": "CAME", "world": 2, "cautious": False})
+    launch([sys.executable, str(WORKER), "local", str(out), json.dumps({"reference": references, "trainer": SINGLE})], "reference runs, Trainer in one process")
+    return {mode: _load(out, mode, 1)[0] for mode in ("reference", "trainer")}
 
 
 @pytest.fixture(scope="module")
-def single(out: Path) -> dict[str, Any]:
-    launch([sys.executable, str(WORKER), "trainer", str(out), json.dumps(SINGLE)], "Trainer, one process")
-    return _load(out, "trainer", 1)[0]
+def references(local_runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return local_runs["reference"]
+
+
+@pytest.fixture(scope="module")
+def single(local_runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return local_runs["trainer"]
 
 
 @pytest.fixture(scope="module")
