@@ -197,14 +197,16 @@ class FragmentOptimizer(Optimizer):
         else:
             work = self._fresh_work()
         if work:
-            restore = _negate_grads_to_maximize(work)
+            maximizing = any(group.get("maximize") for group in self.param_groups)
+            restore = _negate_grads_to_maximize(work) if maximizing else []
             try:
                 self.step_fragments(work)
             finally:
                 for fragment, grad in restore:
                     fragment.grad = grad
-            for _, fragment in work:
-                fragment.commit()
+            if self._plan_in_use is None:  # a step plan holds no fragment stepped on a copy
+                for _, fragment in work:
+                    fragment.commit()
         return loss
 
     def _fresh_work(self) -> Work:
