@@ -48,7 +48,12 @@ def run_on_hosts(
 ) -> list[subprocess.CompletedProcess]:
     """``command`` on every host, the first one first (it holds the store on ``store_port``, if
     given: the others start once it listens). Each host's output (stdout and stderr together);
-    anything still running at the deadline is killed, and the test then fails with its output."""
+    anything still running at the deadline is killed, and the test then fails with its output.
+    The native kernels are built first, here, as the local launchers do: ranks that find no
+    build start compiling at once, on both hosts, inside the job's deadline."""
+    from dist_cautious.kernels import prebuild
+
+    prebuild("cpu")
     processes: list[subprocess.Popen] = []
     try:
         for index, host in enumerate(hosts):

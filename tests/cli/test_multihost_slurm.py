@@ -42,6 +42,9 @@ def test_sbatch_script_two_cpu_nodes_two_ranks_each(tmp_path) -> None:
     for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "RDZV_ENDPOINT", "RDZV_CONF", "LOCAL_ADDR", "NNODES"):
         env.pop(name, None)
     train_args = [*TINY_TRAIN[1:], "--optimizer", "came", "--metrics", str(metrics)]
+    from dist_cautious.kernels import prebuild
+
+    prebuild("cpu")  # not in the job's deadline, nor in every rank at once (see run_on_hosts)
     with netns_hosts.hosts(2, own_names=True) as two_hosts, slurm_cluster.cluster(two_hosts, tmp_path / "slurm") as cluster:
         submitted = cluster.run(
             ["sbatch", "--wait", "--nodes=2", "--output=job-%j.out", str(REPO / "launch" / "slurm.sbatch"), *train_args],
