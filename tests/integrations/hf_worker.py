@@ -33,8 +33,10 @@ SAMPLES = STEPS * GLOBAL_BATCH
 #: the class each config name means, and its params as a user would write them in JSON
 OPTIMIZER_PARAMS: dict[str, dict[str, Any]] = {
     "CautiousAdamW": {"lr": 3e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1},
-    # no betas / eps: Trainer's config check compares them with adam_beta1/2 and adam_epsilon
-    "CAME": {"lr": 3e-3, "weight_decay": 0.1},
+    # no betas / eps: Trainer's config check compares them with adam_beta1/2 and adam_epsilon.
+    # lr 1e-3: at 3e-3 CAME's bias-free first steps grew the FSDP2 run's rounding difference to
+    # 0.58 of the tolerance after 4 steps (9.4e-7); at 1e-3 it is 0.03 (6.9e-8)
+    "CAME": {"lr": 1e-3, "weight_decay": 0.1},
     "CautiousLion": {"lr": 1e-3, "betas": [0.9, 0.99], "weight_decay": 0.1},
 }
 
