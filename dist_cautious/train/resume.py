@@ -99,7 +99,7 @@ def _settings(config: Any) -> dict[str, Any]:
 def check_compatible(job: dict[str, Any], config: Any, path: str) -> None:
     """``ValueError`` naming the first setting in which ``config`` differs from the job that
     wrote the checkpoint (other widths, optimizers, data ... would load wrong or not at all)."""
-    saved = job["settings"]
+    saved = {**asdict(type(config)()), **job["settings"]}  # a setting added since: its default
     if (saved["backend"] == "deepspeed") != (config.backend == "deepspeed"):
         raise ValueError(f"checkpoint {path} was written by backend {saved['backend']}; this job runs {config.backend} (DeepSpeed's format and DCP's do not mix)")
     names = MUST_MATCH + (DEEPSPEED_MUST_MATCH if config.backend == "deepspeed" else ())
@@ -197,8 +197,11 @@ class Checkpointer:
 
             model_state, optim_state = get_state_dict(model, optimizer)
             state = {"model": model_state, "optim": optim_state}
-            with _dcp_quiet():
-                dcp.load(state, checkpoint_id=str(path / DCP_FOLDER))
+            defaulted = _missing_hyperparameters(state, path / DCP_FOLDER)
+            with _dcp_quiet():  # partial only in param-group hyperparameters (checked just above)
+                dcp.load(state, checkpoint_id=str(path / DCP_FOLDER), planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+            if defaulted and _rank() == 0:
+                logger.warning("dist_cautious: checkpoint %s has no %s (written by an older version?): this job's values are kept", path, ", ".join(defaulted))
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if resume.job["world_size"] == _world_size():
             _set_rng_state(torch.load(path / "rng" / f"rank-{_rank():05d}.pt", weights_only=True))
@@ -235,6 +238,23 @@ class Checkpointer:
             if dist.is_initialized():
                 dist.barrier()
             _on_rank0(lambda: shutil.rmtree(work, ignore_errors=True))
+
+
+def _missing_hyperparameters(state: dict[str, Any], folder: Path) -> list[str]:
+    """The param-group entries (``optim.param_groups.<i>.<name>``) this job has and the DCP
+    checkpoint in ``folder`` lacks: a hyperparameter added since it was written. A missing
+    weight or optimizer-state entry raises ``CheckpointError`` naming it: those are never
+    left at their fresh values."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = set(FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+    needed = [f"model.{name}" for name in state["model"]]
+    needed += [f"optim.state.{name}.{key}" for name, entries in state["optim"]["state"].items() for key in entries]
+    missing = [key for key in needed if key not in saved]
+    if missing:
+        raise folders.CheckpointError(f"checkpoint {folder} lacks {len(missing)} entries this job needs: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    groups = [f"optim.param_groups.{index}.{key}" for index, group in enumerate(state["optim"]["param_groups"]) for key in group]
+    return [key for key in groups if key not in saved]
 
 
 @contextmanager

@@ -158,11 +158,11 @@ SINGLE = {**TINY_JOB, "backend": "single", "optimizer": "cautious-adamw"}
 
 
 @pytest.fixture(scope="module")
-def single_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[float], dict[str, Any]]:
-    """The uninterrupted single-process job: its loss curve and final checkpoint."""
+def single_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[float], dict[str, Any], Path]:
+    """The uninterrupted single-process job: its loss curve, final checkpoint and directory."""
     directory = tmp_path_factory.mktemp("single-reference")
     result = train(TrainConfig(**SINGLE, checkpoint_dir=str(directory)))
-    return result.losses, read_dcp(directory / STEP(6))
+    return result.losses, read_dcp(directory / STEP(6)), directory
 
 
 def test_a_checkpoint_without_its_marker_is_never_loaded(single_reference: tuple, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -180,7 +180,7 @@ def test_a_checkpoint_without_its_marker_is_never_loaded(single_reference: tuple
         result = train(config)
     assert result.resumed_from == 2
     assert f"removed {tmp_path / 'ck' / STEP(4)}" in caplog.text and "resumed from step 2 " in caplog.text
-    losses, final = single_reference
+    losses, final, _ = single_reference
     assert result.losses == losses
     assert differences(final, read_dcp(tmp_path / "ck" / STEP(6))) == []
 
@@ -205,7 +205,7 @@ def test_a_damaged_checkpoint_is_named_and_skipped(single_reference: tuple, tmp_
     assert result.resumed_from == 2
     assert any(str(shard) in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records), caplog.text
     assert len(list((tmp_path / "ck").glob(f".rejected-{STEP(4)}-*"))) == 1
-    losses, final = single_reference
+    losses, final, _ = single_reference
     assert result.losses == losses
     assert differences(final, read_dcp(tmp_path / "ck" / STEP(6))) == []
 
@@ -242,3 +242,18 @@ def test_a_nonfinite_loss_writes_no_checkpoint_of_it(tmp_path: Path) -> None:
     assert newest == stopped.value.step - 1
     contents = read_dcp(tmp_path / "ck" / written[-1])
     assert all(bool(torch.isfinite(v).all()) for v in contents.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def test_only_a_new_hyperparameter_may_be_missing(single_reference: tuple) -> None:
+    """Loading DCP: a param-group entry the checkpoint lacks (a hyperparameter added since it was
+    written) keeps this job's value and is reported; a missing weight or optimizer-state entry
+    refuses the checkpoint, naming the entry."""
+    from dist_cautious.train.resume import _missing_hyperparameters
+
+    folder = single_reference[2] / STEP(6) / "dcp"
+    groups = [{"lr": 0.1, "params": ["tokens.weight"], "added_since": True}]
+    state = {"model": {"tokens.weight": None}, "optim": {"state": {"tokens.weight": {"exp_avg": None}}, "param_groups": groups}}
+    assert _missing_hyperparameters(state, folder) == ["optim.param_groups.0.added_since"]
+    state["optim"]["state"]["head.weight"] = {"exp_avg": None, "not_saved": None}
+    with pytest.raises(CheckpointError, match=r"lacks 1 entries this job needs: optim\.state\.head\.weight\.not_saved$"):
+        _missing_hyperparameters(state, folder)
