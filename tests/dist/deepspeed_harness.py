@@ -47,7 +47,7 @@ def ds_config(case: dict[str, Any], world_size: int) -> dict[str, Any]:
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world_size // ga,
         "gradient_accumulation_steps": ga,
-        "optimizer": {"type": case["optimizer"], "params": {**PARAMS[case["optimizer"]], "cautious": case["cautious"]}},
+        "optimizer": {"type": case["optimizer"], "params": {**case.get("params", PARAMS[case["optimizer"]]), "cautious": case["cautious"]}},
         "zero_optimization": {"stage": case["stage"]},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

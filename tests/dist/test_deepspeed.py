@@ -75,6 +75,10 @@ def plan(tmp: Path) -> dict[int, list[dict[str, Any]]]:
             invariance("CAME", True, 3, extra={"zero_optimization": {"stage": 3, "sub_group_size": 8}}, id="CAME-zero3-sub_groups"),
             invariance("CautiousAdamW", True, 3, groups=True, extra={"zero_optimization": {"stage": 3, "sub_group_size": 8}}, id="CautiousAdamW-zero3-sub_groups-param_groups"),
             invariance("CautiousLion", True, 1, groups=True),
+            # elementwise options: cautious weight decay, amsgrad, maximize
+            invariance("CautiousAdamW", True, 2, params={**harness.PARAMS["CautiousAdamW"], "cautious_weight_decay": True, "amsgrad": True}, id="CautiousAdamW-zero2-cwd-amsgrad"),
+            invariance("CAME", True, 3, params={**harness.PARAMS["CAME"], "cautious_weight_decay": True}, id="CAME-zero3-cwd"),
+            invariance("CautiousLion", False, 1, params={**harness.PARAMS["CautiousLion"], "cautious_weight_decay": True, "maximize": True}, id="CautiousLion-zero1-cwd-maximize"),
             invariance("CAME", True, 2, groups=True, offload=True),
         ],
         2: [

@@ -21,20 +21,45 @@ from tests.dist.optimizer_cases import CASES
 STEPS = 8
 RTOL, ATOL = 1e-4, 1e-6
 WORLD_SIZES = (1, 2, 3, 4)
+#: float64 runs: long enough for rounding to compound (50 steps), compared at rtol 1e-10: the
+#: sharded gradient's different averaging order costs a few float64 ulps (~1e-16 relative),
+#: which the fp32 runs show the optimizers amplify by at most ~1e3 over their steps; a
+#: statistic taken over a shard instead of the whole tensor is wrong by far more (>1e-3)
+FLOAT64_STEPS = 50
+FLOAT64_RTOL, FLOAT64_ATOL = 1e-10, 1e-12
 
 
 def plain_cases(**extra: Any) -> list[dict[str, Any]]:
     return [dict(optimizer=name, cautious=cautious, steps=STEPS, **extra) for name, cautious in CASES]
 
 
+def float64_cases(**extra: Any) -> list[dict[str, Any]]:
+    return [dict(optimizer=name, cautious=cautious, steps=FLOAT64_STEPS, dtype="float64", **extra) for name, cautious in CASES]
+
+
+def option_cases() -> list[dict[str, Any]]:
+    """The elementwise options, each exact under sharding without communication of its own."""
+    cwd, maximize, amsgrad = ("cautious_weight_decay", True), ("maximize", True), ("amsgrad", True)
+    return [
+        dict(optimizer="adamw", cautious=True, steps=STEPS, options=(cwd, amsgrad)),
+        dict(optimizer="came", cautious=True, steps=STEPS, options=(cwd, maximize)),
+        dict(optimizer="lion", cautious=False, steps=STEPS, options=(cwd,)),
+    ]
+
+
 def cases_for(world_size: int) -> list[dict[str, Any]]:
     cases = plain_cases()
     if world_size in (2, 4):
         cases += plain_cases(mesh="hsdp")
+    if world_size == 3:
+        cases += float64_cases()
+    if world_size == 4:
+        cases += float64_cases(mesh="hsdp")
     if world_size == 2:
         cases += plain_cases(model="deep") + plain_cases(mesh="ddp")
         cases += [dict(optimizer="adamw", cautious=True, steps=STEPS, offload=True), dict(optimizer="came", cautious=True, steps=STEPS, offload=True)]
         cases += [dict(optimizer=name, cautious=True, steps=STEPS, mixed_precision=True) for name in ("adamw", "came", "lion")]
+        cases += option_cases()
     return cases
 
 
@@ -46,12 +71,17 @@ def launched(world_size: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
 
 
 @functools.lru_cache(maxsize=None)
-def single_process(optimizer: str, cautious: bool, model: str = "awkward", steps: int = STEPS) -> dict[str, torch.Tensor]:
-    return train(dict(optimizer=optimizer, cautious=cautious, steps=steps, model=model), rank=0, world_size=0)["weights"]
+def single_process(
+    optimizer: str, cautious: bool, model: str = "awkward", steps: int = STEPS, dtype: str = "float32", options: tuple = ()
+) -> dict[str, torch.Tensor]:
+    case = dict(optimizer=optimizer, cautious=cautious, steps=steps, model=model, dtype=dtype, options=options)
+    return train(case, rank=0, world_size=0)["weights"]
 
 
 def reference_for(case: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return single_process(case["optimizer"], case["cautious"], case.get("model", "awkward"))
+    return single_process(
+        case["optimizer"], case["cautious"], case.get("model", "awkward"), case["steps"], case.get("dtype", "float32"), case.get("options", ())
+    )
 
 
 def assert_same_weights(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], label: str, rtol: float = RTOL, atol: float = ATOL) -> None:
@@ -65,7 +95,7 @@ def test_fsdp_and_hsdp_match_single_process(world_size: int) -> None:
     initial = train(dict(optimizer="adamw", cautious=True, steps=0), rank=0, world_size=0)["weights"]
     checked = 0
     for case, result in launched(world_size):
-        if case.get("mixed_precision"):
+        if case.get("mixed_precision") or case.get("dtype") == "float64":
             continue
         reference = reference_for(case)
         assert_same_weights(result["weights"], reference, f"world {world_size} {case}")
@@ -126,3 +156,24 @@ def test_cpu_offload_policy_is_exact() -> None:
     assert len(offloaded) == 2
     for case, result in offloaded:
         assert_same_weights(result["weights"], reference_for(case), f"offload {case}")
+
+
+def worst_relative_difference(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """max |ours - reference| / max(|reference|, FLOAT64_ATOL / FLOAT64_RTOL) over every weight."""
+    floor = FLOAT64_ATOL / FLOAT64_RTOL
+    return max(((ours[n] - reference[n]).abs() / reference[n].abs().clamp(min=floor)).max().item() for n in reference)
+
+
+@pytest.mark.parametrize("world_size,mesh", [(3, "fsdp"), (4, "hsdp")])
+def test_float64_keeps_float64_state_and_matches_single_process_to_float64_rounding(world_size: int, mesh: str) -> None:
+    """float64 params get float64 state and math (as torch.optim), so the sharded run equals the
+    single-process run to float64 rounding over 50 steps, CAME's factored statistics included."""
+    runs = [(case, result) for case, result in launched(world_size) if case.get("dtype") == "float64"]
+    assert len(runs) == len(CASES) and all(case.get("mesh", "fsdp") == mesh for case, _ in runs)
+    initial = train(dict(optimizer="adamw", cautious=True, steps=0, dtype="float64"), rank=0, world_size=0)["weights"]
+    for case, result in runs:
+        assert result["state_dtypes"] == {torch.float64}, case
+        reference = reference_for(case)
+        assert reference["wide.weight"].dtype == torch.float64
+        assert not torch.equal(reference["wide.weight"], initial["wide.weight"]), "the reference did not train"
+        assert_same_weights(result["weights"], reference, f"float64 world {world_size} {case}", rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
