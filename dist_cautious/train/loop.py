@@ -107,7 +107,6 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)  # what the memory lines need said (ZeRO-3 persistence)
     resumed_from: Optional[int] = None  # the checkpoint's step, when the job resumed
 
-
     def summary(self) -> str:
         lines = [
             f"{self.optimizer} / {self.backend} / {self.world_size} rank(s): {self.steps} steps"
@@ -161,8 +160,8 @@ class NonFiniteLoss(RuntimeError):
 
 class NonFiniteState(NonFiniteLoss):
     """A weight or optimizer-state tensor is nan/inf when a checkpoint is due (a non-finite
-    gradient can poison the state while the cautious mask keeps the loss finite): the job stops
-    at that step and writes no checkpoint."""
+    gradient poisons the update of a step whose loss, computed before it, was finite): the job
+    stops at that step and writes no checkpoint."""
 
     def __init__(self, step: int, what: str, peak_lr: float) -> None:
         super().__init__(step, float("nan"), peak_lr)
