@@ -84,9 +84,13 @@ def test_low_precision_params_step_in_fp32(name: str, dtype: torch.dtype) -> Non
                 assert value.dtype == torch.float32, key
 
 
+ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_state_dict_resume_is_identical(name: str) -> None:
-    straight = make_params()
+def test_state_dict_resume_is_identical(name: str, dtype: torch.dtype) -> None:
+    straight = make_params(dtype)
     resumed = [torch.nn.Parameter(p.detach().clone()) for p in straight]
     opt_straight = OPTIMIZERS[name](straight)
     opt_first = OPTIMIZERS[name](resumed)
@@ -107,10 +111,11 @@ def test_state_dict_resume_is_identical(name: str) -> None:
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_scheduler_lr_is_read_every_step(name: str) -> None:
+def test_scheduler_lr_is_read_every_step(name: str, dtype: torch.dtype) -> None:
     """A scheduler that sets lr to 0 on the second step stops all motion but weight decay's (0 too)."""
-    params = make_params()
+    params = make_params(dtype)
     optimizer = OPTIMIZERS[name](params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step == 0 else 0.0)
     set_grads(params, 0)
@@ -124,9 +129,10 @@ def test_scheduler_lr_is_read_every_step(name: str) -> None:
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_closure_zero_grad_and_params_without_grad(name: str) -> None:
-    params = make_params()
+def test_closure_zero_grad_and_params_without_grad(name: str, dtype: torch.dtype) -> None:
+    params = make_params(dtype)
     untouched = params[1].detach().clone()
     optimizer = OPTIMIZERS[name](params)
 
