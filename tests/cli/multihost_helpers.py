@@ -32,6 +32,12 @@ def require_namespaces() -> None:
         pytest.skip(reason)
 
 
+def resolved_hostname(host: netns_hosts.Host) -> str:
+    """What ``host``'s own hostname resolves to there (the tests' premise: loopback)."""
+    probe = "import socket; print(socket.gethostbyname(socket.gethostname()))"
+    return subprocess.run(host.command([sys.executable, "-c", probe]), capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+
 def wait_until_reachable(client: netns_hosts.Host, address: str, port: int, process: subprocess.Popen, timeout_s: float = 90.0) -> None:
     """Until ``address:port`` accepts a TCP connection from ``client`` (or ``process`` exits):
     an agent started before the rendezvous store listens backs off for long."""

@@ -25,7 +25,7 @@ import pytest
 
 import netns_hosts
 from cli_helpers import REPO, TINY_TRAIN, free_port, launch_env
-from multihost_helpers import check_curve, require_namespaces, run_on_hosts, write_rsh_agent
+from multihost_helpers import check_curve, require_namespaces, resolved_hostname, run_on_hosts, write_rsh_agent
 from test_cli_launchers import _interpreter_mpirun, _missing
 
 TIMEOUT_S = 150
@@ -51,6 +51,7 @@ def _torchrun_script_on_two_hosts(tmp_path, optimizer: str, backend_args: list[s
     metrics = tmp_path / "metrics.json"
     port = free_port()
     with netns_hosts.hosts(2) as two_hosts:
+        assert [resolved_hostname(host) for host in two_hosts] == ["127.0.0.1"] * 2  # the case
         env = dict(launch_env(), NNODES="2", NPROC=str(NPROC), RDZV_ENDPOINT=f"{two_hosts[0].address}:{port}", PYTHON=sys.executable)
         for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "RDZV_CONF", "LOCAL_ADDR", "NODE_RANK"):
             env.pop(name, None)
@@ -101,6 +102,7 @@ def test_mpirun_script_two_hosts_two_ranks_each(tmp_path) -> None:
         _missing("mpi4py is not installed")
     metrics = tmp_path / "metrics.json"
     with netns_hosts.hosts(2, own_names=True) as two_hosts:
+        assert [resolved_hostname(host) for host in two_hosts] == ["127.0.1.1"] * 2  # Debian's default
         agent = write_rsh_agent(tmp_path / "rsh_agent.sh", two_hosts)
         hostfile = tmp_path / "hostfile"
         hostfile.write_text("".join(f"{host.address} slots={NPROC}\n" for host in two_hosts))

@@ -20,7 +20,7 @@ import pytest
 import netns_hosts
 import slurm_cluster
 from cli_helpers import REPO, TINY_TRAIN, launch_env
-from multihost_helpers import check_curve, require_namespaces
+from multihost_helpers import check_curve, require_namespaces, resolved_hostname
 
 TIMEOUT_S = 150
 NPROC = 2
@@ -46,6 +46,7 @@ def test_sbatch_script_two_cpu_nodes_two_ranks_each(tmp_path) -> None:
 
     prebuild("cpu")  # not in the job's deadline, nor in every rank at once (see run_on_hosts)
     with netns_hosts.hosts(2, own_names=True) as two_hosts, slurm_cluster.cluster(two_hosts, tmp_path / "slurm") as cluster:
+        assert [resolved_hostname(host) for host in two_hosts] == ["127.0.1.1"] * 2  # each node's name is loopback on itself
         submitted = cluster.run(
             ["sbatch", "--wait", "--nodes=2", "--output=job-%j.out", str(REPO / "launch" / "slurm.sbatch"), *train_args],
             env, TIMEOUT_S, cwd=tmp_path,
