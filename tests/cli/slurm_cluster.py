@@ -75,9 +75,17 @@ class Cluster:
         return "\n".join(parts)
 
 
-#: slurmd 22.05 loads a cgroup plugin even with proctrack/linuxproc and task/none, and a network
-#: namespace's fresh /sys has no cgroup mounts: point it at the machine's (pid 1's view)
-CGROUP_CONF = "CgroupPlugin=cgroup/v1\nCgroupMountpoint=/proc/1/root/sys/fs/cgroup\nCgroupAutomount=no\n"
+#: the machine's cgroup mounts as pid 1 sees them (a namespace's fresh /sys has none)
+_CGROUP_ROOT = Path("/proc/1/root/sys/fs/cgroup")
+
+
+def cgroup_conf() -> str:
+    """slurmd 22.05 loads a cgroup plugin even with proctrack/linuxproc and task/none (23.02
+    added ``CgroupPlugin=disabled``): point it at the machine's cgroups. Exercised here with
+    cgroup v1 (this machine's); a v2-only machine gets cgroup/v2 without systemd (untested)."""
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():  # this process sees the machine's /sys
+        return f"CgroupPlugin=cgroup/v2\nIgnoreSystemd=yes\nCgroupMountpoint={_CGROUP_ROOT}\n"
+    return f"CgroupPlugin=cgroup/v1\nCgroupMountpoint={_CGROUP_ROOT}\nCgroupAutomount=no\n"
 
 
 def _slurm_conf(workdir: Path, hosts: list[netns_hosts.Host], munge_socket: Path) -> str:
@@ -140,7 +148,7 @@ def cluster(hosts: list[netns_hosts.Host], workdir: Path, ready_timeout_s: float
     socket_path = workdir / "munge" / "munge.socket"
     conf = workdir / "slurm.conf"
     conf.write_text(_slurm_conf(workdir, hosts, socket_path))
-    (workdir / "cgroup.conf").write_text(CGROUP_CONF)
+    (workdir / "cgroup.conf").write_text(cgroup_conf())
     for host in hosts:
         (workdir / f"spool-{host.hostname}").mkdir(exist_ok=True)
     made = Cluster(conf, workdir / "logs", hosts[0])
