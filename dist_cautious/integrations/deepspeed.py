@@ -440,7 +440,9 @@ def _managed_params(engine: Any) -> Iterator[tuple[str, Tensor]]:
 def _state_keys(optimizer: FragmentOptimizer, flat: Tensor, piece: Piece) -> list[str]:
     """Keys one param has, from shapes and the optimizer type alone (same on every rank)."""
     if isinstance(optimizer, CautiousAdamW):
-        return ["exp_avg", "exp_avg_sq", "step"]
+        # amsgrad's running maximum: per element, kept per tensor (not partition-shaped) under ZeRO
+        amsgrad = any(group.get("amsgrad") for group in optimizer.param_groups)
+        return ["exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] if amsgrad else []), "step"]
     if isinstance(optimizer, CautiousLion):
         return ["exp_avg", "step"]
     if len(piece.global_shape) >= 2:

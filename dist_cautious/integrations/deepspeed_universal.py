@@ -16,7 +16,8 @@ So, on engines running our optimizers, the ZeRO wrapper's ``state_dict`` (what
   one-element tensor expanded to the partition's length (``torch.save`` stores one element,
   the converter can cut it like any other partition);
 - ``PER_TENSOR_KEY`` holds the full per-tensor state of every param, by param name: ``step``,
-  and for CAME its four factors (factored params) or its ``exp_avg_sq`` (1-D / 0-D params).
+  for CAME its four factors (factored params) or its ``exp_avg_sq`` (1-D / 0-D params), for
+  CautiousAdamW with ``amsgrad`` its ``max_exp_avg_sq`` (per element, so as large as the param).
   It is small (O(rows + cols) per matrix) and gathered across ranks when
   ``engine.save_checkpoint`` starts, which every rank calls; ``state_dict`` itself never
   communicates (DeepSpeed calls it on rank 0 alone in some set-ups). The converter copies the
@@ -53,12 +54,17 @@ def _base_state(state_dict: dict[str, Any]) -> dict[Any, dict[str, Any]]:
 
 
 def per_tensor_keys(optimizer: Any, shape: torch.Size) -> list[str]:
-    """The state keys of one param that the converter does not carry."""
+    """The state keys of one param that the converter does not carry: everything but the
+    partition-shaped ``exp_avg`` / ``exp_avg_sq`` (CAME's factors or 1-D second moments,
+    CautiousAdamW's ``max_exp_avg_sq`` with ``amsgrad``, which ZeRO keeps per tensor, and
+    ``step``)."""
     from dist_cautious.integrations.deepspeed import FACTOR_KEYS
-    from dist_cautious.optim import CAME
+    from dist_cautious.optim import CAME, CautiousAdamW
 
     if isinstance(optimizer, CAME):
         return [*FACTOR_KEYS, "step"] if len(shape) >= 2 else ["exp_avg_sq", "step"]
+    if isinstance(optimizer, CautiousAdamW) and any(group.get("amsgrad") for group in optimizer.param_groups):
+        return ["max_exp_avg_sq", "step"]
     return ["step"]
 
 
@@ -115,12 +121,12 @@ def restore_per_tensor_state(engine: Any, checkpoint_folder: str) -> None:
     if saved is None:
         from dist_cautious.optim import CautiousAdamW
 
-        if isinstance(optimizer, CautiousAdamW):
+        if isinstance(optimizer, CautiousAdamW) and not any(group.get("amsgrad") for group in optimizer.param_groups):
             drop_placeholders(optimizer)
             return  # written without the integration: exp_avg / exp_avg_sq / step are all AdamW has
         raise ValueError(
             f"dist_cautious: {path} has no {PER_TENSOR_KEY!r}: the checkpoint was saved without dist_cautious's DeepSpeed "
-            f"integration, so {type(optimizer).__name__}'s per-tensor state (step, CAME's factors) is not in it"
+            f"integration, so {type(optimizer).__name__}'s per-tensor state (step, CAME's factors, amsgrad's maximum) is not in it"
         )
     missing = sorted(set(managed) - set(saved))
     if missing:
