@@ -133,10 +133,10 @@ def first_failure(output: str) -> str:
             text = line.split(" ", 1)[1]
             if "kernel self-check failed" in output and "self-check" not in text:
                 text += " [native kernel self-check failed at load]"
-            if text.rstrip().endswith("raised:"):  # a rank's exception: name it
+            if "raised:" in text:  # a rank's exception: name it instead of the harness's words
                 raised = re.search(r"^E\s+(\w+(?:Error|Exception): .*)$", output, flags=re.M)
                 if raised:
-                    text += " " + raised.group(1)
+                    text = f"{text.split(' - ', 1)[0]} - a rank raised {raised.group(1)}"
             return text
     return ""
 
@@ -342,7 +342,7 @@ def main() -> int:
                 "kernels": fault.run.mode,
                 "tests run": fault.run.label or ", ".join(fault.run.tests),
                 "result": result,
-                "first failure": re.sub(r"\s+", " ", failure)[:160],
+                "first failure": re.sub(r"\s+", " ", failure)[:220],
                 "s": f"{seconds:.0f}",
             }
         )
