@@ -107,7 +107,7 @@ def check_compatible(job: dict[str, Any], config: Any, path: str) -> None:
         if saved[name] != getattr(config, name):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"checkpoint {path} was written with {flag} {saved[name]!r}; this job has {getattr(config, name)!r} (use another --checkpoint-dir, or the same settings)")
-    if saved["steps"] != config.steps:
+    if saved["steps"] != config.steps and _rank() == 0:
         logger.warning("dist_cautious: checkpoint %s was written by a job of --steps %d; this one runs to %d, so its learning-rate schedule differs from there on", path, saved["steps"], config.steps)
 
 
