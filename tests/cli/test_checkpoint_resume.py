@@ -15,11 +15,8 @@ ranks) in a module fixture, and the torchrun test compares with a job of the 2-r
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
