@@ -168,10 +168,13 @@ def _predicted_kernel_status(state: Any, device: str, mode: str) -> str:
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from dist_cautious.train.backend import BACKENDS
     from dist_cautious.train.loop import TrainConfig
-    from dist_cautious.train.optimizers import OPTIMIZERS
+    from dist_cautious.train.optimizers import OPTIMIZERS, canonical_name
 
     d = TrainConfig()
-    parser.add_argument("--optimizer", default=d.optimizer, choices=list(OPTIMIZERS), help="optimizer (default: %(default)s; adamw is the baseline)")
+    parser.add_argument(
+        "--optimizer", default=d.optimizer, type=_argument_type(canonical_name), choices=list(OPTIMIZERS),
+        help="optimizer (default: %(default)s; adamw is the baseline; any case, timm's cadamw / clion accepted)",
+    )  # fmt: skip
     parser.add_argument("--backend", default=d.backend, choices=list(BACKENDS), help="single process, DDP, FSDP2 (sharded optimizer state) or DeepSpeed ZeRO (default: %(default)s)")
     parser.add_argument("--nproc", type=_positive_int, default=None, help="local ranks to spawn when no launcher started this command (default: 2 CPU ranks, or one per GPU; 1 for single)")
     parser.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
@@ -182,6 +185,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=_positive_int, default=d.heads, help="attention heads (default: %(default)s)")
     parser.add_argument("--lr", type=_nonnegative_float, default=None, help="peak learning rate (default: per optimizer, see docs/cli.md)")
     parser.add_argument("--weight-decay", type=_nonnegative_float, default=None, help="decoupled weight decay (default: per optimizer)")
+    parser.add_argument("--cautious-weight-decay", action="store_true", help="decay only where update and weight agree in sign (CWD, arXiv 2510.12402)")
     parser.add_argument("--warmup", type=_nonnegative_int, default=d.warmup, help="linear warm-up steps before cosine decay (default: %(default)s)")
     parser.add_argument("--corpus-bytes", type=_positive_int, default=d.corpus_bytes, help="bytes of standard-library source to train on (default: %(default)s)")
     parser.add_argument("--seed", type=_nonnegative_int, default=d.seed, help="weights and data seed (default: %(default)s)")
@@ -197,6 +201,18 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-checkpoints", type=_positive_int, default=None, metavar="K", help=f"complete checkpoints to keep; older ones are deleted once a newer one is complete (default: {d.keep_checkpoints})")
 
 
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse ``type``: its ``ValueError`` message becomes argparse's (one line)."""
+
+    def checked(value: str) -> Any:
+        try:
+            return parse(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return checked
+
+
 def _train_config(args: argparse.Namespace) -> Any:
     from dist_cautious.train.loop import TrainConfig
 
@@ -206,7 +222,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     return TrainConfig(**checkpoints,
         optimizer=args.optimizer, backend=args.backend, steps=args.steps, global_batch=args.global_batch,
         context=args.context, width=args.width, layers=args.layers, heads=args.heads, lr=args.lr,
-        weight_decay=args.weight_decay, warmup=min(args.warmup, args.steps), corpus_bytes=args.corpus_bytes,
+        weight_decay=args.weight_decay, cautious_weight_decay=args.cautious_weight_decay,
+        warmup=min(args.warmup, args.steps), corpus_bytes=args.corpus_bytes,
         seed=args.seed, device=args.device, precision=args.precision, zero_stage=args.zero_stage, offload=args.offload, zero3_persistence_threshold=args.zero3_persistence_threshold, progress=not args.quiet, metrics_path=args.metrics,
     )
 
@@ -236,22 +253,33 @@ def train_rank(config: Any) -> int:
     Returns the exit status: 0, or ``TRAINING_FAILED`` when the loss turned nan/inf (every rank
     stops at the same step; rank 0 names it on stderr)."""
     from dist_cautious.train import backend
+    from dist_cautious.train.checkpoint import CheckpointError
     from dist_cautious.train.loop import NonFiniteLoss, train
 
-    is_main = int(os.environ.get("RANK", 0)) == 0
     with job_warning_filters():
         try:
             result = train(config)
         except NonFiniteLoss as error:
-            if is_main:
+            if _is_rank_zero():
                 sys.stderr.write(f"dist-cautious train: error: {error} (peak learning rate {error.peak_lr:g}: lower --lr?)\n")
                 sys.stderr.flush()
             backend.shutdown()
             return TRAINING_FAILED
-        if is_main:
+        except CheckpointError as error:  # raised on every rank: one line, not a traceback per rank
+            if _is_rank_zero():
+                sys.stderr.write(f"dist-cautious train: error: {error}\n")
+                sys.stderr.flush()
+            backend.shutdown()
+            return TRAINING_FAILED
+        if _is_rank_zero():
             print(result.summary(), flush=True)
         backend.shutdown()
     return 0
+
+
+def _is_rank_zero() -> bool:
+    """Read after ``train`` started: under mpirun it is ``train`` that sets ``RANK`` (from MPI)."""
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def spawned_train_rank(config: Any, failed: Any) -> None:

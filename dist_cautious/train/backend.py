@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
@@ -27,7 +26,7 @@ from torch import nn
 
 from dist_cautious.integrations.deepspeed_shm import release_cpu_allreduce_buffer
 from dist_cautious.local_ranks import free_port
-from dist_cautious.netif import choose_socket_interface
+from dist_cautious.netif import choose_socket_interface, host_networks, master_address
 
 logger = logging.getLogger("dist_cautious")
 
@@ -58,8 +57,10 @@ def external_launcher() -> Optional[str]:
 def export_mpi_environment() -> None:
     """Set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT from MPI.
 
-    Rank 0 picks the address (loopback when every rank shares its host, else its host's
-    address; an existing ``MASTER_ADDR`` / ``MASTER_PORT`` wins) and broadcasts it.
+    Rank 0 picks the address and broadcasts it: loopback when every rank shares its host, else
+    its address on the network the other hosts share (``netif.master_address``, from every
+    host's networks: not its hostname's address, which may be loopback); an existing
+    ``MASTER_ADDR`` / ``MASTER_PORT`` wins.
     """
     try:
         from mpi4py import MPI
@@ -67,10 +68,13 @@ def export_mpi_environment() -> None:
         raise RuntimeError("launched by mpirun but mpi4py is not installed (pip install mpi4py)") from error
     comm = MPI.COMM_WORLD
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    single_host = local.Get_size() == comm.Get_size()  # the same answer on every rank
+    networks = comm.gather(None if single_host else host_networks(), root=0)
     rendezvous = None
     if comm.Get_rank() == 0:
-        single_host = local.Get_size() == comm.Get_size()
-        address = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if single_host else socket.gethostbyname(socket.gethostname()))
+        address = os.environ.get("MASTER_ADDR") or (
+            "127.0.0.1" if single_host else master_address(networks, interface=os.environ.get("GLOO_SOCKET_IFNAME"))
+        )
         rendezvous = (address, os.environ.get("MASTER_PORT") or str(free_port()))
     address, port = comm.bcast(rendezvous, root=0)
     os.environ.update(

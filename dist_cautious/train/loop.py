@@ -43,6 +43,7 @@ class TrainConfig:
     heads: int = 4
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
+    cautious_weight_decay: bool = False
     warmup: int = 20
     corpus_bytes: int = 2_000_000
     eval_batches: int = 4
@@ -197,7 +198,7 @@ def train(config: TrainConfig, runtime: Optional[backends.Runtime] = None) -> Tr
         engine = _deepspeed_engine(model, config, runtime, base_lr, load_universal=bool(resume and resume.universal))
         optimizer = engine.optimizer
     else:
-        optimizer = make_optimizer(config.optimizer, model.parameters(), base_lr, config.weight_decay)
+        optimizer = make_optimizer(config.optimizer, model.parameters(), base_lr, config.weight_decay, **_optimizer_options(config))
     loss_of = (lambda x, y: engine.module.loss(x, y)) if engine else (lambda x, y: _loss(model, x, y))
 
     result = TrainResult(config.optimizer, config.backend, runtime.world_size, config.steps, parameters=parameters)
@@ -314,7 +315,10 @@ def deepspeed_config(config: TrainConfig, world_size: int, base_lr: float, load_
         "gradient_accumulation_steps": 1,
         "optimizer": {
             "type": spec.factory.__name__,
-            "params": {"lr": base_lr, "weight_decay": spec.weight_decay if config.weight_decay is None else config.weight_decay, **spec.kwargs},
+            "params": {
+                "lr": base_lr, "weight_decay": spec.weight_decay if config.weight_decay is None else config.weight_decay,
+                **spec.kwargs, **_optimizer_options(config),
+            },  # fmt: skip
         },
         "zero_optimization": zero,
         "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0; the other backends do not clip
@@ -350,3 +354,9 @@ def _zero3_persistence_notes(engine: Any, config: TrainConfig) -> list[str]:
         f"whole on every rank: those of at most stage3_param_persistence_threshold = {config.zero3_persistence_threshold:,} elements "
         "(--zero3-persistence-threshold); the rest are partitioned"
     ]
+
+
+def _optimizer_options(config: TrainConfig) -> dict[str, bool]:
+    """The optimizer keyword flags the job sets (only those asked for: a DeepSpeed config then
+    reads as before)."""
+    return {"cautious_weight_decay": True} if config.cautious_weight_decay else {}

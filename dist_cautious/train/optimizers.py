@@ -76,13 +76,16 @@ def create_optimizer(name: str, params: Iterable[Any] | torch.nn.Module, **kwarg
     return entry.cls(params, **{**entry.implied, **kwargs})
 
 
-def make_optimizer(name: str, params: Iterable[torch.Tensor], lr: float | None = None, weight_decay: float | None = None) -> Optimizer:
+def make_optimizer(
+    name: str, params: Iterable[torch.Tensor], lr: float | None = None, weight_decay: float | None = None, **options: Any
+) -> Optimizer:
     """The named optimizer over ``params`` with the demo's defaults; ``lr`` / ``weight_decay``
-    override them."""
+    override them; ``options`` are the class's keyword flags (``cautious_weight_decay`` ...)."""
     spec = optimizer_spec(name)
     return spec.factory(
         params,
         lr=spec.lr if lr is None else lr,
         weight_decay=spec.weight_decay if weight_decay is None else weight_decay,
         **spec.kwargs,
+        **options,
     )

@@ -45,7 +45,10 @@ JOB_FILE = "job.json"
 DCP_FOLDER = "dcp"
 DEEPSPEED_TAG = "deepspeed"
 #: settings a resumed job must share with its checkpoint: they fix the model, the data or the math
-MUST_MATCH = ("optimizer", "global_batch", "context", "width", "layers", "heads", "lr", "weight_decay", "warmup", "corpus_bytes", "seed", "precision")
+MUST_MATCH = (
+    "optimizer", "global_batch", "context", "width", "layers", "heads", "lr", "weight_decay", "cautious_weight_decay", "warmup",
+    "corpus_bytes", "seed", "precision",
+)  # fmt: skip
 DEEPSPEED_MUST_MATCH = ("zero_stage", "offload", "zero3_persistence_threshold")
 
 

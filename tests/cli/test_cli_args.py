@@ -29,7 +29,7 @@ BAD = [
     (["fly"], "invalid choice"),
     (["train", "--steps", "0"], "positive integer"),
     (["train", "--steps", "x"], "positive integer"),
-    (["train", "--optimizer", "sgd"], "invalid choice"),
+    (["train", "--optimizer", "sgd"], "unknown optimizer 'sgd'; accepted names"),
     (["train", "--lr", "-1"], ">= 0"),
     (["train", "--lr", "nan"], ">= 0"),
     (["train", "--width", "30", "--heads", "4"], "divisible by heads"),
@@ -116,3 +116,29 @@ def test_bench_missing_module_is_one_line(monkeypatch: pytest.MonkeyPatch, capsy
     assert main(["bench", "gpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not in this build" in err[0]
+
+
+def test_train_takes_timm_names_and_cautious_weight_decay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--optimizer CADAMW`` is cautious-adamw; ``--cautious-weight-decay`` reaches the optimizer's
+    groups (the plain-torch backends) and the DeepSpeed config's params."""
+    from dist_cautious import cli
+    from dist_cautious.train import loop
+
+    seen: dict = {}
+    parser_args = ["train", "--optimizer", "CADAMW", "--cautious-weight-decay", "--backend", "single", "--steps", "1"]
+    config = cli._train_config(cli.build_parser().parse_args(parser_args))
+    assert config.optimizer == "cautious-adamw" and config.cautious_weight_decay
+    real = loop.make_optimizer
+
+    def recording(*args, **kwargs):
+        seen["optimizer"] = real(*args, **kwargs)
+        return seen["optimizer"]
+
+    monkeypatch.setattr(loop, "make_optimizer", recording)
+    small = dict(global_batch=2, context=8, width=16, layers=1, heads=2, corpus_bytes=8192, eval_batches=1, progress=False)
+    loop.train(loop.TrainConfig(**{**config.__dict__, **small}))
+    groups = seen["optimizer"].param_groups
+    assert all(group["cautious_weight_decay"] and group["cautious"] for group in groups)
+    params = loop.deepspeed_config(loop.TrainConfig(optimizer="lion", cautious_weight_decay=True), 2, 1e-3)["optimizer"]["params"]
+    assert params["cautious_weight_decay"] is True
+    assert "cautious_weight_decay" not in loop.deepspeed_config(loop.TrainConfig(optimizer="lion"), 2, 1e-3)["optimizer"]["params"]
