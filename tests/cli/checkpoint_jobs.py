@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from tests.sessions import run_in_session
 
 #: a tiny job whose global batch splits over 1, 2, 3 and 4 ranks; checkpoints every 2 steps
 TINY_JOB: dict[str, Any] = dict(
@@ -37,20 +38,7 @@ def cli_arguments(settings: dict[str, Any]) -> list[str]:
 
 def run_command(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess:
     """``command`` in its own session with a deadline; everything it started is killed after."""
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        raise AssertionError(f"{' '.join(command)} ran past {timeout_s:.0f}s; stderr tail:\n{err[-3000:]}") from None
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
+    return run_in_session(command, cwd, env, timeout_s)
 
 
 def init_rank(rank: int, world_size: int) -> None:

@@ -5,12 +5,12 @@ needs (the checkout on PYTHONPATH, one thread per rank), a tiny `train` argument
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from dist_cautious.local_ranks import free_port  # noqa: F401  (re-exported for the launcher tests)
+from tests.sessions import run_in_session
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -25,27 +25,7 @@ TINY_TRAIN = [
 def run_cli(args: list[str], cwd: Path, timeout_s: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m dist_cautious.cli ARGS`` in its own session; stdout and stderr apart. On
     timeout the whole session (the CLI and the ranks it spawned) is killed and the test fails."""
-    process = subprocess.Popen(
-        [PYTHON, "-m", "dist_cautious.cli", *args], cwd=cwd, env=env or launch_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    try:
-        out, err = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_session(process.pid)
-        out, err = process.communicate()
-        raise AssertionError(f"dist-cautious {' '.join(args)} ran past {timeout_s:.0f}s; stderr tail:\n{err[-3000:]}") from None
-    finally:
-        _kill_session(process.pid)  # ranks the CLI left behind, if any
-        process.wait()
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
-
-
-def _kill_session(session_id: int) -> None:
-    try:
-        os.killpg(session_id, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    return run_in_session([PYTHON, "-m", "dist_cautious.cli", *args], cwd, env or launch_env(), timeout_s, what=f"dist-cautious {' '.join(args)}")
 
 
 def launch_env() -> dict[str, str]:

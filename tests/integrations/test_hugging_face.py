@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from tests.sessions import run_in_session
 
 for _package in ("transformers", "accelerate"):  # requirements-test.txt; under CI (CI=true) a missing one fails
     if os.environ.get("CI") == "true":
@@ -89,20 +89,8 @@ def _env() -> dict[str, str]:
 def launch(command: list[str], what: str) -> None:
     """Run ``command`` in its own session with a deadline; on timeout or exit the whole session
     (launcher and ranks) is killed. Fails the test with the output's tail if it fails."""
-    process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = process.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, _ = process.communicate()
-        raise AssertionError(f"{what} ran past {LAUNCH_TIMEOUT}s:\n{out[-4000:]}") from None
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
-    assert process.returncode == 0, f"{what} failed ({process.returncode}):\n{out[-6000:]}"
+    done = run_in_session(command, REPO, _env(), LAUNCH_TIMEOUT, what=what, merge_stderr=True)
+    assert done.returncode == 0, f"{what} failed ({done.returncode}):\n{done.stdout[-6000:]}"
 
 
 def _load(out: Path, mode: str, ranks: int) -> list[dict[str, Any]]:

@@ -14,22 +14,10 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dist_cautious.optim as optim
 from dist_cautious.kernels import ops_for
-
-
-class _CountOps(TorchDispatchMode):
-    """Counts every op that reaches the dispatcher while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+from tests.op_counter import CountOps
 
 
 def _params(count: int) -> list[torch.nn.Parameter]:
@@ -52,7 +40,7 @@ def _ops_in_second_step(factory: Any, count: int, new_grads: bool) -> int:
     if new_grads:  # zero_grad(set_to_none=True) then backward: new grad tensors, rebound by the plan
         for param in params:
             param.grad = param.grad.clone()
-    with _CountOps() as counter:
+    with CountOps() as counter:
         optimizer.step()
     return counter.count
 
