@@ -177,6 +177,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--backend", default=d.backend, choices=list(BACKENDS), help="single process, DDP, FSDP2 (sharded optimizer state) or DeepSpeed ZeRO (default: %(default)s)")
     parser.add_argument("--nproc", type=_positive_int, default=None, help="local ranks to spawn when no launcher started this command (default: 2 CPU ranks, or one per GPU; 1 for single)")
+    parser.add_argument("--max-restarts", type=_nonnegative_int, default=0, metavar="N", help="spawned ranks only: when a rank dies, start the job again, up to N times; with --checkpoint-dir it resumes from its newest checkpoint (torchrun: use its own --max-restarts)")
     parser.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--global-batch", type=_positive_int, default=d.global_batch, help="sequences per step over all ranks (default: %(default)s)")
     parser.add_argument("--context", type=_positive_int, default=d.context, help="sequence length in bytes (default: %(default)s)")
@@ -314,12 +315,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     if on_gpu and nproc > max(1, _cuda_count()):
         raise CliError(f"--nproc {nproc} exceeds the {_cuda_count()} visible GPUs (use --device cpu for CPU ranks)")
     if config.backend == "single":
+        if args.max_restarts:
+            raise CliError("--max-restarts restarts spawned ranks; backend single runs in this process")
         return train_rank(config)
+    return _spawn_with_restarts(config, nproc, args.max_restarts)
+
+
+def _spawn_with_restarts(config: Any, nproc: int, max_restarts: int) -> int:
+    """Spawn the job's ranks; when one dies (a signal, an exception), start them all again, up
+    to ``max_restarts`` times, as ``torchrun --max-restarts`` does: each attempt sees its number
+    in ``TORCHELASTIC_RESTART_COUNT`` (the name torchrun uses, so the job treats both alike). A
+    failure the job reported itself (a nan loss) is final: a rerun would fail the same way."""
     import multiprocessing
 
-    failed = multiprocessing.get_context("spawn").Event()
-    backend.spawn_local(spawned_train_rank, nproc, (config, failed))
-    return TRAINING_FAILED if failed.is_set() else 0  # rank 0 has said why on stderr
+    from torch.multiprocessing.spawn import ProcessException
+
+    from dist_cautious.train import backend
+
+    for attempt in range(max_restarts + 1):
+        os.environ["TORCHELASTIC_RESTART_COUNT"] = str(attempt)
+        failed = multiprocessing.get_context("spawn").Event()
+        try:
+            backend.spawn_local(spawned_train_rank, nproc, (config, failed))
+        except ProcessException as error:
+            if attempt == max_restarts:
+                raise
+            reason = str(error).strip().splitlines()[0]
+            logging.getLogger("dist_cautious").warning("dist_cautious: %s; restarting the job (restart %d of %d)", reason, attempt + 1, max_restarts)
+            continue
+        return TRAINING_FAILED if failed.is_set() else 0  # rank 0 has said why on stderr
+    raise AssertionError("unreachable")
 
 
 def _cuda_count() -> int:

@@ -150,6 +150,29 @@ def test_fsdp2_survives_killed_ranks_under_torchrun(runs: tuple[Path, dict], tmp
     assert differences(read_dcp(root / "fsdp2-ref" / STEP(6)), read_dcp(tmp_path / "ck" / STEP(6))) == []
 
 
+def test_fsdp2_survives_a_killed_rank_under_the_commands_own_restarts(runs: tuple[Path, dict], tmp_path: Path) -> None:
+    """`dist-cautious train --nproc 2 --max-restarts 1` (the command's own spawner), FSDP2, CAME:
+    rank 1 SIGKILLed after step 3 on the first attempt; the second attempt resumes from step 2
+    and ends with the uninterrupted job's loss curve and final checkpoint, bit for bit."""
+    from checkpoint_jobs import cli_arguments, run_command
+
+    root, outcome = runs
+    settings = {**TINY_JOB, "backend": "fsdp2", "optimizer": "c-came", "checkpoint_dir": tmp_path / "ck", "metrics": tmp_path / "metrics.json"}
+    env = {**launch_env(), "DIST_CAUTIOUS_FAULT": "kill:rank=1:step=3"}
+    command = [PYTHON, "-m", "dist_cautious.cli", "train", "--nproc", "2", "--max-restarts", "1", *cli_arguments(settings)]
+    done = run_command(command, tmp_path, env, TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "restarting the job (restart 1 of 1)" in done.stderr, done.stderr[-3000:]
+    assert done.stderr.count("dist_cautious: resumed from step 2 ") == 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["losses"] == outcome["two"][0]["losses"]
+    assert differences(read_dcp(root / "fsdp2-ref" / STEP(6)), read_dcp(tmp_path / "ck" / STEP(6))) == []
+
+
+def test_restarts_are_refused_where_no_ranks_are_spawned(tmp_path: Path) -> None:
+    done = run_cli(["train", "--backend", "single", "--max-restarts", "1", "--steps", "1", "--quiet"], tmp_path, 120)
+    assert done.returncode != 0 and "--max-restarts restarts spawned ranks" in done.stderr
+
+
 # ------------------------------------------------------------------------------------ one process
 SINGLE = {**TINY_JOB, "backend": "single", "optimizer": "cautious-adamw"}
 
