@@ -5,7 +5,8 @@
 #   node A: NNODES=2 NPROC=8 RDZV_ENDPOINT=nodeA:29400 launch/torchrun_multi_node.sh --optimizer c-came
 #   node B: NNODES=2 NPROC=8 RDZV_ENDPOINT=nodeA:29400 launch/torchrun_multi_node.sh --optimizer c-came
 # Optional: NODE_RANK=0|1... fixes the node order (default: assigned by the rendezvous);
-#           RDZV_ID names the job (default: dist-cautious); RDZV_CONF e.g. is_host=true.
+#           RDZV_ID names the job (default: dist-cautious); RDZV_CONF e.g. is_host=true;
+#           MAX_RESTARTS=N restarts the job when a rank dies (with --checkpoint-dir it resumes).
 set -euo pipefail
 : "${NNODES:?set NNODES, the number of nodes}"
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of the rendezvous node}"
@@ -21,6 +22,12 @@ extra=()
 [[ -n "${NODE_RANK:-}" ]] && extra+=(--node-rank "$NODE_RANK")
 [[ -n "${RDZV_CONF:-}" ]] && extra+=(--rdzv-conf "$RDZV_CONF")
 [[ -n "${LOCAL_ADDR:-}" ]] && extra+=(--local-addr "$LOCAL_ADDR")
+if [[ -n "${MAX_RESTARTS:-}" ]]; then
+    extra+=(--max-restarts "$MAX_RESTARTS")
+    # a restarted job must not read the previous attempt's addresses from a store the agents
+    # keep across restarts (the job warns about it across nodes, where attempts may disagree)
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+fi
 exec "${PYTHON:-python3}" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "${NPROC:-1}" \
     --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-dist-cautious}" \
     "${extra[@]}" -m dist_cautious.cli train "$@"
