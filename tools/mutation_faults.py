@@ -158,7 +158,7 @@ def _ds(world_size: int, *ids: str) -> TestRun:
 
 UNIT_REFERENCE = TestRun((REFERENCES, LOW_PRECISION), "reference", label="test_against_references, test_low_precision_params_step_in_fp32")
 UNIT_NATIVE = TestRun((REFERENCES, LOW_PRECISION), "native", label="test_against_references, test_low_precision_params_step_in_fp32")
-FSDP3 = TestRun((FSDP_WS3,), "native", label="test_fsdp ws3 (6 cases)")
+FSDP3 = TestRun((FSDP_WS3,), "native", label="test_fsdp ws3, every case of that launch")
 HSDP2 = TestRun((FSDP_WS2,), "native", (("MUTATION_FSDP_MESH", "hsdp"),), label="test_fsdp ws2, HSDP cases")
 ZERO12 = _ds(3, "came_zero1-cautious=True", "came_zero2-cautious=True", "cautious_adamw_zero2-cautious=True", "cautious_lion_zero1-cautious=True")
 ZERO3 = _ds(3, "came_zero3_offload-cautious=True", "cautious_adamw_zero3_offload-cautious=True", "cautious_lion_zero3_offload-cautious=True")
