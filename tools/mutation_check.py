@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
-from mutation_faults import FAULTS, HOLES, Fault, MutationTargetNotFound, TestRun, plant  # noqa: E402
+from mutation_faults import FAULTS, HOLES, MutationTargetNotFound, TestRun, plant  # noqa: E402
 
 REPO = TOOLS.parent
 

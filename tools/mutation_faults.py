@@ -41,14 +41,6 @@ class Edit:
 
 
 @dataclass(frozen=True)
-class OneOf:
-    """Alternative edits of one fault for code that is being rewritten: the first whose snippet
-    is found (exactly as ``Edit`` requires) is planted."""
-
-    edits: tuple[Edit, ...]
-
-
-@dataclass(frozen=True)
 class TestRun:
     """One pytest run: node ids, the kernel mode, and the plugin's case filters."""
 
@@ -65,12 +57,12 @@ class TestRun:
 class Fault:
     name: str
     what: str
-    edits: tuple[Edit | OneOf, ...]
+    edits: tuple[Edit, ...]
     run: TestRun
     where: str = field(default="")
 
     def paths(self) -> list[str]:
-        return sorted({e.path for edit in self.edits for e in (edit.edits if isinstance(edit, OneOf) else (edit,))})
+        return sorted({edit.path for edit in self.edits})
 
     def location(self) -> str:
         return self.where or ", ".join(path.removeprefix("dist_cautious/") for path in self.paths())
@@ -113,28 +105,11 @@ def _apply(texts: dict[Path, str], root: Path, edit: Edit, fault: str) -> None:
 def plant(root: Path, fault: Fault) -> list[Path]:
     """Apply ``fault``'s edits to the tree at ``root``; return the files changed."""
     texts: dict[Path, str] = {}
-    planted: list[Edit] = []
     for edit in fault.edits:
-        if isinstance(edit, Edit):
-            _apply(texts, root, edit, fault.name)
-            planted.append(edit)
-            continue
-        errors = []
-        for alternative in edit.edits:
-            trial = dict(texts)
-            try:
-                _apply(trial, root, alternative, fault.name)
-            except MutationTargetNotFound as error:
-                errors.append(str(error))
-                continue
-            texts.update(trial)
-            planted.append(alternative)
-            break
-        else:
-            raise MutationTargetNotFound("; ".join(errors))
+        _apply(texts, root, edit, fault.name)
     for path, text in texts.items():
         path.write_text(text)
-    for edit in planted:  # read back: the replacement must be in the file now
+    for edit in fault.edits:  # read back: the replacement must be in the file now
         if edit.new and edit.new not in (root / edit.path).read_text():
             raise MutationTargetNotFound(f"{fault.name}: the planted text is not in {edit.path} after writing")
     return list(texts)
@@ -324,21 +299,11 @@ FAULTS: tuple[Fault, ...] = (
         "weight-decay-masked",
         "AdamW's weight decay applied only where the cautious mask is on",
         (
-            OneOf(
-                (
-                    Edit(
-                        REF,
-                        "p.mul_(1 - lr * weight_decay)",
-                        "p.sub_(p * (lr * weight_decay) * (torch.lerp(exp_avg, g, 1 - beta1) * g > 0))  # MUTATION",
-                        within="def adamw_apply(",
-                    ),
-                    Edit(  # the decay as a helper called after the update's numerator is known
-                        REF,
-                        "_decay_(p, numerator, lr * weight_decay, cautious_weight_decay)",
-                        "p.sub_(p * (lr * weight_decay) * (exp_avg * g > 0))  # MUTATION",
-                        within="def adamw_apply(",
-                    ),
-                )
+            Edit(
+                REF,
+                "_decay_(p, numerator, lr * weight_decay, cautious_weight_decay)",
+                "p.sub_(p * (lr * weight_decay) * (exp_avg * g > 0))  # MUTATION",
+                within="def adamw_apply(",
             ),
         ),
         UNIT_REFERENCE,
