@@ -9,7 +9,6 @@ call, so that the partial sums of all groups share one reduction per phase.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
 
@@ -19,12 +18,12 @@ from torch.optim import Optimizer
 
 from dist_cautious.kernels import ops_for, reference
 from dist_cautious.kernels.reference import mask_scales
-from dist_cautious.shard.adapters import FragmentSource, default_fragments, local_storage, param_fragments, rebound_grad
+from dist_cautious.optim.plan import Plan, PlanCache, Work
+from dist_cautious.shard.adapters import FragmentSource, default_fragments
 from dist_cautious.shard.fragment import Fragment, state_dtype
 from dist_cautious.shard.reducer import BatchedReducer
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-Work = list[tuple[dict[str, Any], Fragment]]
 
 
 def check_lr(lr: Any, owner: str) -> None:
@@ -98,8 +97,8 @@ class FragmentOptimizer(Optimizer):
     partition_state_keys: tuple[str, ...] = ("exp_avg",)
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
-        self._plan: Optional[StepPlan] = None
-        self._plan_in_use: Optional[StepPlan] = None
+        self._plans = PlanCache()
+        self._plan_in_use: Optional[Plan] = None
         self.check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
@@ -120,7 +119,7 @@ class FragmentOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._plan = self._plan_in_use = None
+        self._plans, self._plan_in_use = PlanCache(), None
         for group in self.param_groups:
             self.check_hyperparameters(group)
 
@@ -165,9 +164,9 @@ class FragmentOptimizer(Optimizer):
         """``Optimizer.load_state_dict``, keeping floating state in the dtype of this optimizer's
         math (``state_dtype``: fp32 for fp32 / bf16 / fp16 params, float64 for float64) where
         torch casts it to the param's own dtype (bf16 momentum would lose bits and no longer fit
-        the kernels); ``step`` as torch keeps it. The step plan, which points into the old
-        state, is dropped."""
-        self._plan = None
+        the kernels); ``step`` as torch keeps it. The step plans, which point into the old
+        state, are dropped."""
+        self._plans.clear()
         super().load_state_dict(state_dict)
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         params = [param for group in self.param_groups for param in group["params"]]
@@ -183,17 +182,10 @@ class FragmentOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_before_step()
-        self._plan_in_use = None
-        if self.fragment_source is default_fragments:
-            plan = getattr(self, "_plan", None)
-            if plan is None or not plan.still_valid(self):
-                plan = self._plan = StepPlan(self)
-            if plan.usable:
-                plan.advance_steps()
-                self._plan_in_use = plan
-                work = plan.work
-            else:
-                work = self._fresh_work()
+        self._plan_in_use = plan = self._plans.plan_for(self, self.fragment_source)
+        if plan is not None:
+            plan.advance_steps()
+            work = plan.work
         else:
             work = self._fresh_work()
         if work:
@@ -204,9 +196,11 @@ class FragmentOptimizer(Optimizer):
             finally:
                 for fragment, grad in restore:
                     fragment.grad = grad
-            if self._plan_in_use is None:  # a step plan holds no fragment stepped on a copy
+            if plan is None:
                 for _, fragment in work:
                     fragment.commit()
+            else:
+                plan.commit()
         return loss
 
     def _fresh_work(self) -> Work:
@@ -287,105 +281,6 @@ def kernels_for_group(group: dict[str, Any], fragments: Sequence[Fragment]) -> A
     if cautious_decay_options(group) or group.get("amsgrad"):
         return reference
     return kernels_for(fragments)
-
-
-def _native_checked(fragments: Sequence[Fragment]) -> Any:
-    """``ops_for``'s native CPU kernels without per-call tensor checks (``CpuOps.trusted``)
-    when every tensor of ``fragments`` passes them now, else ``None`` (check per call)."""
-    if not fragments or fragments[0].param.device.type != "cpu":
-        return None
-    ops = ops_for(fragments[0].param.device)
-    trusted = getattr(ops, "trusted", None)
-    if trusted is None:
-        return None
-    from dist_cautious.kernels.cpu_ops import native_ok
-
-    values, state = [], []
-    for fragment in fragments:
-        values += [fragment.param, fragment.grad]
-        state += [getattr(v, "_local_tensor", v) for k, v in fragment.state.items() if k != "step" and isinstance(v, Tensor)]
-    return trusted() if native_ok(values, state) else None
-
-
-class StepPlan:
-    """What a step over plain tensors and DTensors (``default_fragments``) needs that changes
-    only when the params do, built on the first step and kept: the fragments (views, layouts,
-    names, checks), the kernel namespace they were checked for, and the step counts of all
-    fragments packed in one fp32 tensor (each ``state["step"]`` is a 0-d view into it, advanced
-    by one op, read by one ``tolist``; not one ``.item()`` per tensor).
-
-    ``still_valid`` is the cheap check made every step: the same param groups holding the same
-    params, the same ones with a grad, the same param storage and the same state dict. A grad
-    that is a new tensor (``zero_grad(set_to_none=True)``) is rebound without a rebuild.
-    """
-
-    def __init__(self, optimizer: FragmentOptimizer) -> None:
-        self.state = optimizer.state
-        self.groups = [(group, list(group["params"])) for group in optimizer.param_groups]
-        self.has_grad = [[p.grad is not None for p in params] for _, params in self.groups]
-        self.work: Work = []
-        #: per fragment of ``work``: param, the grad it is bound to, that grad's storage, param storage
-        self.bound: list[list[Any]] = []
-        self.usable = True
-        for group, params in self.groups:
-            for param, fragment in param_fragments(params, optimizer.state):
-                if fragment.numel == 0:
-                    continue
-                if fragment.writeback is not None or not fragment.grad.is_contiguous() or not param.grad.is_contiguous():
-                    self.usable = False  # stepped on a copy: rebuilt every step, as without a plan
-                self.work.append((group, fragment))
-                self.bound.append([param, param.grad, local_storage(param.grad), local_storage(param)])
-        if not self.usable:
-            return
-        initial = [float(f.state["step"]) if "step" in f.state else 0.0 for _, f in self.work]
-        self.steps = torch.tensor(initial, dtype=torch.float32)
-        #: the counts as host ints, advanced alongside ``steps``: never read back from the tensor
-        self.step_values: list[int] = [int(value) for value in initial]
-        for slot, (_, fragment) in enumerate(self.work):
-            fragment.state["step"] = self.steps[slot]
-            fragment.step_slot = slot
-        self._set_ops()
-
-    def _set_ops(self) -> None:
-        by_device: dict[torch.device, list[Fragment]] = {}
-        for _, fragment in self.work:
-            by_device.setdefault(fragment.param.device, []).append(fragment)
-        for fragments in by_device.values():
-            ops = _native_checked(fragments)
-            for fragment in fragments:
-                fragment.ops = ops
-
-    def still_valid(self, optimizer: FragmentOptimizer) -> bool:
-        """True when the plan still describes ``optimizer``'s params (grads rebound here)."""
-        if optimizer.state is not self.state or len(optimizer.param_groups) != len(self.groups):
-            return False
-        for group, (planned, params) in zip(optimizer.param_groups, self.groups):
-            current = group["params"]
-            if group is not planned or len(current) != len(params) or not all(map(operator.is_, current, params)):
-                return False
-        if [[p.grad is not None for p in params] for _, params in self.groups] != self.has_grad:
-            return False
-        rebound = False
-        for (_, fragment), entry in zip(self.work, self.bound):
-            param, grad = entry[0], entry[0].grad
-            if local_storage(param) != entry[3] or fragment.state.get("step") is None:
-                return False
-            if grad is not entry[1] or local_storage(grad) != entry[2]:
-                if not grad.is_contiguous():
-                    return False
-                fragment.grad = rebound_grad(param, fragment.name)
-                entry[1], entry[2] = grad, local_storage(grad)
-                rebound = True
-        if rebound and self.usable:
-            self._set_ops()
-        return True
-
-    def advance_steps(self) -> None:
-        """Every fragment's step count + 1, in one op; their values for this step, counted on
-        the host as well, so a step never reads tensor data back (``.tolist()`` would sync a
-        device-resident counter, and raises on the fake tensors of tests/gpu/test_fake_cuda_step.py)."""
-        self.steps.add_(1)
-        self.step_values = [value + 1 for value in self.step_values]
 
 
 def reduce_per_tensor(fragments: Sequence[Fragment], values: Tensor, reducer: BatchedReducer) -> None:

@@ -119,17 +119,18 @@ class CAME(FragmentOptimizer):
                 ops.came_apply(params, grads, batch.exp_avgs, batch.confidence, **hyper)
 
     def _came_plan_for(self, work: Work) -> "_CamePlan":
-        """The factor layout of this step: the one kept with the step plan while that plan and
-        the state it installed still hold, else built now (and kept if a step plan is in use).
-        Without a step plan (DeepSpeed ZeRO, params stepped on copies) it is built every step and
-        copies the factor state in and out instead of owning it."""
+        """The factor layout of this step: the one kept with the step plan in use while the
+        state it installed still holds, else built now (and kept, if a step plan is in use).
+        Without a step plan (params stepped on copies) it is built every step and copies the
+        factor state in and out instead of owning it. ``_came_plan``: the one in use."""
         step_plan = getattr(self, "_plan_in_use", None)
-        kept = getattr(self, "_came_plan", None)
-        if step_plan is not None and kept is not None and kept[0] is step_plan and kept[1].still_valid():
-            return kept[1]
-        plan = _CamePlan(by_group(work), owns_state=step_plan is not None)
-        self._came_plan = (step_plan, plan) if step_plan is not None else None
-        return plan
+        kept = step_plan.kept.get("came") if step_plan is not None else None
+        if kept is None or not kept.still_valid():
+            kept = _CamePlan(by_group(work), owns_state=step_plan is not None)
+            if step_plan is not None:
+                step_plan.kept["came"] = kept
+        self._came_plan = kept if step_plan is not None else None
+        return kept
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``FragmentOptimizer.load_state_dict``; the factor layout, which owns the old factor

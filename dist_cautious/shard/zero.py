@@ -31,6 +31,7 @@ the same order on every rank of the group (the reducer relies on it).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -76,13 +77,17 @@ class PartitionFragment(Fragment):
 
     def elementwise_state(self, key: str) -> Tensor:
         assert self.partition is not None
-        if key not in self.partition_keys:
-            if key not in self.state:
-                self.state[key] = torch.zeros(self.local_numel, dtype=self.state_dtype, device=self.partition.device)
-            return self.state[key].view(-1)
-        if key not in self.partition_state:
-            self.partition_state[key] = torch.zeros(self.partition.numel(), dtype=self.state_dtype, device=self.partition.device)
-        return self.partition_state[key].view(-1).narrow(0, self.flat_offset, self.local_numel)
+        holder = self.partition_state if key in self.partition_keys else self.state
+        full = holder.get(key)
+        if full is None:
+            size = self.partition.numel() if holder is self.partition_state else self.local_numel
+            full = holder[key] = torch.zeros(size, dtype=self.state_dtype, device=self.partition.device)
+        cached = self._views.get(key)
+        if cached is not None and cached[0] is full:
+            return cached[1]  # a fragment a step plan keeps (``Partition``): the view of last step
+        view = full.view(-1) if holder is self.state else full.view(-1).narrow(0, self.flat_offset, self.local_numel)
+        self._views[key] = (full, view)
+        return view
 
 
 def tensor_state(partition_state: dict[str, Any], index: int) -> dict[str, Any]:
@@ -107,9 +112,13 @@ def _sync_partition_step(partition_state: dict[str, Any], state: dict[str, Any])
     return sync
 
 
-def fragment_of(piece: Piece, partition: Tensor, partition_state: dict[str, Any], partition_keys: frozenset[str]) -> PartitionFragment:
+def fragment_of(
+    piece: Piece, partition: Tensor, partition_state: dict[str, Any], partition_keys: frozenset[str], sync_step: bool = True
+) -> PartitionFragment:
     """The fragment of ``piece`` (possibly empty) in the flat ``partition`` being stepped;
-    per-element state of ``partition_keys`` is partition-shaped, other keys per tensor."""
+    per-element state of ``partition_keys`` is partition-shaped, other keys per tensor.
+    ``sync_step``: the fragment mirrors its step into the partition's state when committed
+    (``Partition``, which keeps its fragments, does it once for all of them instead)."""
     state = tensor_state(partition_state, piece.index)
     flat_param = partition.data.view(-1)
     flat_grad = partition.grad.view(-1)
@@ -125,12 +134,88 @@ def fragment_of(piece: Piece, partition: Tensor, partition_state: dict[str, Any]
         new_elementwise_state=_unused_factory,
         local_view=_unused_view,
         name=piece.name,
-        writeback=_sync_partition_step(partition_state, state),
+        writeback=_sync_partition_step(partition_state, state) if sync_step else None,
         partition_state=partition_state,
         partition=partition,
         flat_offset=lo,
         partition_keys=partition_keys,
     )
+
+
+class Partition:
+    """The fragments of one flat partition, made once and kept by a step plan (issue 12): the
+    views, names and checks of ``fragment_of`` are not redone every step.
+
+    DeepSpeed hands over a new flat gradient most steps (ZeRO-1/2 without offload flatten it
+    anew); ``rebind_grad`` then gives every fragment its view of it with ONE ``split`` of the
+    flat gradient at the pieces' boundaries, not one ``narrow`` per tensor. The step of every
+    piece is mirrored into the partition's own ``step`` (what DeepSpeed's universal checkpoint
+    reads) once per step, by ``sync_step``: every piece of a partition steps together.
+    """
+
+    def __init__(self, flat: Tensor, pieces: list[Piece], partition_state: dict[str, Any], partition_keys: frozenset[str]) -> None:
+        self.flat = flat
+        self.partition_state = partition_state
+        self.fragments = [fragment_of(piece, flat, partition_state, partition_keys, sync_step=False) for piece in pieces]
+        self.per_tensor = partition_state[PER_TENSOR]
+        self.partition_keys = sorted(partition_keys)
+        #: the partition-shaped state tensors after the last step: replaced ones mean a rebuild
+        self.kept_state: Optional[list[Any]] = None
+        self.storage = flat.data_ptr()
+        self.grad = flat.grad
+        self._split_sizes, self._positions = _split_layout(pieces, flat.numel())
+
+    def rebind_grad(self) -> bool:
+        """Point every fragment at the flat's current gradient if it is a new tensor; ``False``
+        when it cannot be done by views alone (another dtype, device or size, not contiguous):
+        the plan is then built again."""
+        grad = self.flat.grad
+        if grad is self.grad:
+            return True
+        old = self.grad
+        if grad.dtype != old.dtype or grad.device != old.device or grad.numel() != old.numel() or not grad.is_contiguous():
+            return False
+        views = grad.view(-1).split(self._split_sizes)
+        for fragment, position in zip(self.fragments, self._positions):
+            fragment.grad = views[position]
+        self.grad = grad
+        return True
+
+    def still_valid(self, state: dict[Tensor, dict[str, Any]]) -> bool:
+        """The same flat storage and state dicts as when made, and the partition-shaped state
+        of the last step still in place (a checkpoint load replaces these)."""
+        partition_state = state.get(self.flat)
+        if partition_state is not self.partition_state or partition_state.get(PER_TENSOR) is not self.per_tensor:
+            return False
+        if self.flat.data_ptr() != self.storage or self.flat.grad is None:
+            return False
+        return self.kept_state is None or all(map(operator.is_, map(partition_state.get, self.partition_keys), self.kept_state))
+
+    def sync_step(self) -> None:
+        """After a step: the partition's ``step`` from its pieces' (all equal), and note the
+        partition-shaped state tensors in use."""
+        stepped = next((fragment.state for fragment in self.fragments if "step" in fragment.state), None)
+        if stepped is not None:
+            self.partition_state["step"] = stepped["step"].clone()
+        self.kept_state = [self.partition_state.get(key) for key in self.partition_keys]
+
+
+def _split_layout(pieces: list[Piece], total: int) -> tuple[list[int], list[int]]:
+    """Sizes that cut a flat tensor of ``total`` elements at every held piece's boundaries
+    (gaps between pieces, ZeRO-3's padding, included as their own parts), and the part of each
+    piece (an empty piece: an empty part at the front)."""
+    held = sorted((p.flat_offset, p.numel, i) for i, p in enumerate(pieces) if p.numel)
+    sizes, positions = [0], [0] * len(pieces)
+    end = 0
+    for offset, numel, index in held:
+        if offset > end:
+            sizes.append(offset - end)
+        positions[index] = len(sizes)
+        sizes.append(numel)
+        end = offset + numel
+    if total > end:
+        sizes.append(total - end)
+    return sizes, positions
 
 
 def _unused_factory() -> Tensor:

@@ -248,17 +248,24 @@ class TensorStack(torch.nn.Module):
         return x
 
 
-def run_count_case(case: dict[str, Any], rank: int, world_size: int) -> dict[int, list[int]]:
-    """All-reduces issued inside the optimizer's ``step`` per engine step, for models of 4 and
-    40 tensors (``torch.distributed.all_reduce`` wrapped while the step runs)."""
+def run_count_case(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """Per engine step, for models of 4 and 40 tensors: the all-reduces issued inside the
+    optimizer's ``step`` (``torch.distributed.all_reduce`` wrapped while the step runs) and the
+    ops it dispatches (``tests.op_counter.CountOps``). ``native``: whether the native CPU
+    kernels ran (the torch reference path issues ops per tensor by design)."""
     import torch.distributed as dist
 
-    counts: dict[int, list[int]] = {}
+    from dist_cautious.kernels import ops_for
+    from tests.op_counter import CountOps
+
+    collectives: dict[int, list[int]] = {}
+    dispatched: dict[int, list[int]] = {}
     original = dist.all_reduce
     for layers in (2, 20):
         engine = make_engine(case, world_size, TensorStack(layers))
         active = [False]
         calls = [0]
+        ops = [0]
 
         def counting(*args: Any, **kwargs: Any) -> Any:
             if active[0]:
@@ -270,24 +277,28 @@ def run_count_case(case: dict[str, Any], rank: int, world_size: int) -> dict[int
         def counted_step(*args: Any, **kwargs: Any) -> Any:
             active[0] = True
             try:
-                return step(*args, **kwargs)
+                with CountOps() as counter:
+                    return step(*args, **kwargs)
             finally:
                 active[0] = False
+                ops[0] += counter.count
 
         engine.basic_optimizer.step = counted_step
         dist.all_reduce = counting
         try:
-            per_step = []
+            per_step, ops_per_step = [], []
             for index in range(3):
                 x = torch.randn(GLOBAL_BATCH // world_size, 5, generator=torch.Generator().manual_seed(index * 10 + rank))
                 engine.backward(engine(x).pow(2).mean())
-                before = calls[0]
+                before, ops_before = calls[0], ops[0]
                 engine.step()
                 per_step.append(calls[0] - before)
+                ops_per_step.append(ops[0] - ops_before)
         finally:
             dist.all_reduce = original
-        counts[layers] = per_step
-    return counts
+        collectives[layers] = per_step
+        dispatched[layers] = ops_per_step
+    return {"collectives": collectives, "ops": dispatched, "native": hasattr(ops_for(torch.device("cpu")), "trusted")}
 
 
 def _state_snapshot(engine: Any) -> dict[str, Any]:

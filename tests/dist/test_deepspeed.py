@@ -179,7 +179,21 @@ def test_collectives_per_step_do_not_grow_with_tensors(results: dict, key: tuple
     case, per_rank = _result(results, key)
     expected = {"CautiousAdamW": 1, "CautiousLion": 1, "CAME": 3}[case["optimizer"]]
     for counts in per_rank:
-        assert counts[2] == counts[20] == [expected] * 3
+        assert counts["collectives"][2] == counts["collectives"][20] == [expected] * 3
+
+
+@pytest.mark.parametrize("key", _ids("count"), ids=lambda k: f"ws{k[0]}-{k[1]}")
+def test_ops_per_step_do_not_grow_with_tensors(results: dict, key: tuple[int, str]) -> None:
+    """Under ZeRO too a step is a kept plan (issue 12): after the first step (which builds it),
+    the optimizer's ``step`` dispatches as many ops for 40 tensors as for 4. Without the plan
+    each tensor's fragment was rebuilt every step (three views and a step count per tensor)."""
+    _, per_rank = _result(results, key)
+    if not per_rank[0]["native"]:
+        pytest.skip("native CPU kernels unavailable: the torch reference path issues ops per tensor by design")
+    for rank, counts in enumerate(per_rank):
+        few, many = counts["ops"][2], counts["ops"][20]
+        assert few[1:] == many[1:], f"rank {rank}: ops per step {few} for 4 tensors, {many} for 40"
+        assert few[1] > 0
 
 
 @pytest.mark.parametrize("key", _ids("overflow"), ids=lambda k: f"ws{k[0]}-{k[1]}")
