@@ -163,6 +163,19 @@ void for_segments(const Layout& l, int64_t lo, int64_t hi, F&& f) {
   }
 }
 
+// Visit [a, a + len) and [b, b + len) in step, in pieces that lie within one row of each:
+// f(row_a, c0_a, off_a, row_b, c0_b, off_b, piece length).
+template <class F>
+void for_segment_pairs(const Layout& l, int64_t a, int64_t b, int64_t len, F&& f) {
+  for (const int64_t end = a + len; a < end;) {
+    const int64_t ka = l.start + a, kb = l.start + b;
+    const int64_t piece = std::min({end - a, l.cols - ka % l.cols, l.cols - kb % l.cols});
+    f(ka / l.cols, ka % l.cols, a, kb / l.cols, kb % l.cols, b, piece);
+    a += piece;
+    b += piece;
+  }
+}
+
 // Rows whose column contributions are added in fp32 before they go into the double accumulator.
 constexpr int64_t kColRun = 64;
 
@@ -601,10 +614,19 @@ void came_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
     const Factors f = factors_at(i, n, kinds, starts, rows, cols, row_f, col_f, elem_f);
     const dc::CameApplyParams a{static_cast<float>(decay), static_cast<float>(neg_lr), scales.has_value(), scale_at(scales, i)};
     const uint8_t* mask = masks[i].has_value() ? scratch_ptr(*masks[i], came_mask_bytes(n), "mask buffer") : nullptr;
+    auto col_of = [&](int64_t row, int64_t c0) { return f.col + (row / f.layout.rows) * f.layout.cols + c0; };
     for_tiles(n, [&](int64_t, int64_t lo, int64_t hi) {
       if (f.kind == kFactored) {
-        for_segments(f.layout, lo, hi, [&](int64_t row, int64_t c0, int64_t off, int64_t len) {
-          k->came_apply_segment(p, pt, g, gt, m, off, len, f.row[row], f.col + (row / f.layout.rows) * f.layout.cols + c0, a, mask);
+        // a full tile as its two halves in step (two prefetch streams, as kernels.h's for_each)
+        const int64_t h = hi - lo == kTile ? kTile / 2 : 0;
+        for_segment_pairs(f.layout, lo, lo + h, h, [&](int64_t ra, int64_t ca, int64_t oa, int64_t rb, int64_t cb, int64_t ob, int64_t len) {
+          const int64_t offs[2] = {oa, ob};
+          const float rowf[2] = {f.row[ra], f.row[rb]};
+          const float* colf[2] = {col_of(ra, ca), col_of(rb, cb)};
+          k->came_apply_pair(p, pt, g, gt, m, offs, len, rowf, colf, a, mask);
+        });
+        for_segments(f.layout, lo + 2 * h, hi, [&](int64_t row, int64_t c0, int64_t off, int64_t len) {
+          k->came_apply_segment(p, pt, g, gt, m, off, len, f.row[row], col_of(row, c0), a, mask);
         });
       } else {
         k->came_apply_elem(p, pt, g, gt, m, f.elem, lo, hi, a, mask);

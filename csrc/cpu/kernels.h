@@ -369,19 +369,41 @@ static inline typename T::M came_mask(const uint8_t* mask, const GT* g, int64_t 
   return mask != nullptr ? T::from_bits(mask_bits_at(mask, i, T::W)) : T::gt0(T::mul(mf, T::load(g + i)));
 }
 
-// Phase 4, factored: u = (row * col) * m, masked where m * g <= 0; p = p (1 - lr wd) - lr u.
-// Read p, m (+ the mask bits, or g, when cautious); write p (12 B/element; 12.125 B cautious with
-// the bits, 16 B reading g).
+// Phase 4, factored, the new param at element e: u = (row * col) * m, masked where m * g <= 0;
+// p (1 - lr wd) - lr u. `colf` points at e's column factor.
+template <class T, class PT, class GT>
+static inline typename T::R came_apply_at(const PT* p, const GT* g, const float* m, int64_t e, float rowf, const float* colf,
+                                          const CameApplyParams& a, const uint8_t* mask) {
+  auto mf = T::load(m + e);
+  auto u = T::mul(T::mul(T::set1(rowf), T::load(colf)), mf);
+  if (a.cautious) u = masked<T>(u, came_mask<T>(mask, g, e, mf), a.scale);
+  auto pf = T::mul(T::load(p + e), T::set1(a.decay));
+  return T::fma(u, T::set1(a.neg_lr), pf);
+}
+
+// Phase 4, factored, over one row segment. Read p, m (+ the mask bits, or g, when cautious); write
+// p (12 B/element; 12.125 B cautious with the bits, 16 B reading g).
 template <class V, class PT, class GT>
 static void came_apply_segment_t(PT* p, const GT* g, const float* m, int64_t off, int64_t len, float rowf, const float* colf,
                                  const CameApplyParams& a, const uint8_t* mask) {
   for_each<V>(0, len, [&](auto t, int64_t j) {
     using T = decltype(t);
-    auto mf = T::load(m + off + j);
-    auto u = T::mul(T::mul(T::set1(rowf), T::load(colf + j)), mf);
-    if (a.cautious) u = masked<T>(u, came_mask<T>(mask, g, off + j, mf), a.scale);
-    auto pf = T::mul(T::load(p + off + j), T::set1(a.decay));
-    store_param<T>(p, off + j, T::fma(u, T::set1(a.neg_lr), pf));
+    store_param<T>(p, off + j, came_apply_at<T>(p, g, m, off + j, rowf, colf + j, a, mask));
+  });
+}
+
+// came_apply_segment over two segments of one length in step (off[k], rowf[k], colf[k]): the two
+// halves of a tile, walked as for_each walks a long range (two prefetch streams). Both loads
+// before either store, so that two halves a multiple of 4 KiB apart do not alias.
+template <class V, class PT, class GT>
+static void came_apply_pair_t(PT* p, const GT* g, const float* m, const int64_t* off, int64_t len, const float* rowf,
+                              const float* const* colf, const CameApplyParams& a, const uint8_t* mask) {
+  for_each<V>(0, len, [&](auto t, int64_t j) {
+    using T = decltype(t);
+    auto first = came_apply_at<T>(p, g, m, off[0] + j, rowf[0], colf[0] + j, a, mask);
+    auto second = came_apply_at<T>(p, g, m, off[1] + j, rowf[1], colf[1] + j, a, mask);
+    store_param<T>(p, off[0] + j, first);
+    store_param<T>(p, off[1] + j, second);
   });
 }
 
@@ -472,6 +494,10 @@ struct Entry {
                                  const float* colf, const CameApplyParams& a, const uint8_t* mask) {
     with_mut_dtype(pt, p, [&](auto pp) { with_dtype(gt, g, [&](auto gp) { came_apply_segment_t<V>(pp, gp, m, off, len, rowf, colf, a, mask); }); });
   }
+  static void came_apply_pair(void* p, int pt, const void* g, int gt, const float* m, const int64_t* off, int64_t len, const float* rowf,
+                              const float* const* colf, const CameApplyParams& a, const uint8_t* mask) {
+    with_mut_dtype(pt, p, [&](auto pp) { with_dtype(gt, g, [&](auto gp) { came_apply_pair_t<V>(pp, gp, m, off, len, rowf, colf, a, mask); }); });
+  }
   static void came_apply_elem(void* p, int pt, const void* g, int gt, const float* m, const float* v, int64_t lo, int64_t hi,
                               const CameApplyParams& a, const uint8_t* mask) {
     with_mut_dtype(pt, p, [&](auto pp) { with_dtype(gt, g, [&](auto gp) { came_apply_elem_t<V>(pp, gp, m, v, lo, hi, a, mask); }); });
@@ -488,4 +514,4 @@ struct Entry {
               &E::lion_count,       &E::lion_apply,        &E::lion_encode,          &E::lion_decode_apply, \
               &E::came_sq_segment,      &E::came_fold_segment,  &E::came_vector_moment, \
               &E::came_sumsq_segment, &E::came_sumsq_elem, &E::came_momentum_segment, &E::came_momentum_elem, \
-              &E::came_apply_segment, &E::came_apply_elem}
+              &E::came_apply_segment, &E::came_apply_pair, &E::came_apply_elem}

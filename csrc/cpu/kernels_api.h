@@ -118,6 +118,9 @@ struct KernelTable {
                                 MaskBits* bits);
   void (*came_apply_segment)(void* p, int pt, const void* g, int gt, const float* m, int64_t off, int64_t len, float rowf,
                              const float* colf, const CameApplyParams& a, const uint8_t* mask);
+  // came_apply_segment over two segments of one length in step (off, rowf, colf: one entry each).
+  void (*came_apply_pair)(void* p, int pt, const void* g, int gt, const float* m, const int64_t* off, int64_t len, const float* rowf,
+                          const float* const* colf, const CameApplyParams& a, const uint8_t* mask);
   void (*came_apply_elem)(void* p, int pt, const void* g, int gt, const float* m, const float* v, int64_t lo, int64_t hi,
                           const CameApplyParams& a, const uint8_t* mask);
 };
