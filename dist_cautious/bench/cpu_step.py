@@ -4,6 +4,7 @@ Not a test: a benchmark to run by hand on an otherwise idle machine::
 
     DS_ACCELERATOR=cpu python -m dist_cautious.bench.cpu_step            # ~50M fp32 params
     python -m dist_cautious.bench.cpu_step --matrices 4 --steps 3         # smaller, quicker
+    python -m dist_cautious.bench.cpu_step --isa avx2                     # AVX2 figures on an AVX-512 CPU
 
 It builds every optimizer on the same params and grads, then times ``step()`` round-robin: one
 step of each in turn, ``--steps`` rounds after a warm-up step, so that a noisy neighbour slows
@@ -122,6 +123,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         help="wall: elapsed time with all threads; thread: CPU time of one thread (torch, OpenMP and DeepSpeed "
         "limited to 1 thread), which a busy shared machine distorts much less",
     )
+    parser.add_argument(
+        "--isa",
+        choices=("auto", "avx512", "avx2", "scalar"),
+        default="auto",
+        help="instruction set of our kernels (auto: the best this CPU has); e.g. avx2 on an AVX-512 machine for its AVX2 figures",
+    )
     args = parser.parse_args(argv)
     if args.clock == "thread":
         global CLOCK
@@ -132,7 +139,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ["DIST_CAUTIOUS_KERNELS"] = "native"
     from dist_cautious.kernels import ops_for
 
-    isa = ops_for(torch.device("cpu")).isa
+    ops = ops_for(torch.device("cpu"))
+    ops.module.set_isa(args.isa)
+    isa = ops.isa
     numel = args.matrices * args.rows * args.cols
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, kernels: {isa}, clock: {args.clock}, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
@@ -184,11 +193,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     print()
     print("| ratio | measured | target |")
     print("|---|---:|---:|")
-    ratio("CautiousAdamW (cautious)", "DeepSpeedCPUAdam", ">= 0.9x")
+    ratio("CautiousAdamW (cautious)", "DeepSpeedCPUAdam", ">= 0.7x")
     ratio("CautiousAdamW (cautious=False)", "DeepSpeedCPUAdam", "-")
-    ratio("CautiousLion (cautious)", "DeepSpeedCPULion", ">= 0.9x")
+    ratio("CautiousLion (cautious)", "DeepSpeedCPULion", ">= 0.95x")
     ratio("CautiousLion (cautious=False)", "DeepSpeedCPULion", "-")
-    ratio("CAME (cautious)", "DeepSpeedCPUAdam", ">= 0.6x")
+    ratio("CAME (cautious)", "DeepSpeedCPUAdam", ">= 0.8x")
     ratio("CAME (cautious=False)", "came-pytorch CAME", ">= 5x")
     ratio("CAME (cautious)", "came-pytorch CAME", ">= 5x")
     ratio("CautiousAdamW (cautious=False)", torch_name, "-")
