@@ -220,6 +220,18 @@ FAULTS: tuple[Fault, ...] = (
         ZERO12,
     ),
     Fault(
+        "zero-stale-grad",
+        "ZeRO step plan: a new flat gradient not rebound, so pieces step with the gradient of the step the plan was built on",
+        (Edit(ZERO, "        if grad is self.grad:\n            return True\n", "        if True:  # MUTATION\n            return True\n", within="    def rebind_grad("),),
+        ZERO12,
+    ),
+    Fault(
+        "zero-rebound-grad+1",
+        "ZeRO step plan: a rebound gradient view one element late (the split after the first step)",
+        (Edit(ZERO, "views = grad.view(-1).split(self._split_sizes)", "views = torch.cat([grad.view(-1)[1:], grad.view(-1)[:1]]).split(self._split_sizes)  # MUTATION", within="    def rebind_grad("),),
+        ZERO12,
+    ),
+    Fault(
         "zero3-range+1",
         "ZeRO-3: ranks > 0 take their range of each param one element late",
         (Edit(ZERO, "start = min(rank * per_rank, param.ds_numel)", "start = min(rank * per_rank + (1 if rank else 0), param.ds_numel)", within="def zero3_local_range("),),

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 from dist_cautious.optim.base import (
-    FragmentOptimizer, Work, by_group, cautious_decay_options, check_betas, check_flag, check_lr, check_nonnegative,
+    FragmentOptimizer, Work, cautious_decay_options, check_betas, check_flag, check_lr, check_nonnegative,
     global_mask_scales, kernels_for_group, refuse_torch_only_options,
 )  # fmt: skip
 
@@ -62,11 +62,11 @@ class CautiousAdamW(FragmentOptimizer):
             check_flag(group.setdefault(flag, False), flag, self._owner)
 
     def step_fragments(self, work: Work) -> None:
-        batches = by_group(work)
+        batches = self.batches_of(work)
         scales = global_mask_scales(
             batches,
             lambda group, fragments: kernels_for_group(group, fragments).adamw_mask_counts(
-                [f.grad for f in fragments], [f.elementwise_state("exp_avg") for f in fragments], group["betas"][0]
+                [f.grad for f in fragments], self.elementwise_states(fragments, "exp_avg"), group["betas"][0]
             ),
         )
         for (group, fragments), scale in zip(batches, scales):
@@ -74,12 +74,12 @@ class CautiousAdamW(FragmentOptimizer):
             args = (
                 [f.param for f in fragments],
                 [f.grad for f in fragments],
-                [f.elementwise_state("exp_avg") for f in fragments],
-                [f.elementwise_state("exp_avg_sq") for f in fragments],
+                self.elementwise_states(fragments, "exp_avg"),
+                self.elementwise_states(fragments, "exp_avg_sq"),
                 self.step_counts(fragments),
             )
             hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], scales=scale)
             hyper.update(cautious_decay_options(group))
             if group["amsgrad"]:
-                hyper["max_exp_avg_sqs"] = [f.elementwise_state("max_exp_avg_sq") for f in fragments]
+                hyper["max_exp_avg_sqs"] = self.elementwise_states(fragments, "max_exp_avg_sq")
             kernels_for_group(group, fragments).adamw_apply(*args, **hyper)

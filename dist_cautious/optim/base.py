@@ -8,7 +8,9 @@ call, so that the partial sums of all groups share one reduction per phase.
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
 
@@ -18,7 +20,7 @@ from torch.optim import Optimizer
 
 from dist_cautious.kernels import ops_for, reference
 from dist_cautious.kernels.reference import mask_scales
-from dist_cautious.optim.plan import Plan, PlanCache, Work
+from dist_cautious.optim.plan import Plan, PlanCache, Work, reference_only
 from dist_cautious.shard.adapters import FragmentSource, default_fragments
 from dist_cautious.shard.fragment import Fragment, state_dtype
 from dist_cautious.shard.reducer import BatchedReducer
@@ -149,7 +151,9 @@ class FragmentOptimizer(Optimizer):
             )
         for group in self.param_groups:
             self.check_hyperparameters(group)
-            for param in group["params"]:
+            if _grads_look_right(group["params"]):
+                continue
+            for param in group["params"]:  # find the first wrong gradient and name what is wrong
                 grad = param.grad
                 if grad is None:
                     continue
@@ -223,6 +227,51 @@ class FragmentOptimizer(Optimizer):
         """The optimizer's phases over every (group, fragment) pair of this step."""
         raise NotImplementedError
 
+    def elementwise_states(self, fragments: list[Fragment], key: str) -> list[Tensor]:
+        """``[f.elementwise_state(key) for f in fragments]``; for a batch of the step plan in
+        use, made once and kept with it while every fragment's state still holds the same
+        tensor under ``key`` (one ``map`` to check, no Python call per tensor)."""
+        plan = self._plan_in_use
+        if plan is None:
+            return [f.elementwise_state(key) for f in fragments]
+        kept = plan.kept.setdefault("elementwise", {})
+        entry = kept.get((id(fragments), key))
+        if entry is not None and entry[0] is fragments and all(map(operator.is_, map(dict.get, entry[1], itertools.repeat(key)), entry[2])):
+            return entry[3]
+        views = [f.elementwise_state(key) for f in fragments]
+        holders = [f.state_holder(key) for f in fragments]
+        kept[(id(fragments), key)] = (fragments, holders, [holder[key] for holder in holders], views)
+        return views
+
+    def batches_of(self, work: Work) -> list[tuple[dict[str, Any], list[Fragment]]]:
+        """``by_group(work)``; for the work of the step plan in use, made once and kept with it."""
+        plan = self._plan_in_use
+        if plan is None or work is not plan.work:
+            return by_group(work)
+        batches = plan.kept.get("batches")
+        if batches is None:
+            batches = plan.kept["batches"] = by_group(work)
+        return batches
+
+
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
+
+
+def _grads_look_right(params: Sequence[Tensor]) -> bool:
+    """Every gradient of ``params`` is dense, real floating point and shaped like its param
+    (``None`` ones aside): the checks ``_check_before_step`` makes, as ``map``s over all
+    params at once (no Python call per tensor: a step's host cost, issue 12)."""
+    grads = list(map(_GRAD, params))
+    if not all(map(operator.is_not, grads, itertools.repeat(None))):
+        pairs = [(param, grad) for param, grad in zip(params, grads) if grad is not None]
+        params, grads = [param for param, _ in pairs], [grad for _, grad in pairs]
+    if any(map(_IS_SPARSE, grads)) or not all(map(_FLOAT_DTYPES.__contains__, map(_DTYPE, grads))):
+        return False
+    return list(map(_SHAPE, grads)) == list(map(_SHAPE, params))
+
 
 def _placed_state(param: Tensor, value: Any, key: Any = None) -> Any:
     """A loaded state value as ``load_state_dict`` keeps it: tensors on the param's device,
@@ -278,7 +327,7 @@ def kernels_for_group(group: dict[str, Any], fragments: Sequence[Fragment]) -> A
     """``kernels_for``, or the torch reference ops (``kernels.reference``, on any device) for a
     group that asks for what only they implement: cautious weight decay and amsgrad. The same
     math either way; the fused kernels are faster."""
-    if cautious_decay_options(group) or group.get("amsgrad"):
+    if reference_only(group):
         return reference
     return kernels_for(fragments)
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from dist_cautious.optim.base import (
-    FragmentOptimizer, Work, by_group, cautious_decay_options, check_betas, check_flag, check_lr, check_nonnegative,
+    FragmentOptimizer, Work, cautious_decay_options, check_betas, check_flag, check_lr, check_nonnegative,
     global_mask_scales, kernels_for_group,
 )  # fmt: skip
 
@@ -44,14 +44,14 @@ class CautiousLion(FragmentOptimizer):
             check_flag(group.setdefault(flag, False), flag, self._owner)
 
     def step_fragments(self, work: Work) -> None:
-        batches = by_group(work)
+        batches = self.batches_of(work)
         pending: dict[int, object] = {}
 
         def begin(group: dict[str, Any], fragments: list) -> Any:
             # the first of the two phases around the count reduction; native CPU kernels also
             # move the momentum here (see kernels.reference.lion_cautious_begin)
             counts, pending[id(fragments)] = kernels_for_group(group, fragments).lion_cautious_begin(
-                [f.param for f in fragments], [f.grad for f in fragments], [f.elementwise_state("exp_avg") for f in fragments],
+                [f.param for f in fragments], [f.grad for f in fragments], self.elementwise_states(fragments, "exp_avg"),
                 beta1=group["betas"][0], beta2=group["betas"][1],
             )  # fmt: skip
             return counts
@@ -60,7 +60,7 @@ class CautiousLion(FragmentOptimizer):
         for (group, fragments), scale in zip(batches, scales):
             self.step_counts(fragments)  # advanced once per step
             params, grads = [f.param for f in fragments], [f.grad for f in fragments]
-            exp_avgs = [f.elementwise_state("exp_avg") for f in fragments]
+            exp_avgs = self.elementwise_states(fragments, "exp_avg")
             hyper = dict(lr=float(group["lr"]), beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"])
             hyper.update(cautious_decay_options(group))
             ops = kernels_for_group(group, fragments)

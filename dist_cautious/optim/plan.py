@@ -17,6 +17,7 @@ is rebound without a rebuild.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -25,7 +26,10 @@ import torch
 from torch import Tensor
 
 from dist_cautious.kernels import ops_for
-from dist_cautious.shard.adapters import local_storage, param_fragments, rebound_grad
+from torch._subclasses.fake_tensor import FakeTensor
+
+from dist_cautious.shard.adapters import local_storage, param_fragments
+from dist_cautious.shard.dtensor import is_dtensor
 from dist_cautious.shard.fragment import Fragment
 from dist_cautious.shard.zero import Partition, ZeroFragmentSource
 
@@ -101,8 +105,18 @@ class StepPlan(Plan):
     """The plan of a step over plain tensors and DTensors (``default_fragments``).
 
     ``still_valid``: the same param groups holding the same params, the same ones with a grad,
-    the same param storage and the same state dict. A grad that is a new tensor
-    (``zero_grad(set_to_none=True)``) is rebound without a rebuild.
+    the same param storage and the same state dict; the checks run as ``map`` over lists kept
+    in the plan (no Python function call per tensor).
+
+    Gradients are not kept between steps: after a step the fragments let go of them
+    (``commit``), so a gradient the user drops (``zero_grad(set_to_none=True)``, or
+    ``model.zero_grad()`` as Hugging Face's Trainer calls it) is freed then, as with
+    ``torch.optim``, instead of living through the next forward and backward. Each step binds
+    the params' current grads, after checking they still fit the kernels checked at build (same
+    dtype and device, contiguous, the param's placements). The native kernels read any
+    contiguous tensor as flat, so a fragment stepped by them takes its local grad as it is;
+    a group that runs the torch reference ops (cautious weight decay, amsgrad, no native
+    kernels) takes flat ``view``s of its grads of two or more dims.
     """
 
     def __init__(self, optimizer: Any) -> None:
@@ -111,8 +125,8 @@ class StepPlan(Plan):
         self.groups = [(group, list(group["params"])) for group in optimizer.param_groups]
         self.has_grad = [[p.grad is not None for p in params] for _, params in self.groups]
         self.work = []
-        #: per fragment of ``work``: param, the grad it is bound to, that grad's storage, param storage
-        self.bound: list[list[Any]] = []
+        #: the param of each fragment of ``work``
+        self.params: list[Tensor] = []
         self.usable = True
         for group, params in self.groups:
             for param, fragment in param_fragments(params, optimizer.state):
@@ -121,32 +135,92 @@ class StepPlan(Plan):
                 if fragment.writeback is not None or not fragment.grad.is_contiguous() or not param.grad.is_contiguous():
                     self.usable = False  # stepped on a copy: rebuilt every step, as without a plan
                 self.work.append((group, fragment))
-                self.bound.append([param, param.grad, local_storage(param.grad), local_storage(param)])
+                self.params.append(param)
         if not self.usable:
             return
+        self.fragments = [fragment for _, fragment in self.work]
+        self.dtensor_params = [p for p in self.params if is_dtensor(p)]
+        self.dtensor_locals = list(map(_LOCAL, self.dtensor_params))
+        self.dtensor_indices = [index for index, p in enumerate(self.params) if is_dtensor(p)]
+        self.dtensor_placements = [self.params[index].placements for index in self.dtensor_indices]
+        #: fake tensors (FakeTensorMode) have no data address: their storages are compared instead
+        self.fake = any(isinstance(_local(p), FakeTensor) for p in self.params)
+        self.param_locals = list(map(_local, self.params))
+        self.param_keys = self._storage_keys(self.param_locals)
+        grad_locals = [_local(p.grad) for p in self.params]
+        self.grad_dtypes = list(map(_DTYPE, grad_locals))
+        self.grad_devices = list(map(_DEVICE, grad_locals))
         self._pack_steps()
         self._set_ops()
+        #: per param group: the group, and the positions of its fragments whose grads are not
+        #: 1-D (viewed flat for the reference ops); whether the native kernels step all of them
+        self.by_group: list[tuple[dict[str, Any], list[int], bool]] = []
+        for group, _ in self.groups:
+            positions = [index for index, (owner, _) in enumerate(self.work) if owner is group]
+            multi_dim = [index for index in positions if self.param_locals[index].dim() != 1]
+            native = all(self.fragments[index].ops is not None for index in positions)
+            self.by_group.append((group, multi_dim, native))
+
+    def _storage_keys(self, tensors: list[Tensor]) -> list[Any]:
+        return list(map(local_storage, tensors)) if self.fake else list(map(Tensor.data_ptr, tensors))
 
     def still_valid(self, optimizer: Any) -> bool:
-        """True when the plan still describes ``optimizer``'s params (grads rebound here)."""
+        """True when the plan still describes ``optimizer``'s params (grads bound here)."""
         if not _same_params(optimizer, self.state, self.groups):
             return False
         if [[p.grad is not None for p in params] for _, params in self.groups] != self.has_grad:
             return False
-        rebound = False
-        for (_, fragment), entry in zip(self.work, self.bound):
-            param, grad = entry[0], entry[0].grad
-            if local_storage(param) != entry[3] or fragment.state.get("step") is None:
-                return False
-            if grad is not entry[1] or local_storage(grad) != entry[2]:
-                if not grad.is_contiguous():
-                    return False
-                fragment.grad = rebound_grad(param, fragment.name)
-                entry[1], entry[2] = grad, local_storage(grad)
-                rebound = True
-        if rebound and self.usable:
-            self._set_ops()
+        if not self.usable:
+            return True  # the same params: still stepped on fresh fragments
+        if not all(map(operator.is_, map(_LOCAL, self.dtensor_params), self.dtensor_locals)):
+            return False
+        if self._storage_keys(self.param_locals) != self.param_keys or not self._steps_installed():
+            return False
+        return self._bind_grads(list(map(_GRAD, self.params)))
+
+    def _bind_grads(self, grads: list[Tensor]) -> bool:
+        """Give every fragment its param's current local grad (flat, see the class); ``False``
+        when one no longer fits what the plan checked (rebuild). Each check is one ``map``
+        over all grads."""
+        locals_now = list(map(_local, grads))
+        if list(map(_DTYPE, locals_now)) != self.grad_dtypes or list(map(_DEVICE, locals_now)) != self.grad_devices:
+            return False
+        if not all(map(Tensor.is_contiguous, locals_now)):
+            return False
+        dtensor_grads = [grads[index] for index in self.dtensor_indices]
+        if not all(map(is_dtensor, dtensor_grads)) or list(map(_PLACEMENTS, dtensor_grads)) != self.dtensor_placements:
+            return False  # the rebuild names what is wrong (``dtensor.local_grad``)
+        for group, multi_dim, native in self.by_group:
+            if native and not reference_only(group):
+                continue
+            for index, view in zip(multi_dim, map(Tensor.view, [locals_now[i] for i in multi_dim], itertools.repeat(-1))):
+                locals_now[index] = view
+        for fragment, grad in zip(self.fragments, locals_now):
+            fragment.grad = grad
         return True
+
+    def commit(self) -> None:
+        """Let go of this step's gradients (see the class)."""
+        for fragment in self.fragments:
+            fragment.grad = None  # type: ignore[assignment]
+
+
+def reference_only(group: dict[str, Any]) -> bool:
+    """A group that asks for what only the torch reference ops implement (``kernels.reference``):
+    cautious weight decay with a nonzero decay, and amsgrad."""
+    return bool(group.get("cautious_weight_decay") and group["weight_decay"]) or bool(group.get("amsgrad"))
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """The local tensor of a DTensor, else the tensor itself."""
+    return getattr(tensor, "_local_tensor", tensor)
+
+
+_LOCAL = operator.attrgetter("_local_tensor")
+_GRAD = operator.attrgetter("grad")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_PLACEMENTS = operator.attrgetter("placements")
 
 
 class PartitionStepPlan(Plan):
@@ -189,6 +263,7 @@ class PartitionStepPlan(Plan):
     def commit(self) -> None:
         for partition in self.partitions:
             partition.sync_step()
+            partition.release_grad()
 
 
 def _same_params(optimizer: Any, state: Any, groups: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
@@ -218,7 +293,8 @@ class PlanCache:
     def plan_for(self, optimizer: Any, source: Any) -> Optional[Plan]:
         """The plan of this step (kept, or made now), or ``None`` when the step runs on fresh
         fragments (params stepped on copies; an unknown fragment source)."""
-        key = tuple(id(p) for group in optimizer.param_groups for p in group["params"]) + tuple(map(id, optimizer.param_groups))
+        groups = optimizer.param_groups
+        key = tuple(map(id, itertools.chain(groups, *(group["params"] for group in groups))))
         plan = self.plans.get(key)
         if plan is None or not plan.still_valid(optimizer):
             plan = self._make(optimizer, source)

@@ -93,13 +93,3 @@ def local_storage(tensor: Tensor) -> Any:
     if isinstance(local, FakeTensor):
         return (local.untyped_storage()._cdata, local.storage_offset())
     return local.data_ptr()
-
-
-def rebound_grad(param: Tensor, name: str) -> Tensor:
-    """The flat local view of ``param.grad`` that a fragment of ``param`` steps with, for a
-    gradient that is a new tensor since the fragment was built (checked as when it was)."""
-    from dist_cautious.shard import dtensor
-
-    if dtensor.is_dtensor(param):
-        return dtensor.local_grad(param, name)
-    return _flat_contiguous(param.grad)

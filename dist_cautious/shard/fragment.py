@@ -90,6 +90,10 @@ class Fragment:
         """The dtype of this fragment's state and math (``state_dtype``)."""
         return state_dtype(self.param.dtype)
 
+    def state_holder(self, key: str) -> dict[str, Any]:
+        """The dict that holds per-element state ``key`` (for this fragment: its ``state``)."""
+        return self.state
+
     def elementwise_state(self, key: str) -> Tensor:
         """Flat view (``state_dtype``) of the local range of per-element state ``key``, created as zeros."""
         full = self.state.get(key)

@@ -75,9 +75,12 @@ class PartitionFragment(Fragment):
     flat_offset: int = 0
     partition_keys: frozenset[str] = frozenset()
 
+    def state_holder(self, key: str) -> dict[str, Any]:
+        return self.partition_state if key in self.partition_keys else self.state
+
     def elementwise_state(self, key: str) -> Tensor:
         assert self.partition is not None
-        holder = self.partition_state if key in self.partition_keys else self.state
+        holder = self.state_holder(key)
         full = holder.get(key)
         if full is None:
             size = self.partition.numel() if holder is self.partition_state else self.local_numel
@@ -150,7 +153,9 @@ class Partition:
     anew); ``rebind_grad`` then gives every fragment its view of it with ONE ``split`` of the
     flat gradient at the pieces' boundaries, not one ``narrow`` per tensor. The step of every
     piece is mirrored into the partition's own ``step`` (what DeepSpeed's universal checkpoint
-    reads) once per step, by ``sync_step``: every piece of a partition steps together.
+    reads) once per step, by ``sync_step``: every piece of a partition steps together. The
+    gradient is let go after each step (``release_grad``): holding it would keep DeepSpeed's
+    flat gradient partition alive through the next forward and backward.
     """
 
     def __init__(self, flat: Tensor, pieces: list[Piece], partition_state: dict[str, Any], partition_keys: frozenset[str]) -> None:
@@ -162,24 +167,31 @@ class Partition:
         #: the partition-shaped state tensors after the last step: replaced ones mean a rebuild
         self.kept_state: Optional[list[Any]] = None
         self.storage = flat.data_ptr()
-        self.grad = flat.grad
+        self.grad: Optional[Tensor] = flat.grad
+        self.grad_dtype, self.grad_device, self.grad_numel = flat.grad.dtype, flat.grad.device, flat.grad.numel()
         self._split_sizes, self._positions = _split_layout(pieces, flat.numel())
 
     def rebind_grad(self) -> bool:
-        """Point every fragment at the flat's current gradient if it is a new tensor; ``False``
-        when it cannot be done by views alone (another dtype, device or size, not contiguous):
-        the plan is then built again."""
+        """Point every fragment at the flat's current gradient; ``False`` when it cannot be done
+        by views alone (another dtype, device or size, not contiguous): the plan is then
+        built again."""
         grad = self.flat.grad
         if grad is self.grad:
             return True
-        old = self.grad
-        if grad.dtype != old.dtype or grad.device != old.device or grad.numel() != old.numel() or not grad.is_contiguous():
+        if grad.dtype != self.grad_dtype or grad.device != self.grad_device or grad.numel() != self.grad_numel or not grad.is_contiguous():
             return False
         views = grad.view(-1).split(self._split_sizes)
         for fragment, position in zip(self.fragments, self._positions):
             fragment.grad = views[position]
         self.grad = grad
         return True
+
+    def release_grad(self) -> None:
+        """After a step: let go of the gradient, which DeepSpeed frees (``flat.grad = None``)
+        until the next backward; the next step binds the one it is handed then."""
+        self.grad = None
+        for fragment in self.fragments:
+            fragment.grad = None  # type: ignore[assignment]
 
     def still_valid(self, state: dict[Tensor, dict[str, Any]]) -> bool:
         """The same flat storage and state dicts as when made, and the partition-shaped state
