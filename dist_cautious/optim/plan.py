@@ -29,7 +29,6 @@ from dist_cautious.kernels import ops_for
 from torch._subclasses.fake_tensor import FakeTensor
 
 from dist_cautious.shard.adapters import local_storage, param_fragments
-from dist_cautious.shard.dtensor import is_dtensor
 from dist_cautious.shard.fragment import Fragment
 from dist_cautious.shard.zero import Partition, ZeroFragmentSource
 
@@ -138,6 +137,9 @@ class StepPlan(Plan):
                 self.params.append(param)
         if not self.usable:
             return
+        from dist_cautious.shard.dtensor import is_dtensor  # imported on first use, as by param_fragments
+
+        self.is_dtensor = is_dtensor
         self.fragments = [fragment for _, fragment in self.work]
         self.dtensor_params = [p for p in self.params if is_dtensor(p)]
         self.dtensor_locals = list(map(_LOCAL, self.dtensor_params))
@@ -188,7 +190,7 @@ class StepPlan(Plan):
         if not all(map(Tensor.is_contiguous, locals_now)):
             return False
         dtensor_grads = [grads[index] for index in self.dtensor_indices]
-        if not all(map(is_dtensor, dtensor_grads)) or list(map(_PLACEMENTS, dtensor_grads)) != self.dtensor_placements:
+        if not all(map(self.is_dtensor, dtensor_grads)) or list(map(_PLACEMENTS, dtensor_grads)) != self.dtensor_placements:
             return False  # the rebuild names what is wrong (``dtensor.local_grad``)
         for group, multi_dim, native in self.by_group:
             if native and not reference_only(group):
