@@ -6,8 +6,8 @@ checked their tensors for, and the step counts of all its fragments packed in on
 (each ``state["step"]`` is a 0-d view into it, advanced by one op; the values are counted on
 the host alongside, never read back). Per-batch tensors the optimizers make once
 (``base.batch_sizes``, reduction positions, CAME's factor layout in ``kept``) live as long as
-the plan. ``still_valid`` is the cheap check made every step; a gradient that is a new tensor
-is rebound without a rebuild.
+the plan. ``still_valid`` is the cheap check made every step, which also binds the gradients
+of the step (a plan lets go of them after it: see ``StepPlan``).
 
 - ``StepPlan``: plain tensors and DTensors (``default_fragments``: single process, DDP, FSDP2).
 - ``PartitionStepPlan``: DeepSpeed ZeRO's flat partitions (``ZeroFragmentSource``). DeepSpeed
@@ -24,10 +24,9 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-
-from dist_cautious.kernels import ops_for
 from torch._subclasses.fake_tensor import FakeTensor
 
+from dist_cautious.kernels import ops_for
 from dist_cautious.shard.adapters import local_storage, param_fragments
 from dist_cautious.shard.fragment import Fragment
 from dist_cautious.shard.zero import Partition, ZeroFragmentSource
@@ -94,10 +93,10 @@ class Plan:
         the host as well, so a step never reads tensor data back (``.tolist()`` would sync a
         device-resident counter, and raises on the fake tensors of tests/gpu/test_fake_cuda_step.py)."""
         self.steps.add_(1)
-        self.step_values = [value + 1 for value in self.step_values]
+        self.step_values = list(map((1).__add__, self.step_values))
 
     def commit(self) -> None:
-        """After the step: what the plan's fragments need written back (nothing here)."""
+        """After the step: what the plan writes back or lets go of (per plan kind)."""
 
 
 class StepPlan(Plan):
@@ -163,6 +162,17 @@ class StepPlan(Plan):
             native = all(self.fragments[index].ops is not None for index in positions)
             self.by_group.append((group, multi_dim, native))
 
+    def _locals(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The local tensors of ``tensors`` (one per fragment; DTensors at ``dtensor_indices``)."""
+        if not self.dtensor_indices:
+            return list(tensors)
+        if len(self.dtensor_indices) == len(tensors):
+            return list(map(_LOCAL, tensors))
+        local = list(tensors)
+        for index, value in zip(self.dtensor_indices, map(_LOCAL, [tensors[i] for i in self.dtensor_indices])):
+            local[index] = value
+        return local
+
     def _storage_keys(self, tensors: list[Tensor]) -> list[Any]:
         return list(map(local_storage, tensors)) if self.fake else list(map(Tensor.data_ptr, tensors))
 
@@ -184,14 +194,14 @@ class StepPlan(Plan):
         """Give every fragment its param's current local grad (flat, see the class); ``False``
         when one no longer fits what the plan checked (rebuild). Each check is one ``map``
         over all grads."""
-        locals_now = list(map(_local, grads))
+        dtensor_grads = [grads[index] for index in self.dtensor_indices]
+        if not all(map(self.is_dtensor, dtensor_grads)) or list(map(_PLACEMENTS, dtensor_grads)) != self.dtensor_placements:
+            return False  # the rebuild names what is wrong (``dtensor.local_grad``)
+        locals_now = self._locals(grads)
         if list(map(_DTYPE, locals_now)) != self.grad_dtypes or list(map(_DEVICE, locals_now)) != self.grad_devices:
             return False
         if not all(map(Tensor.is_contiguous, locals_now)):
             return False
-        dtensor_grads = [grads[index] for index in self.dtensor_indices]
-        if not all(map(self.is_dtensor, dtensor_grads)) or list(map(_PLACEMENTS, dtensor_grads)) != self.dtensor_placements:
-            return False  # the rebuild names what is wrong (``dtensor.local_grad``)
         for group, multi_dim, native in self.by_group:
             if native and not reference_only(group):
                 continue
