@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 
 from dist_cautious.kernels import ops_for, reference
 from dist_cautious.kernels.reference import mask_scales
-from dist_cautious.optim.plan import Plan, PlanCache, Work, reference_only
+from dist_cautious.optim.plan import _DTYPE, _GRAD, Plan, PlanCache, Work, reference_only
 from dist_cautious.shard.adapters import FragmentSource, default_fragments
 from dist_cautious.shard.fragment import Fragment, state_dtype
 from dist_cautious.shard.reducer import BatchedReducer
@@ -254,9 +254,7 @@ class FragmentOptimizer(Optimizer):
         return batches
 
 
-_GRAD = operator.attrgetter("grad")
 _IS_SPARSE = operator.attrgetter("is_sparse")
-_DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 
 

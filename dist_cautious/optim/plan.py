@@ -48,7 +48,7 @@ def _native_checked(fragments: Sequence[Fragment]) -> Any:
     values, state = [], []
     for fragment in fragments:
         values += [fragment.param, fragment.grad]
-        state += [getattr(v, "_local_tensor", v) for k, v in fragment.state.items() if k != "step" and isinstance(v, Tensor)]
+        state += [_local(v) for k, v in fragment.state.items() if k != "step" and isinstance(v, Tensor)]
     return trusted() if native_ok(values, state) else None
 
 
@@ -58,9 +58,23 @@ class Plan:
     work: Work
     usable: bool
 
-    def __init__(self) -> None:
+    def __init__(self, optimizer: Any) -> None:
         #: what the optimizers keep for as long as this plan lives (CAME's factor layout)
         self.kept: dict[str, Any] = {}
+        self.state = optimizer.state
+        self.groups = [(group, list(group["params"])) for group in optimizer.param_groups]
+        self.has_grad = [[p.grad is not None for p in params] for _, params in self.groups]
+
+    def _same_groups(self, optimizer: Any) -> bool:
+        """``optimizer`` has the state dict and the param groups (the same dicts holding the same
+        params, in order) this plan was made for, and the same of those params have a grad."""
+        if optimizer.state is not self.state or len(optimizer.param_groups) != len(self.groups):
+            return False
+        for group, (planned, params) in zip(optimizer.param_groups, self.groups):
+            current = group["params"]
+            if group is not planned or len(current) != len(params) or not all(map(operator.is_, current, params)):
+                return False
+        return [[p.grad is not None for p in params] for _, params in self.groups] == self.has_grad
 
     def _pack_steps(self) -> None:
         initial = [float(f.state["step"]) if "step" in f.state else 0.0 for _, f in self.work]
@@ -77,7 +91,7 @@ class Plan:
     def _steps_installed(self) -> bool:
         """Every ``state["step"]`` is still this plan's view (a load or a full-state setter
         replaces them)."""
-        return all(map(operator.is_, map(dict.get, self.step_dicts, ["step"] * len(self.step_dicts)), self.step_views))
+        return all(map(operator.is_, map(dict.get, self.step_dicts, itertools.repeat("step")), self.step_views))
 
     def _set_ops(self) -> None:
         by_device: dict[torch.device, list[Fragment]] = {}
@@ -118,10 +132,7 @@ class StepPlan(Plan):
     """
 
     def __init__(self, optimizer: Any) -> None:
-        super().__init__()
-        self.state = optimizer.state
-        self.groups = [(group, list(group["params"])) for group in optimizer.param_groups]
-        self.has_grad = [[p.grad is not None for p in params] for _, params in self.groups]
+        super().__init__(optimizer)
         self.work = []
         #: the param of each fragment of ``work``
         self.params: list[Tensor] = []
@@ -178,9 +189,7 @@ class StepPlan(Plan):
 
     def still_valid(self, optimizer: Any) -> bool:
         """True when the plan still describes ``optimizer``'s params (grads bound here)."""
-        if not _same_params(optimizer, self.state, self.groups):
-            return False
-        if [[p.grad is not None for p in params] for _, params in self.groups] != self.has_grad:
+        if not self._same_groups(optimizer):
             return False
         if not self.usable:
             return True  # the same params: still stepped on fresh fragments
@@ -245,10 +254,7 @@ class PartitionStepPlan(Plan):
     """
 
     def __init__(self, optimizer: Any, source: ZeroFragmentSource) -> None:
-        super().__init__()
-        self.state = optimizer.state
-        self.groups = [(group, list(group["params"])) for group in optimizer.param_groups]
-        self.has_grad = [[p.grad is not None for p in params] for _, params in self.groups]
+        super().__init__(optimizer)
         self.partitions: list[Partition] = []
         self.work = []
         for group, flats in self.groups:
@@ -264,9 +270,7 @@ class PartitionStepPlan(Plan):
         self._set_ops()
 
     def still_valid(self, optimizer: Any) -> bool:
-        if not _same_params(optimizer, self.state, self.groups):
-            return False
-        if [[p.grad is not None for p in params] for _, params in self.groups] != self.has_grad:
+        if not self._same_groups(optimizer):
             return False
         if not all(partition.still_valid(self.state) and partition.rebind_grad() for partition in self.partitions):
             return False
@@ -276,18 +280,6 @@ class PartitionStepPlan(Plan):
         for partition in self.partitions:
             partition.sync_step()
             partition.release_grad()
-
-
-def _same_params(optimizer: Any, state: Any, groups: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
-    """``optimizer`` has the state dict and the param groups (the same dicts holding the same
-    params, in order) a plan was made for."""
-    if optimizer.state is not state or len(optimizer.param_groups) != len(groups):
-        return False
-    for group, (planned, params) in zip(optimizer.param_groups, groups):
-        current = group["params"]
-        if group is not planned or len(current) != len(params) or not all(map(operator.is_, current, params)):
-            return False
-    return True
 
 
 class PlanCache:
