@@ -22,8 +22,10 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 
-from dist_cautious.kernels import reference
+from dist_cautious.kernels import cpu_library, reference
 from dist_cautious.kernels.layout import FactoredLayout
 from dist_cautious.kernels.reference import CameFactors, FactorList, mask_scales
 
@@ -115,8 +117,13 @@ class _ByteScratch:
         self._splits: dict[int, tuple[Tensor, tuple[int, ...], list[Tensor]]] = {}
 
     def take(self, sizes: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
-        """A buffer of at least ``sum(sizes)`` bytes and its consecutive views of ``sizes``."""
+        """A buffer of at least ``sum(sizes)`` bytes and its consecutive views of ``sizes``.
+        Under ``FakeTensorMode`` a fresh fake buffer, never pooled: the pool's real buffers
+        cannot enter a fake step, nor a fake buffer a later real one."""
         total = sum(sizes)
+        if cpu_library.dispatched() and detect_fake_mode() is not None:
+            buffer = torch.empty(total, dtype=torch.uint8)
+            return buffer, list(buffer.split(list(sizes)))
         fitting = [i for i, b in enumerate(self._free) if b.numel() >= total]
         if fitting:
             buffer = self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
@@ -134,7 +141,8 @@ class _ByteScratch:
         return buffer, list(split[2])
 
     def give_back(self, buffer: Tensor) -> None:
-        self._free.append(buffer)
+        if not isinstance(buffer, FakeTensor):
+            self._free.append(buffer)
 
 
 class _CameMask:
@@ -161,6 +169,7 @@ class CpuOps:
 
     def __init__(self, module: Any) -> None:
         self.module = module
+        self._kernels = cpu_library.Route(module)
         self._scratch = _ByteScratch()
         self._trusted: Optional[CpuOps] = None
 
@@ -185,7 +194,7 @@ class CpuOps:
     def adamw_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
         if not self._ok(grads, exp_avgs):
             return reference.adamw_mask_counts(grads, exp_avgs, beta1)
-        return self.module.adamw_mask_counts(list(grads), list(exp_avgs), 1 - beta1)
+        return self._kernels().adamw_mask_counts(list(grads), list(exp_avgs), 1 - beta1)
 
     def adamw_apply(
         self,
@@ -207,7 +216,7 @@ class CpuOps:
             return
         neg_step_sizes = [-(lr / (1 - beta1**step)) for step in steps]
         sqrt_bc2s = [math.sqrt(1 - beta2**step) for step in steps]
-        self.module.adamw_apply(
+        self._kernels().adamw_apply(
             list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), neg_step_sizes, sqrt_bc2s,
             1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, scales,
         )  # fmt: skip
@@ -216,7 +225,7 @@ class CpuOps:
     def lion_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
         if not self._ok(grads, exp_avgs):
             return reference.lion_mask_counts(grads, exp_avgs, beta1)
-        return self.module.lion_mask_counts(list(grads), list(exp_avgs), 1 - beta1)
+        return self._kernels().lion_mask_counts(list(grads), list(exp_avgs), 1 - beta1)
 
     def lion_apply(
         self,
@@ -233,7 +242,7 @@ class CpuOps:
         if not (self._ok([*params, *grads], exp_avgs) and _scales_ok(scales)):
             reference.lion_apply(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales)
             return
-        self.module.lion_apply(list(params), list(grads), list(exp_avgs), 1 - lr * weight_decay, 1 - beta1, 1 - beta2, -lr, scales)
+        self._kernels().lion_apply(list(params), list(grads), list(exp_avgs), 1 - lr * weight_decay, 1 - beta1, 1 - beta2, -lr, scales)
 
     def lion_cautious_begin(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], *, beta1: float, beta2: float
@@ -243,7 +252,7 @@ class CpuOps:
         if not self._ok([*params, *grads], exp_avgs):
             return reference.lion_cautious_begin(params, grads, exp_avgs, beta1=beta1, beta2=beta2)
         buffer, codes = self._scratch.take([self.module.lion_code_bytes(g.numel()) for g in grads])
-        counts = self.module.lion_encode(list(grads), list(exp_avgs), codes, 1 - beta1, 1 - beta2)
+        counts = self._kernels().lion_encode(list(grads), list(exp_avgs), codes, 1 - beta1, 1 - beta2)
         return counts, _LionCodes(buffer, codes)
 
     def lion_cautious_finish(
@@ -263,7 +272,7 @@ class CpuOps:
             reference.lion_cautious_finish(pending, params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales)
             return
         cpu_scales = scales.detach().to(device="cpu", dtype=torch.float32)
-        self.module.lion_decode_apply(list(params), pending.codes, 1 - lr * weight_decay, -lr, cpu_scales)
+        self._kernels().lion_decode_apply(list(params), pending.codes, 1 - lr * weight_decay, -lr, cpu_scales)
         self._scratch.give_back(pending.buffer)
 
     # --- CAME ----------------------------------------------------------------------------
@@ -275,7 +284,7 @@ class CpuOps:
             return
         self._check_layouts(grads, layouts)
         none = [None] * len(grads)
-        self.module.came_factored_sq_sums(
+        self._kernels().came_factored_sq_sums(
             list(grads), [l.start for l in layouts], [l.rows for l in layouts], [l.cols for l in layouts], eps1, list(row_sums), list(col_sums),
             none, 0.0, 0.0, none,
         )  # fmt: skip
@@ -301,7 +310,7 @@ class CpuOps:
         self._check_layouts(grads, layouts)
         if folded is None:
             folded = [torch.zeros_like(cols) for cols in col_sums]
-        self.module.came_factored_sq_sums(
+        self._kernels().came_factored_sq_sums(
             list(grads), [l.start for l in layouts], [l.rows for l in layouts], [l.cols for l in layouts], eps1, list(row_sums), list(col_sums),
             list(row_states), beta2, 1 - beta2, list(folded),
         )  # fmt: skip
@@ -311,7 +320,7 @@ class CpuOps:
         if not self._ok(grads, exp_avg_sqs):
             reference.came_vector_second_moment(grads, exp_avg_sqs, beta2, eps1)
             return
-        self.module.came_vector_second_moment(list(grads), list(exp_avg_sqs), beta2, 1 - beta2, eps1)
+        self._kernels().came_vector_second_moment(list(grads), list(exp_avg_sqs), beta2, 1 - beta2, eps1)
 
     def came_update_sumsq(self, grads: Sequence[Tensor], factors: Sequence[CameFactors]) -> Tensor:
         packed = _FactorArgs.of(factors)
@@ -321,7 +330,7 @@ class CpuOps:
         folded, row_means = packed.folded, packed.row_means
         if not self._ok([], [t for t in folded + row_means if t is not None]):
             folded, row_means = [None] * len(factors), [None] * len(factors)
-        return self.module.came_update_sumsq(list(grads), *packed.args(), folded, row_means)
+        return self._kernels().came_update_sumsq(list(grads), *packed.args(), folded, row_means)
 
     def came_momentum(
         self,
@@ -374,7 +383,7 @@ class CpuOps:
             kwargs = dict(beta1=beta1, eps2=eps2, res_row_sums=res_row_sums, res_col_sums=res_col_sums)
             return reference.came_cautious_begin(grads, exp_avgs, factors, clip_divisors, **kwargs)
         self._check_factors(grads, factors)
-        clips = clip_divisors.detach().to(device="cpu", dtype=torch.float32).tolist()
+        clips = clip_divisors.detach().to(device="cpu", dtype=torch.float32).contiguous()
         kept: Optional[_CameMask] = None
         masks: list[Optional[Tensor]] = [None] * len(grads)
         if keep_mask:
@@ -386,7 +395,7 @@ class CpuOps:
             buffer, views = self._scratch.take(sizes)
             buffer[: sum(sizes)].zero_()  # the views, back to back: one op, not one per tensor
             kept, masks = _CameMask(buffer, views), list(views)
-        counts = self.module.came_momentum(
+        counts = self._kernels().came_momentum(
             list(grads), list(exp_avgs), *packed.args(), clips, beta1, 1 - beta1, eps2, list(res_row_sums), list(res_col_sums), masks
         )
         return counts, kept
@@ -407,7 +416,7 @@ class CpuOps:
             reference.came_apply(params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales)
             return
         self._check_factors(grads, confidence)
-        self.module.came_apply(list(params), list(grads), list(exp_avgs), *packed.args(), 1 - lr * weight_decay, -lr, scales, [None] * len(params))
+        self._kernels().came_apply(list(params), list(grads), list(exp_avgs), *packed.args(), 1 - lr * weight_decay, -lr, scales, [None] * len(params))
 
     def came_cautious_finish(
         self,
@@ -427,7 +436,7 @@ class CpuOps:
             return
         self._check_factors(grads, confidence)
         cpu_scales = scales.detach().to(device="cpu", dtype=torch.float32)
-        self.module.came_apply(
+        self._kernels().came_apply(
             list(params), list(grads), list(exp_avgs), *packed.args(), 1 - lr * weight_decay, -lr, cpu_scales, pending.masks
         )
         self._scratch.give_back(pending.buffer)

@@ -27,12 +27,11 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from dist_cautious import kernels
 from dist_cautious.kernels import cuda_library, cuda_ops
 from dist_cautious.optim import CAME, CautiousAdamW, CautiousLion
+from tests.op_counter import StepRecorder
 
 CUDA = torch.device("cuda", 0)
 #: 0-d, 1-D, 2-D (factored for CAME), 4-D (a batch of factored matrices), a 1-element 1-D
@@ -60,34 +59,6 @@ CASES = {
     },
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-class StepRecorder(TorchDispatchMode):
-    """Every op dispatched inside it: name, the tensors it read and the tensors it produced."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[Any, list[torch.Tensor], list[torch.Tensor], dict[str, Any]]] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        named = {arg.name: value for arg, value in zip(func._schema.arguments, args)} | kwargs
-        self.calls.append((func, inputs, outputs, named))
-        return out
-
-    def custom_ops(self) -> list[tuple[str, dict[str, Any]]]:
-        return [(func._opname, named) for func, _, _, named in self.calls if func.namespace == cuda_library.NAMESPACE]
-
-    def written(self, func: Any, named: dict[str, Any]) -> list[torch.Tensor]:
-        """The tensors an op's schema says it writes."""
-        tensors = []
-        for arg in func._schema.arguments:
-            if arg.alias_info is not None and arg.alias_info.is_write and arg.name in named:
-                tensors += [t for t in tree_flatten(named[arg.name])[0] if isinstance(t, torch.Tensor)]
-        return tensors
 
 
 @pytest.fixture(autouse=True)
@@ -196,7 +167,7 @@ def test_step_allocates_on_the_device_and_runs_the_cuda_ops(optimizer_name: str,
         off_device = _off_device(recorder, counters)
         assert not off_device, f"{where}: tensors made off the CUDA device: {off_device}"
         # dispatch: each custom op once, over every tensor of its kind
-        calls = recorder.custom_ops()
+        calls = recorder.custom_ops(cuda_library.NAMESPACE)
         names = Counter(name for name, _ in calls)
         assert names == Counter(expected.keys()), f"{where}: custom ops dispatched {dict(names)}, expected each of {sorted(expected)} once"
         covered = {name: len(named["grads"]) for name, named in calls}

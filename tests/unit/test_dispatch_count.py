@@ -32,8 +32,8 @@ def _params(count: int) -> list[torch.nn.Parameter]:
     return params
 
 
-def _ops_in_second_step(factory: Any, count: int, new_grads: bool) -> int:
-    """Ops dispatched by the second step of ``factory(params)`` on ``count`` tensors."""
+def _second_step(factory: Any, count: int, new_grads: bool) -> CountOps:
+    """The ops dispatched by the second step of ``factory(params)`` on ``count`` tensors."""
     params = _params(count)
     optimizer = factory(params)
     optimizer.step()
@@ -42,7 +42,11 @@ def _ops_in_second_step(factory: Any, count: int, new_grads: bool) -> int:
             param.grad = param.grad.clone()
     with CountOps() as counter:
         optimizer.step()
-    return counter.count
+    return counter
+
+
+def _ops_in_second_step(factory: Any, count: int, new_grads: bool) -> int:
+    return _second_step(factory, count, new_grads).count
 
 
 FACTORIES = {
@@ -76,3 +80,28 @@ def test_new_grad_tensors_cost_no_op(name: str) -> None:
     same = _ops_in_second_step(FACTORIES[name], 100, new_grads=False)
     new = _ops_in_second_step(FACTORIES[name], 100, new_grads=True)
     assert new == same, f"{name}: {same} ops with the same grads, {new} with new ones"
+
+
+_CAME_KERNELS = ["came_factored_sq_sums", "came_vector_second_moment", "came_update_sumsq", "came_momentum", "came_apply"]
+#: the native kernels one step runs: each a custom op, called once for all tensors of the group
+KERNELS = {
+    "CautiousAdamW": ["adamw_mask_counts", "adamw_apply"],
+    "CautiousAdamW, cautious=False": ["adamw_apply"],
+    "CautiousLion": ["lion_encode", "lion_decode_apply"],
+    "CautiousLion, cautious=False": ["lion_apply"],
+    "CAME, cautious=True": _CAME_KERNELS,
+    "CAME": _CAME_KERNELS,
+}
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_native_kernels_are_counted_as_one_custom_op_each(name: str) -> None:
+    """The CPU kernels go through the dispatcher as ``dist_cautious_cpu`` custom ops while a
+    dispatch mode is active: the counter sees each kernel once per step, whatever the number of
+    tensors (a kernel called per tensor, or not seen at all, fails this)."""
+    if not hasattr(ops_for(torch.device("cpu")), "trusted"):
+        pytest.skip("native CPU kernels unavailable")
+    for count in (10, 100):
+        counter = _second_step(FACTORIES[name], count, new_grads=True)
+        native = {op: n for op, n in counter.by_name.items() if op.startswith("dist_cautious_cpu::")}
+        assert native == {f"dist_cautious_cpu::{op}": 1 for op in KERNELS[name]}, f"{name}, {count} tensors: {native}"
