@@ -8,10 +8,7 @@ fake implementations below instead of the kernels (a whole CPU step can be trace
 touching data), and ``torch.compile`` can trace the code around them.
 
 An eager step with no dispatch mode active calls the same C++ functions directly through the
-extension's Python module instead (``Route``): the dispatcher boxes every entry of the ops'
-long tensor and number lists, measured on 300 tensors at 176 us per ``adamw_apply`` call against
-99 us direct, about 15% of a cautious CAME step on small tensors. The route is decided per call
-and changes only how the same kernel is reached, never what it computes.
+extension's Python module instead (``Route``; why and what it saves: ``kernels/routing.py``).
 
 The fake implementations check what the Python caller controls and a shape-only run can know
 (list lengths, element counts, the clip divisors' length) and return outputs of the right shape,
@@ -27,6 +24,8 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+
+from dist_cautious.kernels import routing
 
 NAMESPACE = "dist_cautious_cpu"
 
@@ -191,25 +190,16 @@ def kernels() -> SimpleNamespace:
     return SimpleNamespace(**{name: getattr(namespace, name).default for name in OPS})
 
 
-def dispatched() -> bool:
-    """True when a kernel call must go through the dispatcher to be seen: a dispatch mode is
-    active (``FakeTensorMode``, a counting ``TorchDispatchMode``, functionalisation) or
-    ``torch.compile`` is tracing."""
-    # is_compiling first: torch.compile folds it to True, and never reaches the dispatch-stack
-    # query, which it cannot trace (a graph break at every kernel call)
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-
-
 class Route:
-    """The kernels by name, reached through the dispatcher when ``dispatched()`` says a mode or
-    a tracer must see the call, else directly through the extension's module (same function)."""
+    """The kernels by name, reached through the dispatcher when ``routing.dispatched()`` says a
+    mode or a tracer must see the call, else directly through the extension's module."""
 
     def __init__(self, module: Any) -> None:
         self._direct = module
         self._ops = kernels()
 
     def __call__(self) -> Any:
-        return self._ops if dispatched() else self._direct
+        return self._ops if routing.dispatched() else self._direct
 
 
 def op_names() -> list[str]:

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 
-from dist_cautious.kernels import cpu_library, reference
+from dist_cautious.kernels import cpu_library, reference, routing
 from dist_cautious.kernels.layout import FactoredLayout
 from dist_cautious.kernels.reference import CameFactors, FactorList, mask_scales
 
@@ -121,7 +121,7 @@ class _ByteScratch:
         Under ``FakeTensorMode`` a fresh fake buffer, never pooled: the pool's real buffers
         cannot enter a fake step, nor a fake buffer a later real one."""
         total = sum(sizes)
-        if cpu_library.dispatched() and detect_fake_mode() is not None:
+        if routing.dispatched() and detect_fake_mode() is not None:
             buffer = torch.empty(total, dtype=torch.uint8)
             return buffer, list(buffer.split(list(sizes)))
         fitting = [i for i, b in enumerate(self._free) if b.numel() >= total]

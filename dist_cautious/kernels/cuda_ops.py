@@ -13,12 +13,15 @@ fp32 the way torch rounds a Python scalar in its CUDA kernels.
 A call whose tensors the kernels do not take (float64, not contiguous, on different devices)
 runs the reference function instead: same math, so the choice never changes a result's meaning.
 
-Every kernel call goes through the dispatcher as ``torch.ops.dist_cautious.<name>``
-(``kernels.cuda_library``), never straight into the pybind module: fake tensors then run the
-ops' fake implementations, and a dispatch mode sees and can count each launch. ``load()`` binds
-the compiled extension as the ops' CUDA implementation; ``fake_namespace()`` is the same
-namespace without building anything, for whole steps on fake CUDA tensors (FakeTensorMode) on a
-machine without a GPU. Given real CUDA tensors with no extension loaded, its ops raise.
+Inside a dispatch mode or under ``torch.compile`` every kernel call goes through the dispatcher
+as ``torch.ops.dist_cautious.<name>`` (``kernels.cuda_library``): fake tensors then run the ops'
+fake implementations, and a dispatch mode sees and can count each launch. Otherwise a call goes
+straight to the extension's function, which the op would have run: the op's Python forwarder
+costs host time per tensor in the call (``kernels/routing.py``), and on a GPU host time is the
+step. ``load()`` binds the compiled extension as the ops' CUDA implementation;
+``fake_namespace()`` is the same namespace without building anything, for whole steps on fake
+CUDA tensors (FakeTensorMode) on a machine without a GPU. Given real CUDA tensors with no
+extension loaded, its ops raise.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from dist_cautious.kernels import cuda_library, reference
+from dist_cautious.kernels import cuda_library, reference, routing
 from dist_cautious.kernels.layout import FactoredLayout
 from dist_cautious.kernels.reference import CameFactors, mask_scales
 
@@ -85,8 +88,11 @@ class CudaOps:
         self._kernels()
 
     def _kernels(self) -> Any:
-        """``torch.ops.dist_cautious``, with this instance's ``ext`` bound for its device type
-        (re-bound if another instance, such as a second test backend, took the slot since)."""
+        """``ext`` itself when no dispatch mode or tracer must see the call, else
+        ``torch.ops.dist_cautious`` with ``ext`` bound for its device type (re-bound if another
+        instance, such as a second test backend, took the slot since)."""
+        if self._ext is not None and not routing.dispatched():
+            return self._ext
         if self._ext is not None and cuda_library.bound(self._device_type) is not self._ext:
             cuda_library.bind(self._ext, self._device_type)
         return self._ops

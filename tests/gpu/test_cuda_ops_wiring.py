@@ -16,12 +16,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_cautious.kernels import reference
+from dist_cautious.kernels import cuda_library, reference
 from dist_cautious.kernels.cuda_ops import CudaOps
 from dist_cautious.kernels.layout import FactoredLayout
 from dist_cautious.kernels.reference import CameFactors
 
 from tests.gpu.binding_emulator import BindingEmulator
+from tests.op_counter import StepRecorder
 
 U = 2.0**-24
 SIZES = [1, 3, 7, 1023, 4099]
@@ -188,3 +189,14 @@ def test_optimizers_through_the_wrapper(name, monkeypatch):
     expected = _train(name, monkeypatch, emulated=False)
     for a, b in zip(emulated, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # ALGORITHMS.md's bar after several steps
+
+
+def test_calls_go_straight_to_the_extension_unless_a_mode_must_see_them():
+    """No dispatch mode: the binding's own functions (the custom op's Python forwarder costs host
+    time per tensor, kernels/routing.py). Inside a mode: ``torch.ops.dist_cautious``, the ops a
+    mode sees and FakeTensorMode runs fake."""
+    emulator = BindingEmulator()
+    ops = CudaOps(emulator, device_type="cpu")
+    assert ops._kernels() is emulator
+    with StepRecorder():
+        assert ops._kernels() is cuda_library.ops()

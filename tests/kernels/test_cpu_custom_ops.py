@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 import dist_cautious.optim as optim
-from dist_cautious.kernels import cpu_library, ops_for
+from dist_cautious.kernels import cpu_library, ops_for, routing
 from tests.op_counter import StepRecorder
 
 OPS = ops_for(torch.device("cpu"))
@@ -169,7 +169,7 @@ def test_torch_compile_traces_a_kernel_call_in_one_graph() -> None:
 
 
 def test_direct_and_dispatched_routes_step_identically() -> None:
-    """The route is chosen per call (``cpu_library.dispatched``); a step taken inside a dispatch
+    """The route is chosen per call (``routing.dispatched``); a step taken inside a dispatch
     mode (through the ops) equals one taken outside (direct calls), bit for bit."""
     results = []
     for inside_mode in (False, True):
@@ -182,7 +182,7 @@ def test_direct_and_dispatched_routes_step_identically() -> None:
                     optimizer.step()
                 assert len(recorder.custom_ops(cpu_library.NAMESPACE)) == len(_CAME_KERNELS)
             else:
-                assert not cpu_library.dispatched()
+                assert not routing.dispatched()
                 optimizer.step()
         results.append([p.detach().clone() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*results))
