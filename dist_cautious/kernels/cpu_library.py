@@ -18,6 +18,7 @@ dtype and device; the binding's remaining checks (contiguity, dtypes, layouts) n
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, Optional
@@ -25,7 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from dist_cautious.kernels import routing
+from dist_cautious.kernels import fake_checks, routing
 
 NAMESPACE = "dist_cautious_cpu"
 
@@ -45,15 +46,8 @@ OPS = (
 )
 
 
-def _fail(name: str, message: str) -> None:
-    raise RuntimeError(f"dist_cautious CPU kernels ({name}): {message}")
-
-
-def _same_length(name: str, **lists: Sequence[Any]) -> int:
-    lengths = {key: len(value) for key, value in lists.items()}
-    if len(set(lengths.values())) > 1:
-        _fail(name, f"lists differ in length: {lengths}")
-    return next(iter(lengths.values()), 0)
+_fail = functools.partial(fake_checks.fail, "CPU")
+_same_length = functools.partial(fake_checks.same_length, "CPU")
 
 
 def _same_sizes(name: str, grads: Sequence[Tensor], **tensors: Sequence[Optional[Tensor]]) -> None:

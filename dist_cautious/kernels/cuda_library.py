@@ -19,11 +19,14 @@ dtype and device.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
+
+from dist_cautious.kernels import fake_checks
 
 NAMESPACE = "dist_cautious"
 
@@ -115,15 +118,8 @@ def _forwarder(name: str, device_type: str) -> Any:
 # --- fake implementations: the binding's checks, outputs of the right shape --------------------
 
 
-def _fail(name: str, message: str) -> None:
-    raise RuntimeError(f"dist_cautious CUDA kernels ({name}): {message}")
-
-
-def _same_length(name: str, **lists: Sequence[Any]) -> int:
-    lengths = {key: len(value) for key, value in lists.items()}
-    if len(set(lengths.values())) > 1:
-        _fail(name, f"lists differ in length: {lengths}")
-    return next(iter(lengths.values()), 0)
+_fail = functools.partial(fake_checks.fail, "CUDA")
+_same_length = functools.partial(fake_checks.same_length, "CUDA")
 
 
 def _flat(name: str, tensor: Tensor, what: str, device: torch.device, numel: int = -1, dtypes: tuple[torch.dtype, ...] = _VALUE_DTYPES) -> None:
