@@ -194,8 +194,3 @@ class Route:
 
     def __call__(self) -> Any:
         return self._ops if routing.dispatched() else self._direct
-
-
-def op_names() -> list[str]:
-    """The ops' qualified names (``dist_cautious_cpu::<name>``), as a dispatch mode reports them."""
-    return [f"{NAMESPACE}::{name}" for name in OPS]

@@ -9,6 +9,10 @@ The extension handles CPU, contiguous, 1-D tensors with fp32 state and fp32 / bf
 and grads. A call whose tensors fall outside that (an fp64 param, a strided view) runs the
 reference function instead: the same math, only slower, never different results.
 
+The kernels are also PyTorch custom ops, ``torch.ops.dist_cautious_cpu.*`` (``cpu_library``):
+a call goes through them when a dispatch mode or ``torch.compile`` must see it, else straight
+to the extension (``kernels/routing.py``).
+
 Python computes every per-tensor scalar exactly as the reference does (in double, e.g.
 ``lr / (1 - beta1**step)``) and the extension rounds it to fp32 once, as torch does when a
 Python number meets an fp32 tensor.
