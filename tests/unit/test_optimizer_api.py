@@ -267,3 +267,22 @@ def test_all_zero_gradient_stays_finite() -> None:
     optimizer.step()
     assert torch.isfinite(matrix).all()
     assert math.isfinite(float(optimizer.state[matrix]["exp_avg_sq_row"].sum()))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_compiled_step_runs_eagerly_with_the_same_result(name: str) -> None:
+    """``torch.compile(optimizer.step)``, as torch's compiled-optimizer recipe does: the step is
+    not traced (a graph break) and lands on the eager step's bits. Traced, it failed inside dynamo
+    on the step plan's counters (InternalTorchDynamoError)."""
+    finals = []
+    for compiled in (False, True):
+        params = make_params()
+        optimizer = OPTIMIZERS[name](params)
+        torch._dynamo.reset()
+        step = torch.compile(optimizer.step) if compiled else optimizer.step
+        for index in range(3):
+            set_grads(params, index)
+            step()
+        finals.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+    assert not torch.equal(finals[0][2], make_params()[2])  # the steps did move the params
