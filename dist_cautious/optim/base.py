@@ -178,16 +178,18 @@ class FragmentOptimizer(Optimizer):
             if saved_id in state_dict["state"]:
                 self.state[param] = _placed_state(param, state_dict["state"][saved_id])
 
-    @torch.compiler.disable
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One optimizer step over all param groups; returns the closure's loss, if any.
 
-        Never traced by ``torch.compile`` (``torch.compiler.disable``): a compiled training step
-        or ``torch.compile(optimizer.step)`` runs it eagerly, as a graph break. The step is host
+        Never traced by ``torch.compile``: a compiled training step or
+        ``torch.compile(optimizer.step)`` runs it eagerly, as a graph break. The step is host
         bookkeeping around the kernels (a kept plan, checked each step); traced, dynamo would
         guard on all of it and gains nothing, and it failed inside dynamo on the plan's step
-        counters. Eager, the kernels run as they always do."""
+        counters. ``torch._disable_dynamo`` is ``torch.compiler.disable`` imported on first call,
+        as torch.optim marks its own ``zero_grad`` and ``state_dict``: importing dynamo when this
+        module is imported would add warning filters to the user's program."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
