@@ -4,7 +4,9 @@ Every function takes lists of flat 1-D local tensors (fragments of larger tensor
 empty): params and gradients of any float dtype, and state in the dtype of the math: fp32 for
 fp32 / bf16 / fp16 params, float64 for float64 params (``shard.fragment.state_dtype``). Params
 and gradients are read in the state's dtype and the param is written back in its own. The fused CPU and CUDA kernels implement these same signatures
-and are tested against them element for element.
+and are tested against them element for element. The apply phases take ``lr`` and
+``weight_decay`` as one number for the whole call or one per tensor (``PerTensor``), so that one
+call covers param groups that differ only in those (the usual decay / no-decay split).
 
 The cautious mask needs the count of agreeing entries over the WHOLE tensor before its scale
 is known, so the cautious optimizers run in two phases with one reduction between:
@@ -17,12 +19,27 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from dist_cautious.kernels.layout import FactoredLayout
+
+
+#: a hyperparameter that may differ per tensor: one number for all tensors of a call, or one per
+#: tensor (a call that spans param groups of different ``lr`` / ``weight_decay``)
+PerTensor = Union[float, Sequence[float]]
+
+
+def per_tensor(value: PerTensor, count: int) -> list[float]:
+    """``value`` as one float per tensor of a call over ``count`` tensors."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * count
+    values = [float(v) for v in value]
+    if len(values) != count:
+        raise ValueError(f"dist_cautious kernels: {len(values)} per-tensor values for {count} tensors")
+    return values
 
 
 def _as(tensor: Tensor, like: Tensor) -> Tensor:
@@ -74,11 +91,11 @@ def adamw_apply(
     exp_avg_sqs: Sequence[Tensor],
     steps: Sequence[int],
     *,
-    lr: float,
+    lr: PerTensor,
     beta1: float,
     beta2: float,
     eps: float,
-    weight_decay: float,
+    weight_decay: PerTensor,
     scales: Optional[Tensor] = None,
     max_exp_avg_sqs: Optional[Sequence[Tensor]] = None,
     cautious_weight_decay: bool = False,
@@ -87,8 +104,10 @@ def adamw_apply(
     the update is masked where ``m * g <= 0`` and multiplied by the tensor's scale. With
     ``max_exp_avg_sqs`` (amsgrad) the denominator uses the running maximum of ``v``, as torch's.
     ``cautious_weight_decay``: decay only where the update and the param agree in sign."""
+    lrs, decays = per_tensor(lr, len(params)), per_tensor(weight_decay, len(params))
     for index, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         p, g = _as(param, exp_avg), _as(grad, exp_avg)
+        lr, weight_decay = lrs[index], decays[index]
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         step_size = lr / (1 - beta1**step)
@@ -115,17 +134,19 @@ def lion_apply(
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
     *,
-    lr: float,
+    lr: PerTensor,
     beta1: float,
     beta2: float,
-    weight_decay: float,
+    weight_decay: PerTensor,
     scales: Optional[Tensor] = None,
     cautious_weight_decay: bool = False,
 ) -> None:
     """One Lion step; the momentum is never masked. ``cautious_weight_decay``: decay only where
     the (masked) update and the param agree in sign."""
+    lrs, decays = per_tensor(lr, len(params)), per_tensor(weight_decay, len(params))
     for index, (param, grad, exp_avg) in enumerate(zip(params, grads, exp_avgs)):
         p, g = _as(param, exp_avg), _as(grad, exp_avg)
+        lr, weight_decay = lrs[index], decays[index]
         update = torch.lerp(exp_avg, g, 1 - beta1).sign_()
         if scales is not None:
             update.mul_((update * g > 0).to(update.dtype).mul_(scales[index]))
@@ -156,10 +177,10 @@ def lion_cautious_finish(
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
     *,
-    lr: float,
+    lr: PerTensor,
     beta1: float,
     beta2: float,
-    weight_decay: float,
+    weight_decay: PerTensor,
     scales: Tensor,
     cautious_weight_decay: bool = False,
 ) -> None:
@@ -294,15 +315,17 @@ def came_apply(
     exp_avgs: Sequence[Tensor],
     confidence: Sequence[CameFactors],
     *,
-    lr: float,
-    weight_decay: float,
+    lr: PerTensor,
+    weight_decay: PerTensor,
     scales: Optional[Tensor] = None,
     cautious_weight_decay: bool = False,
 ) -> None:
     """``u = m * confidence``; ``p *= 1 - lr wd`` (with ``cautious_weight_decay`` only where
     ``u * p >= 0``); ``p -= lr u`` (masked where ``m * g <= 0``)."""
+    lrs, decays = per_tensor(lr, len(params)), per_tensor(weight_decay, len(params))
     for index, (param, grad, exp_avg, factor) in enumerate(zip(params, grads, exp_avgs, confidence)):
         p = _as(param, exp_avg)
+        lr, weight_decay = lrs[index], decays[index]
         update = factor.apply_to(exp_avg)
         if scales is not None:
             update.mul_((exp_avg * _as(grad, exp_avg) > 0).to(exp_avg.dtype).mul_(scales[index]))
@@ -339,8 +362,8 @@ def came_cautious_finish(
     exp_avgs: Sequence[Tensor],
     confidence: Sequence[CameFactors],
     *,
-    lr: float,
-    weight_decay: float,
+    lr: PerTensor,
+    weight_decay: PerTensor,
     scales: Tensor,
     cautious_weight_decay: bool = False,
 ) -> None:
