@@ -115,7 +115,23 @@ struct ElemLists {
   const std::vector<bool>* has_exp_avg_sq = nullptr;  // CAME: false = identity preconditioner
   const std::vector<int64_t>* out_index = nullptr;    // default: position in the list
   int64_t out_limit = -1;                             // slots out_index may name; -1: list length
+  const std::vector<double>* decays = nullptr;        // apply ops: 1 - lr * wd per tensor
+  const std::vector<double>* neg_lrs = nullptr;       // Lion / CAME apply: -lr per tensor
 };
+
+// The per-tensor scalars of the apply ops, one per tensor of the list (not per out_index slot),
+// rounded to fp32 as torch rounds a Python scalar: a call may span param groups of different lr
+// and weight decay. Unused lists stay null and leave the fields at decay 1, neg_lr 0.
+void check_per_tensor(const std::vector<double>* values, size_t count, const char* what) {
+  TORCH_CHECK(values == nullptr || values->size() == count, "dist_cautious CUDA kernels: ", values ? values->size() : 0, " ", what,
+              " for ", count, " tensors");
+}
+
+template <typename Desc>
+void set_per_tensor(Desc& d, size_t t, const std::vector<double>* decays, const std::vector<double>* neg_lrs) {
+  d.decay = decays ? static_cast<float>((*decays)[t]) : 1.0f;
+  d.neg_lr = neg_lrs ? static_cast<float>((*neg_lrs)[t]) : 0.0f;
+}
 
 std::vector<dc::ElemDesc> elem_descs(const ElemLists& lists, at::Device& device) {
   const auto& grads = *lists.grads;
@@ -133,6 +149,8 @@ std::vector<dc::ElemDesc> elem_descs(const ElemLists& lists, at::Device& device)
   const bool with_v = used(lists.exp_avg_sqs, "exp_avg_sqs");
   TORCH_CHECK(lists.out_index == nullptr || lists.out_index->size() == count, "dist_cautious CUDA kernels: out_index length");
   TORCH_CHECK(lists.has_exp_avg_sq == nullptr || lists.has_exp_avg_sq->size() == count, "dist_cautious CUDA kernels: has_exp_avg_sq length");
+  check_per_tensor(lists.decays, count, "decays");
+  check_per_tensor(lists.neg_lrs, count, "neg_lrs");
   for (size_t t = 0; t < count; ++t) {
     const Tensor& g = grads[t];
     const int64_t n = g.numel();
@@ -144,6 +162,7 @@ std::vector<dc::ElemDesc> elem_descs(const ElemLists& lists, at::Device& device)
     d.n = n;
     d.out_index = checked_out_index(lists.out_index ? (*lists.out_index)[t] : static_cast<int64_t>(t),
                                     lists.out_limit < 0 ? static_cast<int64_t>(count) : lists.out_limit, t);
+    set_per_tensor(d, t, lists.decays, lists.neg_lrs);
     if (with_params) {
       const Tensor& p = (*lists.params)[t];
       check_flat(p, "param", device, n);
@@ -191,7 +210,8 @@ Tensor lerp_mask_counts(const std::vector<Tensor>& grads, const std::vector<Tens
 
 void adamw_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
                  const std::vector<Tensor>& exp_avg_sqs, const std::vector<double>& alphas, const std::vector<double>& bc2_sqrts,
-                 double decay, double lerp_weight, double beta2, double one_minus_beta2, double eps, const std::optional<Tensor>& scales) {
+                 const std::vector<double>& decays, double lerp_weight, double beta2, double one_minus_beta2, double eps,
+                 const std::optional<Tensor>& scales) {
   if (grads.empty()) return;
   TORCH_CHECK(params.size() == grads.size() && exp_avgs.size() == grads.size() && exp_avg_sqs.size() == grads.size() &&
                   alphas.size() == grads.size() && bc2_sqrts.size() == grads.size(),
@@ -203,6 +223,7 @@ void adamw_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& g
   lists.grads = &grads;
   lists.exp_avgs = &exp_avgs;
   lists.exp_avg_sqs = &exp_avg_sqs;
+  lists.decays = &decays;
   auto descs = elem_descs(lists, device);
   for (auto& d : descs) {
     // torch divides a tensor by a Python scalar on CUDA as x * (1 / fp32(s)).
@@ -215,13 +236,14 @@ void adamw_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& g
   Tensor meta = upload(descs, device);
   auto stream = current_stream(device);
   check_launch(dc::launch_adamw_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
-                                      static_cast<float>(decay), static_cast<float>(lerp_weight), static_cast<float>(beta2),
-                                      static_cast<float>(one_minus_beta2), static_cast<float>(eps), scale_ptr, stream),
+                                      static_cast<float>(lerp_weight), static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
+                                      static_cast<float>(eps), scale_ptr, stream),
                "adamw_apply");
 }
 
-void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, double decay,
-                double weight1, double weight2, double neg_lr, const std::optional<Tensor>& scales) {
+void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
+                const std::vector<double>& decays, double weight1, double weight2, const std::vector<double>& neg_lrs,
+                const std::optional<Tensor>& scales) {
   if (grads.empty()) return;
   TORCH_CHECK(params.size() == grads.size() && exp_avgs.size() == grads.size(), "dist_cautious CUDA kernels: lion_apply lists differ in length");
   at::Device device = grads[0].device();
@@ -230,6 +252,8 @@ void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
   lists.params = &params;
   lists.grads = &grads;
   lists.exp_avgs = &exp_avgs;
+  lists.decays = &decays;
+  lists.neg_lrs = &neg_lrs;
   auto descs = elem_descs(lists, device);
   const float* scale_ptr = optional_scales(scales, device, static_cast<int64_t>(grads.size()));
   if (descs.empty()) return;
@@ -237,8 +261,7 @@ void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
   Tensor meta = upload(descs, device);
   auto stream = current_stream(device);
   check_launch(dc::launch_lion_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
-                                     static_cast<float>(decay), static_cast<float>(weight1), static_cast<float>(weight2),
-                                     static_cast<float>(neg_lr), scale_ptr, stream),
+                                     static_cast<float>(weight1), static_cast<float>(weight2), scale_ptr, stream),
                "lion_apply");
 }
 
@@ -314,7 +337,8 @@ void came_vector_momentum(const std::vector<Tensor>& grads, const std::vector<Te
 
 void came_vector_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
                        const std::vector<Tensor>& preconds, const std::vector<bool>& has_precond, const std::vector<int64_t>& out_index,
-                       double decay, double neg_lr, const std::optional<Tensor>& scales, int64_t num_scales) {
+                       const std::vector<double>& decays, const std::vector<double>& neg_lrs, const std::optional<Tensor>& scales,
+                       int64_t num_scales) {
   if (grads.empty()) return;
   at::Device device = grads[0].device();
   DeviceGuard guard(device);
@@ -326,6 +350,8 @@ void came_vector_apply(const std::vector<Tensor>& params, const std::vector<Tens
   lists.has_exp_avg_sq = &has_precond;
   lists.out_index = &out_index;
   lists.out_limit = num_scales;
+  lists.decays = &decays;
+  lists.neg_lrs = &neg_lrs;
   auto descs = elem_descs(lists, device);
   const float* scale_ptr = optional_scales(scales, device, num_scales);
   if (descs.empty()) return;
@@ -333,7 +359,7 @@ void came_vector_apply(const std::vector<Tensor>& params, const std::vector<Tens
   Tensor meta = upload(descs, device);
   auto stream = current_stream(device);
   check_launch(dc::launch_came_vector_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
-                                            static_cast<float>(decay), static_cast<float>(neg_lr), scale_ptr, stream),
+                                            scale_ptr, stream),
                "came_vector_apply");
 }
 
@@ -352,6 +378,8 @@ struct FactoredLists {
   const std::vector<int64_t>* batches = nullptr; // B per tensor
   const std::vector<int64_t>* out_index = nullptr;
   int64_t out_limit = -1;                        // slots out_index may name; -1: list length
+  const std::vector<double>* decays = nullptr;   // apply: 1 - lr * wd per tensor
+  const std::vector<double>* neg_lrs = nullptr;  // apply: -lr per tensor
 };
 
 std::vector<dc::FactoredDesc> factored_descs(const FactoredLists& lists, at::Device& device) {
@@ -368,6 +396,8 @@ std::vector<dc::FactoredDesc> factored_descs(const FactoredLists& lists, at::Dev
   TORCH_CHECK(lists.starts->size() == count && lists.rows->size() == count && lists.cols->size() == count &&
                   lists.batches->size() == count && lists.out_index->size() == count,
               "dist_cautious CUDA kernels: layout lists differ in length");
+  check_per_tensor(lists.decays, count, "decays");
+  check_per_tensor(lists.neg_lrs, count, "neg_lrs");
   const bool with_params = used(lists.params, "params");
   const bool with_m = used(lists.exp_avgs, "exp_avgs");
   const bool with_out = used(lists.row_out, "row sums") && used(lists.col_out, "col sums");
@@ -391,6 +421,7 @@ std::vector<dc::FactoredDesc> factored_descs(const FactoredLists& lists, at::Dev
     d.rows = R;
     d.cols = C;
     d.out_index = checked_out_index((*lists.out_index)[t], lists.out_limit < 0 ? static_cast<int64_t>(count) : lists.out_limit, t);
+    set_per_tensor(d, t, lists.decays, lists.neg_lrs);
     if (with_params) {
       const Tensor& p = (*lists.params)[t];
       check_flat(p, "param", device, n);
@@ -550,8 +581,8 @@ void came_factored_momentum(const std::vector<Tensor>& grads, const std::vector<
 void came_factored_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
                          const std::vector<int64_t>& starts, const std::vector<int64_t>& batches, const std::vector<int64_t>& rows,
                          const std::vector<int64_t>& cols, const std::vector<Tensor>& row_factor, const std::vector<Tensor>& col_factor,
-                         const std::vector<int64_t>& out_index, double decay, double neg_lr, const std::optional<Tensor>& scales,
-                         int64_t num_scales) {
+                         const std::vector<int64_t>& out_index, const std::vector<double>& decays, const std::vector<double>& neg_lrs,
+                         const std::optional<Tensor>& scales, int64_t num_scales) {
   if (grads.empty()) return;
   at::Device device = grads[0].device();
   DeviceGuard guard(device);
@@ -570,11 +601,13 @@ void came_factored_apply(const std::vector<Tensor>& params, const std::vector<Te
   lists.col_factor = &col_factor;
   lists.out_index = &out_index;
   lists.out_limit = num_scales;
+  lists.decays = &decays;
+  lists.neg_lrs = &neg_lrs;
   auto descs = factored_descs(lists, device);
   const float* scale_ptr = optional_scales(scales, device, num_scales);
   Prepared p = prepare_factored(descs, device);
   if (!p.count) return;
-  check_launch(dc::launch_came_factored_apply(p.ptr(), p.count, p.blocks, static_cast<float>(decay), static_cast<float>(neg_lr), scale_ptr, p.stream),
+  check_launch(dc::launch_came_factored_apply(p.ptr(), p.count, p.blocks, scale_ptr, p.stream),
                "came_factored_apply");
 }
 

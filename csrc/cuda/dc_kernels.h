@@ -51,7 +51,14 @@ struct ElemDesc {
   int32_t pad;
   float alpha;           // AdamW: -(lr / (1 - beta1^t)) as fp32
   float inv_bc2_sqrt;    // AdamW: 1 / fp32(sqrt(1 - beta2^t)), torch's scalar-division form
+  // Apply kernels: the tensor's own lr and weight decay, so one launch spans param groups that
+  // differ in them. The host forms both in double, exactly as the reference, and rounds to fp32.
+  float decay;           // AdamW, Lion, CAME: 1 - lr * wd
+  float neg_lr;          // Lion, CAME: -lr
 };
+// Uploaded as raw bytes and read by the kernels in the same compilation's layout; the size is
+// a multiple of the 8-byte alignment, so an array of them has no padding between elements.
+static_assert(sizeof(ElemDesc) == 80 && alignof(ElemDesc) == 8, "ElemDesc layout");
 
 // One flat range [start, start + n) of a (*batch, R, C) tensor for the tiled CAME kernels.
 // Global row id of flat index f is f / C (length B*R state); column id is (f / (R*C)) * C + f % C
@@ -84,7 +91,10 @@ struct FactoredDesc {
   int32_t param_dtype;
   int32_t grad_dtype;
   int32_t out_index;
+  float decay;             // apply: 1 - lr * wd of this tensor, as fp32 (see ElemDesc::decay)
+  float neg_lr;            // apply: -lr of this tensor, as fp32
 };
+static_assert(sizeof(FactoredDesc) == 184 && alignof(FactoredDesc) == 8, "FactoredDesc layout");
 
 // Fill first_block for each descriptor and return the total number of blocks (host only).
 int64_t dc_prepare_elem(ElemDesc* descs, int count);
@@ -111,13 +121,13 @@ cudaError_t launch_lerp_mask_counts(const ElemDesc* descs, int count, int64_t bl
                                     unsigned long long* counts, cudaStream_t stream);
 
 // One AdamW step over the list; scales (per out_index, device) may be null (not cautious).
-cudaError_t launch_adamw_apply(const ElemDesc* descs, int count, int64_t blocks, float decay, float lerp_weight,
-                               float beta2, float one_minus_beta2, float eps, const float* scales,
-                               cudaStream_t stream);
+// Per tensor (descriptor): alpha, inv_bc2_sqrt, decay.
+cudaError_t launch_adamw_apply(const ElemDesc* descs, int count, int64_t blocks, float lerp_weight, float beta2,
+                               float one_minus_beta2, float eps, const float* scales, cudaStream_t stream);
 
-// One Lion step over the list; scales may be null.
-cudaError_t launch_lion_apply(const ElemDesc* descs, int count, int64_t blocks, float decay, float weight1,
-                              float weight2, float neg_lr, const float* scales, cudaStream_t stream);
+// One Lion step over the list; scales may be null. Per tensor: decay, neg_lr.
+cudaError_t launch_lion_apply(const ElemDesc* descs, int count, int64_t blocks, float weight1, float weight2,
+                              const float* scales, cudaStream_t stream);
 
 // --- CAME, 1-D / 0-D fragments (elementwise) ------------------------------------------------
 // v = beta2 v + (1 - beta2)(g^2 + eps1)
@@ -130,9 +140,9 @@ cudaError_t launch_came_vector_sumsq(const ElemDesc* descs, int count, int64_t b
 cudaError_t launch_came_vector_momentum(const ElemDesc* descs, int count, int64_t blocks, const float* divisors,
                                         float beta1, float one_minus_beta1, unsigned long long* counts,
                                         cudaStream_t stream);
-// u = precond * m (masked, scaled); p = p * decay; p += neg_lr * u
-cudaError_t launch_came_vector_apply(const ElemDesc* descs, int count, int64_t blocks, float decay, float neg_lr,
-                                     const float* scales, cudaStream_t stream);
+// u = precond * m (masked, scaled); p = p * decay; p += neg_lr * u (decay, neg_lr per descriptor)
+cudaError_t launch_came_vector_apply(const ElemDesc* descs, int count, int64_t blocks, const float* scales,
+                                     cudaStream_t stream);
 
 // --- CAME, factored fragments (tiled: row and column known without divisions) -------------
 // `scratch` from dc_factored_scratch, slots allocated; the row_out / col_out buffers of one
@@ -146,7 +156,8 @@ cudaError_t launch_came_factored_sumsq(const FactoredDesc* descs, int count, int
 cudaError_t launch_came_factored_momentum(const FactoredDesc* descs, int count, int64_t blocks,
                                           const float* divisors, float beta1, float one_minus_beta1, float eps2,
                                           unsigned long long* counts, FactoredScratch scratch, cudaStream_t stream);
-cudaError_t launch_came_factored_apply(const FactoredDesc* descs, int count, int64_t blocks, float decay,
-                                       float neg_lr, const float* scales, cudaStream_t stream);
+// u = (row*col) * m (masked, scaled); p = p * decay + neg_lr * u (decay, neg_lr per descriptor)
+cudaError_t launch_came_factored_apply(const FactoredDesc* descs, int count, int64_t blocks, const float* scales,
+                                       cudaStream_t stream);
 
 }  // namespace dist_cautious

@@ -102,7 +102,7 @@ struct CountOp {
 
 // ---- AdamW apply, in torch.optim.AdamW's op order ----------------------------------------
 struct AdamWArgs {
-  float decay, lerp_weight, beta2, one_minus_beta2, eps;
+  float lerp_weight, beta2, one_minus_beta2, eps;
   const float* scales;
 };
 
@@ -115,16 +115,16 @@ struct AdamWOp {
   float* m;
   float* v;
   AdamWArgs a;
-  float alpha, inv_bc2, scale;
+  float alpha, inv_bc2, decay, scale;
   Acc acc{};
   __device__ AdamWOp(const ElemDesc& d, const AdamWArgs& args)
       : param(static_cast<PT*>(d.param)), grad(static_cast<const GT*>(d.grad)), m(d.exp_avg), v(d.exp_avg_sq),
-        a(args), alpha(d.alpha), inv_bc2(d.inv_bc2_sqrt), scale(args.scales ? args.scales[d.out_index] : 1.0f) {}
+        a(args), alpha(d.alpha), inv_bc2(d.inv_bc2_sqrt), decay(d.decay), scale(args.scales ? args.scales[d.out_index] : 1.0f) {}
   __device__ void load(int64_t i, Regs& r) {
     r.p = Elem<PT>::load(param, i); r.g = Elem<GT>::load(grad, i); r.m = m[i]; r.v = v[i];
   }
   __device__ void compute(int64_t i, const Regs& r) {
-    const float p = __fmul_rn(r.p, a.decay);                                  // p *= 1 - lr*wd
+    const float p = __fmul_rn(r.p, decay);                                    // p *= 1 - lr*wd
     const float m_new = torch_lerp(r.m, r.g, a.lerp_weight);                  // m.lerp_(g, 1-b1)
     const float v_new = __fmaf_rn(a.one_minus_beta2, __fmul_rn(r.g, r.g), __fmul_rn(r.v, a.beta2));
     const float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(v_new), inv_bc2), a.eps);
@@ -138,7 +138,7 @@ struct AdamWOp {
 
 // ---- Lion apply; the momentum is never masked ---------------------------------------------
 struct LionArgs {
-  float decay, weight1, weight2, neg_lr;
+  float weight1, weight2;
   const float* scales;
 };
 
@@ -150,17 +150,17 @@ struct LionOp {
   const GT* grad;
   float* m;
   LionArgs a;
-  float scale;
+  float decay, neg_lr, scale;
   Acc acc{};
   __device__ LionOp(const ElemDesc& d, const LionArgs& args)
       : param(static_cast<PT*>(d.param)), grad(static_cast<const GT*>(d.grad)), m(d.exp_avg), a(args),
-        scale(args.scales ? args.scales[d.out_index] : 1.0f) {}
+        decay(d.decay), neg_lr(d.neg_lr), scale(args.scales ? args.scales[d.out_index] : 1.0f) {}
   __device__ void load(int64_t i, Regs& r) { r.p = Elem<PT>::load(param, i); r.g = Elem<GT>::load(grad, i); r.m = m[i]; }
   __device__ void compute(int64_t i, const Regs& r) {
-    const float p = __fmul_rn(r.p, a.decay);
+    const float p = __fmul_rn(r.p, decay);
     float update = torch_sign(torch_lerp(r.m, r.g, a.weight1));
     if (a.scales) update = agrees(update, r.g) ? __fmul_rn(update, scale) : 0.0f;
-    Elem<PT>::store(param, i, __fmaf_rn(a.neg_lr, update, p));
+    Elem<PT>::store(param, i, __fmaf_rn(neg_lr, update, p));
     m[i] = torch_lerp(r.m, r.g, a.weight2);
   }
 };
@@ -248,7 +248,6 @@ struct VecMomentumOp {
 
 // ---- CAME, 1-D: the final (masked) update -------------------------------------------------
 struct VecApplyArgs {
-  float decay, neg_lr;
   const float* scales;
 };
 
@@ -261,11 +260,11 @@ struct VecApplyOp {
   const float* v;
   const float* m;
   VecApplyArgs a;
-  float scale;
+  float decay, neg_lr, scale;
   Acc acc{};
   __device__ VecApplyOp(const ElemDesc& d, const VecApplyArgs& args)
       : param(static_cast<PT*>(d.param)), grad(static_cast<const GT*>(d.grad)), v(d.exp_avg_sq), m(d.exp_avg), a(args),
-        scale(args.scales ? args.scales[d.out_index] : 1.0f) {}
+        decay(d.decay), neg_lr(d.neg_lr), scale(args.scales ? args.scales[d.out_index] : 1.0f) {}
   __device__ void load(int64_t i, Regs& r) {
     r.p = Elem<PT>::load(param, i); r.m = m[i];
     r.g = a.scales ? Elem<GT>::load(grad, i) : 0.0f;
@@ -273,8 +272,8 @@ struct VecApplyOp {
   __device__ void compute(int64_t i, const Regs& r) {
     float update = vec_precondition(v, i, r.m);
     if (a.scales) update = agrees(r.m, r.g) ? __fmul_rn(update, scale) : 0.0f;
-    const float p = __fmul_rn(r.p, a.decay);
-    Elem<PT>::store(param, i, __fmaf_rn(a.neg_lr, update, p));
+    const float p = __fmul_rn(r.p, decay);
+    Elem<PT>::store(param, i, __fmaf_rn(neg_lr, update, p));
   }
 };
 
@@ -307,15 +306,14 @@ cudaError_t launch_lerp_mask_counts(const ElemDesc* descs, int count, int64_t bl
   return launch<CountOp>(descs, count, blocks, CountArgs{weight, lion, counts}, stream);
 }
 
-cudaError_t launch_adamw_apply(const ElemDesc* descs, int count, int64_t blocks, float decay, float lerp_weight,
-                               float beta2, float one_minus_beta2, float eps, const float* scales,
-                               cudaStream_t stream) {
-  return launch<AdamWOp>(descs, count, blocks, AdamWArgs{decay, lerp_weight, beta2, one_minus_beta2, eps, scales}, stream);
+cudaError_t launch_adamw_apply(const ElemDesc* descs, int count, int64_t blocks, float lerp_weight, float beta2,
+                               float one_minus_beta2, float eps, const float* scales, cudaStream_t stream) {
+  return launch<AdamWOp>(descs, count, blocks, AdamWArgs{lerp_weight, beta2, one_minus_beta2, eps, scales}, stream);
 }
 
-cudaError_t launch_lion_apply(const ElemDesc* descs, int count, int64_t blocks, float decay, float weight1,
-                              float weight2, float neg_lr, const float* scales, cudaStream_t stream) {
-  return launch<LionOp>(descs, count, blocks, LionArgs{decay, weight1, weight2, neg_lr, scales}, stream);
+cudaError_t launch_lion_apply(const ElemDesc* descs, int count, int64_t blocks, float weight1, float weight2,
+                              const float* scales, cudaStream_t stream) {
+  return launch<LionOp>(descs, count, blocks, LionArgs{weight1, weight2, scales}, stream);
 }
 
 cudaError_t launch_came_vector_second_moment(const ElemDesc* descs, int count, int64_t blocks, float beta2,
@@ -336,9 +334,9 @@ cudaError_t launch_came_vector_momentum(const ElemDesc* descs, int count, int64_
   return launch<VecMomentumOp>(descs, count, blocks, VecMomentumArgs{divisors, beta1, one_minus_beta1, counts}, stream);
 }
 
-cudaError_t launch_came_vector_apply(const ElemDesc* descs, int count, int64_t blocks, float decay, float neg_lr,
-                                     const float* scales, cudaStream_t stream) {
-  return launch<VecApplyOp>(descs, count, blocks, VecApplyArgs{decay, neg_lr, scales}, stream);
+cudaError_t launch_came_vector_apply(const ElemDesc* descs, int count, int64_t blocks, const float* scales,
+                                     cudaStream_t stream) {
+  return launch<VecApplyOp>(descs, count, blocks, VecApplyArgs{scales}, stream);
 }
 
 }  // namespace dist_cautious

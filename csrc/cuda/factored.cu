@@ -44,8 +44,7 @@ struct TileArgs {
   float eps2;           // kMomentum
   float beta1, one_minus_beta1;
   const float* divisors;  // kMomentum, per out_index
-  float decay, neg_lr;  // kApply
-  const float* scales;  // kApply, may be null
+  const float* scales;  // kApply, may be null (decay and neg_lr: per descriptor)
   unsigned long long* counts;  // kMomentum
 };
 
@@ -83,9 +82,13 @@ __device__ __forceinline__ void run_tile(const FactoredDesc& d, const TileArgs& 
   PT* param = static_cast<PT*>(d.param);
   const GT* grad = static_cast<const GT*>(d.grad);
   float* exp_avg = d.exp_avg;
-  float divisor = 1.0f, scale = 1.0f;
+  float divisor = 1.0f, scale = 1.0f, decay = 1.0f, neg_lr = 0.0f;
   if constexpr (M == kMomentum) divisor = a.divisors[d.out_index];
-  if constexpr (M == kApply) scale = a.scales ? a.scales[d.out_index] : 1.0f;
+  if constexpr (M == kApply) {
+    scale = a.scales ? a.scales[d.out_index] : 1.0f;
+    decay = d.decay;    // this tensor's 1 - lr * wd
+    neg_lr = d.neg_lr;  // and -lr
+  }
 
   int64_t col[kColsPerThread];
 #pragma unroll
@@ -156,8 +159,8 @@ __device__ __forceinline__ void run_tile(const FactoredDesc& d, const TileArgs& 
         } else {  // kApply
           float update = __fmul_rn(precond, loaded_m[k]);
           if (a.scales) update = agrees(loaded_m[k], g) ? __fmul_rn(update, scale) : 0.0f;
-          const float p = __fmul_rn(loaded_p[k], a.decay);
-          Elem<PT>::store(param, i, __fmaf_rn(a.neg_lr, update, p));
+          const float p = __fmul_rn(loaded_p[k], decay);
+          Elem<PT>::store(param, i, __fmaf_rn(neg_lr, update, p));
         }
       }
     }
@@ -372,11 +375,9 @@ cudaError_t launch_came_factored_momentum(const FactoredDesc* descs, int count, 
   return launch_tiles<kMomentum>(descs, count, blocks, args, stream, scratch.outputs);
 }
 
-cudaError_t launch_came_factored_apply(const FactoredDesc* descs, int count, int64_t blocks, float decay,
-                                       float neg_lr, const float* scales, cudaStream_t stream) {
+cudaError_t launch_came_factored_apply(const FactoredDesc* descs, int count, int64_t blocks, const float* scales,
+                                       cudaStream_t stream) {
   TileArgs args{};
-  args.decay = decay;
-  args.neg_lr = neg_lr;
   args.scales = scales;
   return launch_tiles<kApply>(descs, count, blocks, args, stream);
 }

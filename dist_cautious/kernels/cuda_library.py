@@ -35,11 +35,11 @@ SCHEMAS: dict[str, str] = {
     "lerp_mask_counts": "(Tensor[] grads, Tensor[] exp_avgs, float weight, bool lion) -> Tensor",
     "adamw_apply": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float[] alphas, "
-        "float[] bc2_sqrts, float decay, float lerp_weight, float beta2, float one_minus_beta2, float eps, Tensor? scales) -> ()"
+        "float[] bc2_sqrts, float[] decays, float lerp_weight, float beta2, float one_minus_beta2, float eps, Tensor? scales) -> ()"
     ),
     "lion_apply": (
-        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float decay, float weight1, float weight2, "
-        "float neg_lr, Tensor? scales) -> ()"
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float[] decays, float weight1, float weight2, "
+        "float[] neg_lrs, Tensor? scales) -> ()"
     ),
     "came_vector_second_moment": "(Tensor[] grads, Tensor(a!)[] exp_avg_sqs, float beta2, float one_minus_beta2, float eps1) -> ()",
     "came_vector_sumsq": "(Tensor[] grads, Tensor[] preconds, bool[] has_precond, int[] out_index, Tensor(a!) sums) -> ()",
@@ -49,7 +49,7 @@ SCHEMAS: dict[str, str] = {
     ),
     "came_vector_apply": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] preconds, bool[] has_precond, int[] out_index, "
-        "float decay, float neg_lr, Tensor? scales, int num_scales) -> ()"
+        "float[] decays, float[] neg_lrs, Tensor? scales, int num_scales) -> ()"
     ),
     "came_factored_sq_sums": (
         "(Tensor[] grads, int[] starts, int[] batches, int[] rows, int[] cols, Tensor(a!)[] row_sums, Tensor(b!)[] col_sums, "
@@ -66,7 +66,7 @@ SCHEMAS: dict[str, str] = {
     ),
     "came_factored_apply": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, int[] starts, int[] batches, int[] rows, int[] cols, "
-        "Tensor[] row_factor, Tensor[] col_factor, int[] out_index, float decay, float neg_lr, Tensor? scales, "
+        "Tensor[] row_factor, Tensor[] col_factor, int[] out_index, float[] decays, float[] neg_lrs, Tensor? scales, "
         "int num_scales) -> ()"
     ),
 }
@@ -203,25 +203,28 @@ def _fake_lerp_mask_counts(grads: list[Tensor], exp_avgs: list[Tensor], weight: 
 
 def _fake_adamw_apply(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], alphas: list[float],
-    bc2_sqrts: list[float], decay: float, lerp_weight: float, beta2: float, one_minus_beta2: float, eps: float, scales: Optional[Tensor],
+    bc2_sqrts: list[float], decays: list[float], lerp_weight: float, beta2: float, one_minus_beta2: float, eps: float,
+    scales: Optional[Tensor],
 ) -> None:  # fmt: skip
     name = "adamw_apply"
     if not grads:
         return
-    _same_length(name, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, alphas=alphas, bc2_sqrts=bc2_sqrts)
+    _same_length(
+        name, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, alphas=alphas, bc2_sqrts=bc2_sqrts, decays=decays
+    )  # fmt: skip
     device = grads[0].device
     _elementwise(name, grads, device, {"params": params}, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs})
     _scales(name, scales, device, len(grads))
 
 
 def _fake_lion_apply(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], decay: float, weight1: float, weight2: float, neg_lr: float,
-    scales: Optional[Tensor],
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], decays: list[float], weight1: float, weight2: float,
+    neg_lrs: list[float], scales: Optional[Tensor],
 ) -> None:  # fmt: skip
     name = "lion_apply"
     if not grads:
         return
-    _same_length(name, params=params, grads=grads, exp_avgs=exp_avgs)
+    _same_length(name, params=params, grads=grads, exp_avgs=exp_avgs, decays=decays, neg_lrs=neg_lrs)
     device = grads[0].device
     _elementwise(name, grads, device, {"params": params}, {"exp_avgs": exp_avgs})
     _scales(name, scales, device, len(grads))
@@ -264,12 +267,15 @@ def _fake_came_vector_momentum(
 
 def _fake_came_vector_apply(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], preconds: list[Tensor], has_precond: list[bool], out_index: list[int],
-    decay: float, neg_lr: float, scales: Optional[Tensor], num_scales: int,
+    decays: list[float], neg_lrs: list[float], scales: Optional[Tensor], num_scales: int,
 ) -> None:  # fmt: skip
     name = "came_vector_apply"
     if not grads:
         return
-    _same_length(name, params=params, grads=grads, exp_avgs=exp_avgs, preconds=preconds, has_precond=has_precond, out_index=out_index)
+    _same_length(
+        name, params=params, grads=grads, exp_avgs=exp_avgs, preconds=preconds, has_precond=has_precond, out_index=out_index,
+        decays=decays, neg_lrs=neg_lrs,
+    )  # fmt: skip
     device = grads[0].device
     _elementwise(name, grads, device, {"params": params}, {"exp_avgs": exp_avgs})
     _preconds(name, grads, preconds, has_precond, device)
@@ -327,15 +333,15 @@ def _fake_came_factored_momentum(
 
 def _fake_came_factored_apply(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], starts: list[int], batches: list[int], rows: list[int],
-    cols: list[int], row_factor: list[Tensor], col_factor: list[Tensor], out_index: list[int], decay: float, neg_lr: float,
-    scales: Optional[Tensor], num_scales: int,
+    cols: list[int], row_factor: list[Tensor], col_factor: list[Tensor], out_index: list[int], decays: list[float],
+    neg_lrs: list[float], scales: Optional[Tensor], num_scales: int,
 ) -> None:  # fmt: skip
     name = "came_factored_apply"
     if not grads:
         return
     _same_length(
         name, params=params, grads=grads, exp_avgs=exp_avgs, starts=starts, batches=batches, rows=rows, cols=cols,
-        row_factor=row_factor, col_factor=col_factor, out_index=out_index,
+        row_factor=row_factor, col_factor=col_factor, out_index=out_index, decays=decays, neg_lrs=neg_lrs,
     )  # fmt: skip
     device = grads[0].device
     _elementwise(name, grads, device, {"params": params}, {"exp_avgs": exp_avgs})

@@ -7,8 +7,12 @@ per kind of work (multi-tensor apply), keeps mask counts and partial sums on the
 synchronisation), and computes in fp32 with the reference's op order and rounding.
 
 Host-side scalars are formed here in Python double precision exactly as ``reference.py`` forms
-them (``1 - beta``, ``lr / (1 - beta1**t)``, ``sqrt(1 - beta2**t)``); the binding rounds them to
-fp32 the way torch rounds a Python scalar in its CUDA kernels.
+them (``1 - beta``, ``lr / (1 - beta1**t)``, ``sqrt(1 - beta2**t)``, ``1 - lr * weight_decay``);
+the binding rounds them to fp32 the way torch rounds a Python scalar in its CUDA kernels. The
+apply phases take ``lr`` and ``weight_decay`` as one number or one per tensor
+(``reference.PerTensor``): the scalars that depend on them travel per tensor, in the kernels'
+descriptors, so one launch covers param groups that differ in them, with each tensor's math that
+of a call with its own scalars.
 
 A call whose tensors the kernels do not take (float64, not contiguous, on different devices)
 runs the reference function instead: same math, so the choice never changes a result's meaning.
@@ -36,7 +40,7 @@ from torch import Tensor
 
 from dist_cautious.kernels import cuda_library, reference, routing
 from dist_cautious.kernels.layout import FactoredLayout
-from dist_cautious.kernels.reference import CameFactors, mask_scales
+from dist_cautious.kernels.reference import CameFactors, PerTensor, mask_scales
 
 _VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -66,6 +70,15 @@ def _device_scales(scales: Optional[Tensor], device: torch.device) -> Optional[T
 
 def _batch_rows_cols(layout: FactoredLayout) -> tuple[int, int, int]:
     return math.prod(layout.shape[:-2]), layout.rows, layout.cols
+
+
+def _lrs_and_decays(lr: PerTensor, weight_decay: PerTensor, count: int) -> tuple[list[float], list[float]]:
+    """Per tensor, ``lr`` and the decay factor ``1 - lr * weight_decay``, in Python double as the
+    reference forms them (the binding rounds each to fp32)."""
+    if isinstance(lr, (int, float)) and isinstance(weight_decay, (int, float)):  # one group: no per-tensor loop
+        return [float(lr)] * count, [1 - lr * weight_decay] * count
+    lrs, wds = reference.per_tensor(lr, count), reference.per_tensor(weight_decay, count)
+    return lrs, [1 - lr_i * wd_i for lr_i, wd_i in zip(lrs, wds)]
 
 
 class CudaOps:
@@ -114,11 +127,11 @@ class CudaOps:
         exp_avg_sqs: Sequence[Tensor],
         steps: Sequence[int],
         *,
-        lr: float,
+        lr: PerTensor,
         beta1: float,
         beta2: float,
         eps: float,
-        weight_decay: float,
+        weight_decay: PerTensor,
         scales: Optional[Tensor] = None,
     ) -> None:
         if not grads:
@@ -126,11 +139,12 @@ class CudaOps:
         if not self._ok([params, grads], [exp_avgs, exp_avg_sqs]):
             reference.adamw_apply(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scales=scales)
             return
-        alphas = [-(lr / (1 - beta1**step)) for step in steps]
+        lrs, decays = _lrs_and_decays(lr, weight_decay, len(grads))
+        alphas = [-(lr_i / (1 - beta1**step)) for lr_i, step in zip(lrs, steps)]
         bc2_sqrts = [math.sqrt(1 - beta2**step) for step in steps]
         self._kernels().adamw_apply(
             list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), alphas, bc2_sqrts,
-            1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, _device_scales(scales, grads[0].device),
+            decays, 1 - beta1, beta2, 1 - beta2, eps, _device_scales(scales, grads[0].device),
         )
 
     # --- CautiousLion ----------------------------------------------------------------------
@@ -145,10 +159,10 @@ class CudaOps:
         grads: Sequence[Tensor],
         exp_avgs: Sequence[Tensor],
         *,
-        lr: float,
+        lr: PerTensor,
         beta1: float,
         beta2: float,
-        weight_decay: float,
+        weight_decay: PerTensor,
         scales: Optional[Tensor] = None,
     ) -> None:
         if not grads:
@@ -156,8 +170,9 @@ class CudaOps:
         if not self._ok([params, grads], [exp_avgs]):
             reference.lion_apply(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales)
             return
+        lrs, decays = _lrs_and_decays(lr, weight_decay, len(grads))
         self._kernels().lion_apply(
-            list(params), list(grads), list(exp_avgs), 1 - lr * weight_decay, 1 - beta1, 1 - beta2, -lr,
+            list(params), list(grads), list(exp_avgs), decays, 1 - beta1, 1 - beta2, [-lr_i for lr_i in lrs],
             _device_scales(scales, grads[0].device),
         )
 
@@ -174,10 +189,10 @@ class CudaOps:
         grads: Sequence[Tensor],
         exp_avgs: Sequence[Tensor],
         *,
-        lr: float,
+        lr: PerTensor,
         beta1: float,
         beta2: float,
-        weight_decay: float,
+        weight_decay: PerTensor,
         scales: Tensor,
     ) -> None:
         self.lion_apply(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales)
@@ -259,8 +274,8 @@ class CudaOps:
         exp_avgs: Sequence[Tensor],
         confidence: Sequence[CameFactors],
         *,
-        lr: float,
-        weight_decay: float,
+        lr: PerTensor,
+        weight_decay: PerTensor,
         scales: Optional[Tensor] = None,
     ) -> None:
         if not grads:
@@ -270,19 +285,19 @@ class CudaOps:
             return
         device = grads[0].device
         device_scales = _device_scales(scales, device)
-        decay, neg_lr = 1 - lr * weight_decay, -lr
+        lrs, decays = _lrs_and_decays(lr, weight_decay, len(grads))
         factored, vector = _split(confidence)
         if factored:
             self._kernels().came_factored_apply(
                 [params[i] for i in factored], [grads[i] for i in factored], [exp_avgs[i] for i in factored],
                 *_layout_lists(confidence, factored), [confidence[i].row for i in factored], [confidence[i].col for i in factored],
-                factored, decay, neg_lr, device_scales, len(grads),
+                factored, [decays[i] for i in factored], [-lrs[i] for i in factored], device_scales, len(grads),
             )
         if vector:
             preconds, has = _vector_preconds(confidence, vector, grads)
             self._kernels().came_vector_apply(
                 [params[i] for i in vector], [grads[i] for i in vector], [exp_avgs[i] for i in vector], preconds, has, vector,
-                decay, neg_lr, device_scales, len(grads),
+                [decays[i] for i in vector], [-lrs[i] for i in vector], device_scales, len(grads),
             )
 
     def came_factored_sq_sums_begin(self, grads: Sequence[Tensor], layouts: Sequence[Any], eps1: float, row_sums: Sequence[Tensor], col_sums: Sequence[Tensor], **_: Any) -> list[Optional[Tensor]]:

@@ -75,8 +75,8 @@ class BindingEmulator:
             counts[index] = int((update * g > 0).sum())
         return counts
 
-    def adamw_apply(self, params, grads, exp_avgs, exp_avg_sqs, alphas, bc2_sqrts, decay, lerp_weight, beta2, one_minus_beta2, eps, scales) -> None:
-        _same_length(params, grads, exp_avgs, exp_avg_sqs, alphas, bc2_sqrts)
+    def adamw_apply(self, params, grads, exp_avgs, exp_avg_sqs, alphas, bc2_sqrts, decays, lerp_weight, beta2, one_minus_beta2, eps, scales) -> None:
+        _same_length(params, grads, exp_avgs, exp_avg_sqs, alphas, bc2_sqrts, decays)
         if scales is not None:
             _check_state(scales, "scales", len(grads))
         for index, (param, grad, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
@@ -84,26 +84,26 @@ class BindingEmulator:
             _check_state(m, "exp_avg", grad.numel())
             _check_state(v, "exp_avg_sq", grad.numel())
             g = grad.float()
-            p = param.float() * _fp32(decay)
+            p = param.float() * _fp32(decays[index])
             m.copy_(_lerp(m, g, lerp_weight))
             v.mul_(_fp32(beta2)).add_(g * g, alpha=_fp32(one_minus_beta2))
             denom = v.sqrt() * (1.0 / _fp32(bc2_sqrts[index])) + _fp32(eps)
             numerator = m if scales is None else torch.where(m * g > 0, m * scales[index], torch.zeros_like(m))
             _store(param, p + _fp32(alphas[index]) * (numerator / denom))
 
-    def lion_apply(self, params, grads, exp_avgs, decay, weight1, weight2, neg_lr, scales) -> None:
-        _same_length(params, grads, exp_avgs)
+    def lion_apply(self, params, grads, exp_avgs, decays, weight1, weight2, neg_lrs, scales) -> None:
+        _same_length(params, grads, exp_avgs, decays, neg_lrs)
         if scales is not None:
             _check_state(scales, "scales", len(grads))
         for index, (param, grad, m) in enumerate(zip(params, grads, exp_avgs)):
             _check_value(param, "param", grad.numel())
             _check_state(m, "exp_avg", grad.numel())
             g = grad.float()
-            p = param.float() * _fp32(decay)
+            p = param.float() * _fp32(decays[index])
             update = _lerp(m, g, weight1).sign()
             if scales is not None:
                 update = torch.where(update * g > 0, update * scales[index], torch.zeros_like(update))
-            _store(param, p + _fp32(neg_lr) * update)
+            _store(param, p + _fp32(neg_lrs[index]) * update)
             m.copy_(_lerp(m, g, weight2))
 
     def came_vector_second_moment(self, grads, exp_avg_sqs, beta2, one_minus_beta2, eps1) -> None:
@@ -140,11 +140,11 @@ class BindingEmulator:
             m.mul_(_fp32(beta1)).add_(update, alpha=_fp32(one_minus_beta1))
             counts[slot] += int((m * g > 0).sum())
 
-    def came_vector_apply(self, params, grads, exp_avgs, preconds, has_precond, out_index, decay, neg_lr, scales, num_scales) -> None:
-        _same_length(params, grads, exp_avgs, preconds, has_precond, out_index)
+    def came_vector_apply(self, params, grads, exp_avgs, preconds, has_precond, out_index, decays, neg_lrs, scales, num_scales) -> None:
+        _same_length(params, grads, exp_avgs, preconds, has_precond, out_index, decays, neg_lrs)
         if scales is not None:
             _check_state(scales, "scales", num_scales)
-        for param, grad, m, precond, has, slot in zip(params, grads, exp_avgs, preconds, has_precond, out_index):
+        for param, grad, m, precond, has, slot, decay, neg_lr in zip(params, grads, exp_avgs, preconds, has_precond, out_index, decays, neg_lrs):
             _check_value(param, "param", grad.numel())
             update = self._precondition(precond, has, m)
             if scales is not None:
@@ -201,11 +201,13 @@ class BindingEmulator:
             col_out.index_add_(0, col_id, residual)
             counts[slot] += int((m * g > 0).sum())
 
-    def came_factored_apply(self, params, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, out_index, decay, neg_lr, scales, num_scales) -> None:
-        _same_length(params, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, out_index)
+    def came_factored_apply(self, params, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, out_index, decays, neg_lrs, scales, num_scales) -> None:
+        _same_length(params, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, out_index, decays, neg_lrs)
         if scales is not None:
             _check_state(scales, "scales", num_scales)
-        for param, grad, m, start, b, r, c, rf, cf, slot in zip(params, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, out_index):
+        for param, grad, m, start, b, r, c, rf, cf, slot, decay, neg_lr in zip(
+            params, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, out_index, decays, neg_lrs
+        ):
             _check_value(param, "param", grad.numel())
             update = self._factored_precond(grad, start, b, r, c, rf, cf) * m
             if scales is not None:

@@ -448,7 +448,7 @@ def test_binding_rejects_out_of_range_indices(ext):
     with pytest.raises(RuntimeError, match="out_index"):
         ext.came_vector_sumsq(g, [torch.rand(10), torch.rand(5)], [True, True], [0, 5], torch.zeros(2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="out_index"):
-        ext.came_vector_apply(g, g, m, [torch.rand(10), torch.rand(5)], [True, True], [0, 3], 1.0, -0.1, torch.ones(2), 2)
+        ext.came_vector_apply(g, g, m, [torch.rand(10), torch.rand(5)], [True, True], [0, 3], [1.0, 1.0], [-0.1, -0.1], torch.ones(2), 2)
     grads = [torch.randn(12)]
     with pytest.raises(RuntimeError, match="out_index"):
         ext.came_factored_sumsq(grads, [0], [1], [3], [4], [torch.rand(3)], [torch.rand(4)], [1], torch.zeros(1, dtype=torch.float64))
@@ -462,7 +462,7 @@ def test_binding_rejects_out_of_range_indices(ext):
     with pytest.raises(RuntimeError, match="tensors|length"):
         ext.came_vector_sumsq(g, [torch.rand(10)], [True], [0, 1], torch.zeros(2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="elements"):
-        ext.adamw_apply(g, g, m, [torch.rand(10), torch.rand(4)], [-0.1, -0.1], [0.5, 0.5], 1.0, 0.1, 0.999, 0.001, 1e-8, None)
+        ext.adamw_apply(g, g, m, [torch.rand(10), torch.rand(4)], [-0.1, -0.1], [0.5, 0.5], [1.0, 1.0], 0.1, 0.999, 0.001, 1e-8, None)
 
 
 # ---- the two routes to the kernels ---------------------------------------------------------------

@@ -212,7 +212,7 @@ def test_ops_refuse_real_tensors_without_kernels(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delitem(cuda_library._backends, "cpu", raising=False)
     param, grad, exp_avg = torch.zeros(3), torch.ones(3), torch.zeros(3)
     with pytest.raises(RuntimeError, match="no cpu kernels are bound"):
-        torch.ops.dist_cautious.lion_apply([param], [grad], [exp_avg], 1.0, 0.1, 0.01, -1e-3, None)
+        torch.ops.dist_cautious.lion_apply([param], [grad], [exp_avg], [1.0], 0.1, 0.01, [-1e-3], None)
     assert torch.equal(param, torch.zeros(3)) and torch.equal(exp_avg, torch.zeros(3))
 
 
