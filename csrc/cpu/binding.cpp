@@ -311,14 +311,14 @@ Tensor lion_mask_counts(const std::vector<Tensor>& grads, const std::vector<Tens
 
 void adamw_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
                  const std::vector<Tensor>& exp_avg_sqs, const std::vector<double>& neg_step_sizes, const std::vector<double>& sqrt_bc2s,
-                 double decay, double m_weight, double beta2, double one_minus_beta2, double eps, const OptTensor& scales) {
-  check_lists(params.size(), {grads.size(), exp_avgs.size(), exp_avg_sqs.size(), neg_step_sizes.size(), sqrt_bc2s.size()});
+                 const std::vector<double>& decays, double m_weight, double beta2, double one_minus_beta2, double eps, const OptTensor& scales) {
+  check_lists(params.size(), {grads.size(), exp_avgs.size(), exp_avg_sqs.size(), neg_step_sizes.size(), sqrt_bc2s.size(), decays.size()});
   const auto* k = active();
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     check_flat(params[i], n, "param");
     check_flat(grads[i], n, "grad");
-    dc::AdamParams a{static_cast<float>(decay),
+    dc::AdamParams a{static_cast<float>(decays[i]),
                      lerp_weight(m_weight),
                      static_cast<float>(beta2),
                      static_cast<float>(one_minus_beta2),
@@ -336,15 +336,16 @@ void adamw_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& g
   }
 }
 
-void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, double decay,
-                double update_weight, double m_weight, double neg_lr, const OptTensor& scales) {
-  check_lists(params.size(), {grads.size(), exp_avgs.size()});
+void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
+                const std::vector<double>& decays, double update_weight, double m_weight, const std::vector<double>& neg_lrs,
+                const OptTensor& scales) {
+  check_lists(params.size(), {grads.size(), exp_avgs.size(), decays.size(), neg_lrs.size()});
   const auto* k = active();
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     check_flat(params[i], n, "param");
     check_flat(grads[i], n, "grad");
-    dc::LionParams a{static_cast<float>(decay), lerp_weight(update_weight), lerp_weight(m_weight), static_cast<float>(neg_lr),
+    dc::LionParams a{static_cast<float>(decays[i]), lerp_weight(update_weight), lerp_weight(m_weight), static_cast<float>(neg_lrs[i]),
                      scales.has_value(), scale_at(scales, i)};
     void* p = params[i].data_ptr();
     const int pt = dtype_code(params[i], "param"), gt = dtype_code(grads[i], "grad");
@@ -385,8 +386,9 @@ Tensor lion_encode(const std::vector<Tensor>& grads, const std::vector<Tensor>& 
   return as_counts(counts);
 }
 
-void lion_decode_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& codes, double decay, double neg_lr, const Tensor& scales) {
-  check_lists(params.size(), {codes.size()});
+void lion_decode_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& codes, const std::vector<double>& decays,
+                       const std::vector<double>& neg_lrs, const Tensor& scales) {
+  check_lists(params.size(), {codes.size(), decays.size(), neg_lrs.size()});
   const auto* k = active();
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
@@ -394,9 +396,9 @@ void lion_decode_apply(const std::vector<Tensor>& params, const std::vector<Tens
     void* p = params[i].data_ptr();
     const int pt = dtype_code(params[i], "param");
     const uint8_t* code = scratch_ptr(codes[i], lion_code_bytes(n), "code buffer");
-    const float scale = scale_at(scales, i);
+    const float scale = scale_at(scales, i), decay = static_cast<float>(decays[i]), neg_lr = static_cast<float>(neg_lrs[i]);
     for_tiles(n, [&](int64_t, int64_t lo, int64_t hi) {
-      k->lion_decode_apply(p, pt, code, lo, hi, static_cast<float>(decay), static_cast<float>(neg_lr), scale);
+      k->lion_decode_apply(p, pt, code, lo, hi, decay, neg_lr, scale);
     });
   }
 }
@@ -601,9 +603,10 @@ Tensor came_momentum(const std::vector<Tensor>& grads, const std::vector<Tensor>
 void came_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
                 const std::vector<int64_t>& kinds, const std::vector<int64_t>& starts, const std::vector<int64_t>& rows,
                 const std::vector<int64_t>& cols, const std::vector<OptTensor>& row_f, const std::vector<OptTensor>& col_f,
-                const std::vector<OptTensor>& elem_f, double decay, double neg_lr, const OptTensor& scales, const std::vector<OptTensor>& masks) {
+                const std::vector<OptTensor>& elem_f, const std::vector<double>& decays, const std::vector<double>& neg_lrs,
+                const OptTensor& scales, const std::vector<OptTensor>& masks) {
   check_lists(params.size(), {grads.size(), exp_avgs.size(), kinds.size(), starts.size(), rows.size(), cols.size(), row_f.size(), col_f.size(),
-                              elem_f.size(), masks.size()});
+                              elem_f.size(), masks.size(), decays.size(), neg_lrs.size()});
   const auto* k = active();
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
@@ -614,7 +617,7 @@ void came_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
     const void* g = grads[i].data_ptr();
     const float* m = state_ptr(exp_avgs[i], n, "exp_avg");
     const Factors f = factors_at(i, n, kinds, starts, rows, cols, row_f, col_f, elem_f);
-    const dc::CameApplyParams a{static_cast<float>(decay), static_cast<float>(neg_lr), scales.has_value(), scale_at(scales, i)};
+    const dc::CameApplyParams a{static_cast<float>(decays[i]), static_cast<float>(neg_lrs[i]), scales.has_value(), scale_at(scales, i)};
     const uint8_t* mask = masks[i].has_value() ? scratch_ptr(*masks[i], came_mask_bytes(n), "mask buffer") : nullptr;
     auto col_of = [&](int64_t row, int64_t c0) { return f.col + (row / f.layout.rows) * f.layout.cols + c0; };
     for_tiles(n, [&](int64_t, int64_t lo, int64_t hi) {
@@ -649,12 +652,12 @@ TORCH_LIBRARY(dist_cautious_cpu, m) {
   m.def("lion_mask_counts(Tensor[] grads, Tensor[] exp_avgs, float weight) -> Tensor");
   m.def(
       "adamw_apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float[] neg_step_sizes, "
-      "float[] sqrt_bc2s, float decay, float m_weight, float beta2, float one_minus_beta2, float eps, Tensor? scales) -> ()");
+      "float[] sqrt_bc2s, float[] decays, float m_weight, float beta2, float one_minus_beta2, float eps, Tensor? scales) -> ()");
   m.def(
-      "lion_apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float decay, float update_weight, float m_weight, "
-      "float neg_lr, Tensor? scales) -> ()");
+      "lion_apply(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float[] decays, float update_weight, float m_weight, "
+      "float[] neg_lrs, Tensor? scales) -> ()");
   m.def("lion_encode(Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] codes, float update_weight, float m_weight) -> Tensor");
-  m.def("lion_decode_apply(Tensor(a!)[] params, Tensor[] codes, float decay, float neg_lr, Tensor scales) -> ()");
+  m.def("lion_decode_apply(Tensor(a!)[] params, Tensor[] codes, float[] decays, float[] neg_lrs, Tensor scales) -> ()");
   m.def(
       "came_factored_sq_sums(Tensor[] grads, int[] starts, int[] rows, int[] cols, float eps1, Tensor(a!)[] row_sums, "
       "Tensor(b!)[] col_sums, Tensor?[] row_states, float beta2, float one_minus_beta2, Tensor(c!)?[] folded) -> ()");
@@ -668,7 +671,7 @@ TORCH_LIBRARY(dist_cautious_cpu, m) {
       "float eps2, Tensor(b!)?[] res_row_sums, Tensor(c!)?[] res_col_sums, Tensor(d!)?[] masks) -> Tensor");
   m.def(
       "came_apply(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, int[] kinds, int[] starts, int[] rows, int[] cols, "
-      "Tensor?[] row_factor, Tensor?[] col_factor, Tensor?[] elementwise, float decay, float neg_lr, Tensor? scales, "
+      "Tensor?[] row_factor, Tensor?[] col_factor, Tensor?[] elementwise, float[] decays, float[] neg_lrs, Tensor? scales, "
       "Tensor?[] masks) -> ()");
 }
 

@@ -72,18 +72,21 @@ def _fake_mask_counts(grads: list[Tensor], exp_avgs: list[Tensor], weight: float
 
 def _fake_adamw_apply(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], neg_step_sizes: list[float],
-    sqrt_bc2s: list[float], decay: float, m_weight: float, beta2: float, one_minus_beta2: float, eps: float, scales: Optional[Tensor],
+    sqrt_bc2s: list[float], decays: list[float], m_weight: float, beta2: float, one_minus_beta2: float, eps: float, scales: Optional[Tensor],
 ) -> None:  # fmt: skip
     name = "adamw_apply"
-    _same_length(name, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, neg_step_sizes=neg_step_sizes, sqrt_bc2s=sqrt_bc2s)
+    _same_length(
+        name, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, neg_step_sizes=neg_step_sizes, sqrt_bc2s=sqrt_bc2s,
+        decays=decays,
+    )  # fmt: skip
     _same_sizes(name, grads, params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
 
 
 def _fake_lion_apply(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], decay: float, update_weight: float, m_weight: float, neg_lr: float,
-    scales: Optional[Tensor],
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], decays: list[float], update_weight: float, m_weight: float,
+    neg_lrs: list[float], scales: Optional[Tensor],
 ) -> None:  # fmt: skip
-    _same_length("lion_apply", params=params, grads=grads, exp_avgs=exp_avgs)
+    _same_length("lion_apply", params=params, grads=grads, exp_avgs=exp_avgs, decays=decays, neg_lrs=neg_lrs)
     _same_sizes("lion_apply", grads, params=params, exp_avgs=exp_avgs)
 
 
@@ -93,8 +96,8 @@ def _fake_lion_encode(grads: list[Tensor], exp_avgs: list[Tensor], codes: list[T
     return _per_tensor(grads)
 
 
-def _fake_lion_decode_apply(params: list[Tensor], codes: list[Tensor], decay: float, neg_lr: float, scales: Tensor) -> None:
-    _same_length("lion_decode_apply", params=params, codes=codes)
+def _fake_lion_decode_apply(params: list[Tensor], codes: list[Tensor], decays: list[float], neg_lrs: list[float], scales: Tensor) -> None:
+    _same_length("lion_decode_apply", params=params, codes=codes, decays=decays, neg_lrs=neg_lrs)
 
 
 def _fake_came_factored_sq_sums(
@@ -145,12 +148,12 @@ def _fake_came_momentum(
 
 def _fake_came_apply(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], kinds: list[int], starts: list[int], rows: list[int], cols: list[int],
-    row_factor: list[Optional[Tensor]], col_factor: list[Optional[Tensor]], elementwise: list[Optional[Tensor]], decay: float, neg_lr: float,
-    scales: Optional[Tensor], masks: list[Optional[Tensor]],
+    row_factor: list[Optional[Tensor]], col_factor: list[Optional[Tensor]], elementwise: list[Optional[Tensor]], decays: list[float],
+    neg_lrs: list[float], scales: Optional[Tensor], masks: list[Optional[Tensor]],
 ) -> None:  # fmt: skip
     name = "came_apply"
     _factor_lists(name, grads, kinds, starts, rows, cols, row_factor, col_factor, elementwise)
-    _same_length(name, grads=grads, params=params, exp_avgs=exp_avgs, masks=masks)
+    _same_length(name, grads=grads, params=params, exp_avgs=exp_avgs, masks=masks, decays=decays, neg_lrs=neg_lrs)
     _same_sizes(name, grads, params=params, exp_avgs=exp_avgs)
 
 

@@ -31,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from dist_cautious.kernels import cpu_library, reference, routing
 from dist_cautious.kernels.layout import FactoredLayout
-from dist_cautious.kernels.reference import CameFactors, FactorList, mask_scales
+from dist_cautious.kernels.reference import CameFactors, FactorList, PerTensor, mask_scales
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _IDENTITY, _ELEMENTWISE, _FACTORED = 0, 1, 2
@@ -208,21 +208,21 @@ class CpuOps:
         exp_avg_sqs: Sequence[Tensor],
         steps: Sequence[int],
         *,
-        lr: float,
+        lr: PerTensor,
         beta1: float,
         beta2: float,
         eps: float,
-        weight_decay: float,
+        weight_decay: PerTensor,
         scales: Optional[Tensor] = None,
     ) -> None:
         if not (self._ok([*params, *grads], [*exp_avgs, *exp_avg_sqs]) and _scales_ok(scales)):
             reference.adamw_apply(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scales=scales)
             return
-        neg_step_sizes = [-(lr / (1 - beta1**step)) for step in steps]
+        decays, neg_lrs = reference.decays_and_neg_lrs(lr, weight_decay, len(params))
+        neg_step_sizes = [neg_lr / (1 - beta1**step) for neg_lr, step in zip(neg_lrs, steps)]
         sqrt_bc2s = [math.sqrt(1 - beta2**step) for step in steps]
         self._kernels().adamw_apply(
-            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), neg_step_sizes, sqrt_bc2s,
-            1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, scales,
+            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), neg_step_sizes, sqrt_bc2s, decays, 1 - beta1, beta2, 1 - beta2, eps, scales,
         )  # fmt: skip
 
     # --- Lion ----------------------------------------------------------------------------
@@ -237,16 +237,17 @@ class CpuOps:
         grads: Sequence[Tensor],
         exp_avgs: Sequence[Tensor],
         *,
-        lr: float,
+        lr: PerTensor,
         beta1: float,
         beta2: float,
-        weight_decay: float,
+        weight_decay: PerTensor,
         scales: Optional[Tensor] = None,
     ) -> None:
         if not (self._ok([*params, *grads], exp_avgs) and _scales_ok(scales)):
             reference.lion_apply(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales)
             return
-        self._kernels().lion_apply(list(params), list(grads), list(exp_avgs), 1 - lr * weight_decay, 1 - beta1, 1 - beta2, -lr, scales)
+        decays, neg_lrs = reference.decays_and_neg_lrs(lr, weight_decay, len(params))
+        self._kernels().lion_apply(list(params), list(grads), list(exp_avgs), decays, 1 - beta1, 1 - beta2, neg_lrs, scales)
 
     def lion_cautious_begin(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], *, beta1: float, beta2: float
@@ -266,17 +267,17 @@ class CpuOps:
         grads: Sequence[Tensor],
         exp_avgs: Sequence[Tensor],
         *,
-        lr: float,
+        lr: PerTensor,
         beta1: float,
         beta2: float,
-        weight_decay: float,
+        weight_decay: PerTensor,
         scales: Tensor,
     ) -> None:
         if not isinstance(pending, _LionCodes):
             reference.lion_cautious_finish(pending, params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales)
             return
         cpu_scales = scales.detach().to(device="cpu", dtype=torch.float32)
-        self._kernels().lion_decode_apply(list(params), pending.codes, 1 - lr * weight_decay, -lr, cpu_scales)
+        self._kernels().lion_decode_apply(list(params), pending.codes, *reference.decays_and_neg_lrs(lr, weight_decay, len(params)), cpu_scales)
         self._scratch.give_back(pending.buffer)
 
     # --- CAME ----------------------------------------------------------------------------
@@ -411,8 +412,8 @@ class CpuOps:
         exp_avgs: Sequence[Tensor],
         confidence: Sequence[CameFactors],
         *,
-        lr: float,
-        weight_decay: float,
+        lr: PerTensor,
+        weight_decay: PerTensor,
         scales: Optional[Tensor] = None,
     ) -> None:
         packed = _FactorArgs.of(confidence)
@@ -420,7 +421,8 @@ class CpuOps:
             reference.came_apply(params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales)
             return
         self._check_factors(grads, confidence)
-        self._kernels().came_apply(list(params), list(grads), list(exp_avgs), *packed.args(), 1 - lr * weight_decay, -lr, scales, [None] * len(params))
+        decays, neg_lrs = reference.decays_and_neg_lrs(lr, weight_decay, len(params))
+        self._kernels().came_apply(list(params), list(grads), list(exp_avgs), *packed.args(), decays, neg_lrs, scales, [None] * len(params))
 
     def came_cautious_finish(
         self,
@@ -430,8 +432,8 @@ class CpuOps:
         exp_avgs: Sequence[Tensor],
         confidence: Sequence[CameFactors],
         *,
-        lr: float,
-        weight_decay: float,
+        lr: PerTensor,
+        weight_decay: PerTensor,
         scales: Tensor,
     ) -> None:
         packed = _FactorArgs.of(confidence)
@@ -441,8 +443,9 @@ class CpuOps:
         self._check_factors(grads, confidence)
         cpu_scales = scales.detach().to(device="cpu", dtype=torch.float32)
         self._kernels().came_apply(
-            list(params), list(grads), list(exp_avgs), *packed.args(), 1 - lr * weight_decay, -lr, cpu_scales, pending.masks
-        )
+            list(params), list(grads), list(exp_avgs), *packed.args(), *reference.decays_and_neg_lrs(lr, weight_decay, len(params)), cpu_scales,
+            pending.masks,
+        )  # fmt: skip
         self._scratch.give_back(pending.buffer)
 
     # --- argument checks -----------------------------------------------------------------

@@ -42,6 +42,15 @@ def per_tensor(value: PerTensor, count: int) -> list[float]:
     return values
 
 
+def decays_and_neg_lrs(lr: PerTensor, weight_decay: PerTensor, count: int) -> tuple[list[float], list[float]]:
+    """Per tensor, the decay factor ``1 - lr * weight_decay`` and ``-lr`` that the fused kernels
+    take (in Python double, as the reference computes them; the kernels round them to fp32)."""
+    if isinstance(lr, (int, float)) and isinstance(weight_decay, (int, float)):
+        return [1 - lr * weight_decay] * count, [-lr] * count
+    lrs, decays = per_tensor(lr, count), per_tensor(weight_decay, count)
+    return [1 - lr_i * wd_i for lr_i, wd_i in zip(lrs, decays)], [-lr_i for lr_i in lrs]
+
+
 def _as(tensor: Tensor, like: Tensor) -> Tensor:
     """``tensor`` in ``like``'s dtype (the dtype of the math), without a copy when it is."""
     return tensor if tensor.dtype == like.dtype else tensor.to(like.dtype)
