@@ -69,7 +69,8 @@ class CautiousAdamW(FragmentOptimizer):
                 [f.grad for f in fragments], self.elementwise_states(fragments, "exp_avg"), group["betas"][0]
             ),
         )
-        for (group, fragments), scale in zip(batches, scales):
+        for batch, scale in zip(batches, scales):
+            group, fragments = batch.group, batch.fragments
             beta1, beta2 = group["betas"]
             args = (
                 [f.param for f in fragments],
@@ -78,8 +79,10 @@ class CautiousAdamW(FragmentOptimizer):
                 self.elementwise_states(fragments, "exp_avg_sq"),
                 self.step_counts(fragments),
             )
-            hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], scales=scale)
-            hyper.update(cautious_decay_options(group))
+            hyper = dict(
+                lr=batch.per_tensor("lr"), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=batch.per_tensor("weight_decay"), scales=scale
+            )
+            hyper.update(cautious_decay_options(batch))
             if group["amsgrad"]:
                 hyper["max_exp_avg_sqs"] = self.elementwise_states(fragments, "max_exp_avg_sq")
             kernels_for_group(group, fragments).adamw_apply(*args, **hyper)

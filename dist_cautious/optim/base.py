@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from dist_cautious.kernels import ops_for, reference
-from dist_cautious.kernels.reference import mask_scales
+from dist_cautious.kernels.reference import PerTensor, mask_scales
 from dist_cautious.optim.plan import _DTYPE, _GRAD, Plan, PlanCache, Work, reference_only
 from dist_cautious.shard.adapters import FragmentSource, default_fragments
 from dist_cautious.shard.fragment import Fragment, state_dtype
@@ -252,15 +252,18 @@ class FragmentOptimizer(Optimizer):
         kept[(id(fragments), key)] = (fragments, holders, [holder[key] for holder in holders], views)
         return views
 
-    def batches_of(self, work: Work) -> list[tuple[dict[str, Any], list[Fragment]]]:
-        """``by_group(work)``; for the work of the step plan in use, made once and kept with it."""
+    def batches_of(self, work: Work) -> list["Batch"]:
+        """``batches(work, self.defaults)``; for the work of the step plan in use, made once and
+        kept with it while the groups' shared hyperparameters stay as they were (a momentum
+        scheduler may change ``betas`` between steps: O(groups) to check)."""
         plan = self._plan_in_use
         if plan is None or work is not plan.work:
-            return by_group(work)
-        batches = plan.kept.get("batches")
-        if batches is None:
-            batches = plan.kept["batches"] = by_group(work)
-        return batches
+            return batches(work, self.defaults)
+        keys = [call_key(group, self.defaults) for group in self.param_groups]
+        kept = plan.kept.get("batches")
+        if kept is None or kept[0] != keys:
+            kept = plan.kept["batches"] = (keys, batches(work, self.defaults))
+        return kept[1]
 
 
 _IS_SPARSE = operator.attrgetter("is_sparse")
@@ -308,14 +311,70 @@ def _negate_grads_to_maximize(work: Work) -> list[tuple[Fragment, Tensor]]:
     return restore
 
 
-def by_group(work: Work) -> list[tuple[dict[str, Any], list[Fragment]]]:
-    """Fragments grouped by param group, device (for the kernel dispatch) and state dtype (a
-    batch's math runs in one dtype: fp32, or float64 for float64 params), in order."""
-    batches: dict[tuple[int, torch.device, torch.dtype], tuple[dict[str, Any], list[Fragment]]] = {}
+#: the hyperparameters a kernel call takes per tensor (``kernels.reference.PerTensor``): param
+#: groups that differ only in these share one call per phase
+PER_TENSOR_KEYS = ("lr", "weight_decay")
+
+
+class Batch:
+    """The fragments one kernel call per phase covers: one device (for the kernel dispatch), one
+    state dtype (the batch's math runs in one dtype: fp32, or float64 for float64 params), and
+    param groups that differ at most in ``PER_TENSOR_KEYS`` (the usual decay / no-decay split,
+    per-layer learning rates), so a model's groups cost one call per phase, not one per group.
+
+    ``group``: the first group (what every group of the batch shares); ``runs``: each group of
+    the batch with its number of fragments, in fragment order."""
+
+    __slots__ = ("group", "fragments", "runs")
+
+    def __init__(self, group: dict[str, Any]) -> None:
+        self.group = group
+        self.fragments: list[Fragment] = []
+        self.runs: list[list[Any]] = []
+
+    def add(self, group: dict[str, Any], fragment: Fragment) -> None:
+        if self.runs and self.runs[-1][0] is group:
+            self.runs[-1][1] += 1
+        else:
+            self.runs.append([group, 1])
+        self.fragments.append(fragment)
+
+    def per_tensor(self, key: str) -> PerTensor:
+        """The group value of ``key`` (read now: schedulers change ``lr``), one number when every
+        group of the batch has the same, else one per fragment."""
+        values = [float(group[key]) for group, _ in self.runs]
+        if values.count(values[0]) == len(values):
+            return values[0]
+        return list(itertools.chain.from_iterable(map(itertools.repeat, values, [count for _, count in self.runs])))
+
+
+def call_key(group: dict[str, Any], defaults: dict[str, Any]) -> tuple[Any, ...]:
+    """What must be equal for two param groups to share kernel calls: every hyperparameter the
+    optimizer reads (its ``defaults`` keys) except ``PER_TENSOR_KEYS``, and whether the group
+    runs the reference ops. Other keys a group carries (a name, a scheduler's ``initial_lr``)
+    are not hyperparameters of the step and do not split it."""
+    values = tuple(group.get(key) for key in defaults if key not in PER_TENSOR_KEYS)
+    try:
+        hash(values)
+    except TypeError:  # an unhashable value (not one the checks make): the group steps alone
+        return (id(group),)
+    return (*values, reference_only(group))
+
+
+def batches(work: Work, defaults: dict[str, Any]) -> list[Batch]:
+    """The step's fragments in ``Batch``es, in order."""
+    by_key: dict[tuple[Any, ...], Batch] = {}
+    keys: dict[int, tuple[Any, ...]] = {}
     for group, fragment in work:
-        key = (id(group), fragment.param.device, fragment.state_dtype)
-        batches.setdefault(key, (group, []))[1].append(fragment)
-    return list(batches.values())
+        key = keys.get(id(group))
+        if key is None:
+            key = keys[id(group)] = call_key(group, defaults)
+        batch_key = (key, fragment.param.device, fragment.state_dtype)
+        batch = by_key.get(batch_key)
+        if batch is None:
+            batch = by_key[batch_key] = Batch(group)
+        batch.add(group, fragment)
+    return list(by_key.values())
 
 
 def kernels_for(fragments: Sequence[Fragment]) -> Any:
@@ -324,10 +383,12 @@ def kernels_for(fragments: Sequence[Fragment]) -> Any:
     return ops if ops is not None else ops_for(fragments[0].param.device)
 
 
-def cautious_decay_options(group: dict[str, Any]) -> dict[str, bool]:
-    """``{"cautious_weight_decay": True}`` for a group whose decay is cautious and nonzero (the
-    reference ops' keyword), else nothing: with a zero decay the option changes nothing."""
-    return {"cautious_weight_decay": True} if group.get("cautious_weight_decay") and group["weight_decay"] else {}
+def cautious_decay_options(batch: Batch) -> dict[str, bool]:
+    """``{"cautious_weight_decay": True}`` for a batch whose decay is cautious and nonzero in
+    some group (the reference ops' keyword), else nothing: with a zero decay the option changes
+    nothing (a factor of exactly 1 where it applies)."""
+    cautious = batch.group.get("cautious_weight_decay") and any(group["weight_decay"] for group, _ in batch.runs)
+    return {"cautious_weight_decay": True} if cautious else {}
 
 
 def kernels_for_group(group: dict[str, Any], fragments: Sequence[Fragment]) -> Any:
@@ -366,26 +427,23 @@ def _reduction_positions(fragments: Sequence[Fragment], device: torch.device) ->
     return made
 
 
-def global_mask_scales(
-    batches: list[tuple[dict[str, Any], list[Fragment]]],
-    local_counts: Callable[[dict[str, Any], list[Fragment]], Tensor],
-) -> list[Optional[Tensor]]:
+def global_mask_scales(step_batches: list[Batch], local_counts: Callable[[dict[str, Any], list[Fragment]], Tensor]) -> list[Optional[Tensor]]:
     """The cautious mask's phase 1: local agreeing counts per fragment, completed over each
     fragment's process group in ONE reduction, turned into per-tensor scales
     ``1 / max(count / numel, 1e-3)``. ``None`` for groups with ``cautious=False``."""
     reducer = BatchedReducer()
     counts: list[Optional[Tensor]] = []
-    for group, fragments in batches:
-        if not group["cautious"]:
+    for batch in step_batches:
+        if not batch.group["cautious"]:
             counts.append(None)
             continue
-        batch_counts = local_counts(group, fragments)
-        reduce_per_tensor(fragments, batch_counts, reducer)
+        batch_counts = local_counts(batch.group, batch.fragments)
+        reduce_per_tensor(batch.fragments, batch_counts, reducer)
         counts.append(batch_counts)
     reducer.all_reduce()
     return [
-        None if batch_counts is None else mask_scales(batch_counts, batch_sizes(fragments, batch_counts.device, batch_counts.dtype))
-        for (_, fragments), batch_counts in zip(batches, counts)
+        None if batch_counts is None else mask_scales(batch_counts, batch_sizes(batch.fragments, batch_counts.device, batch_counts.dtype))
+        for batch, batch_counts in zip(step_batches, counts)
     ]
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from dist_cautious.kernels.reference import CameFactors, FactorList, mask_scales
 from dist_cautious.optim.base import (
-    FragmentOptimizer, Work, by_group, cautious_decay_options, check_betas, check_flag, check_lr, check_nonnegative, kernels_for_group,
+    Batch, FragmentOptimizer, Work, cautious_decay_options, check_betas, check_flag, check_lr, check_nonnegative, kernels_for_group,
 )  # fmt: skip
 from dist_cautious.shard.fragment import Fragment
 from dist_cautious.shard.reducer import BatchedReducer
@@ -112,7 +112,10 @@ class CAME(FragmentOptimizer):
             group, fragments = batch.group, batch.fragments
             ops = kernels_for_group(group, fragments)
             params, grads = [f.param for f in fragments], [f.grad for f in fragments]
-            hyper = dict(lr=float(group["lr"]), weight_decay=group["weight_decay"], scales=batch_scales, **cautious_decay_options(group))
+            hyper = dict(
+                lr=batch.source.per_tensor("lr"), weight_decay=batch.source.per_tensor("weight_decay"), scales=batch_scales,
+                **cautious_decay_options(batch.source),
+            )  # fmt: skip
             if group["cautious"]:
                 ops.came_cautious_finish(batch_pending, params, grads, batch.exp_avgs, batch.confidence, **hyper)
             else:
@@ -124,9 +127,10 @@ class CAME(FragmentOptimizer):
         Without a step plan (params stepped on copies) it is built every step and copies the
         factor state in and out instead of owning it. ``_came_plan``: the one in use."""
         step_plan = getattr(self, "_plan_in_use", None)
+        step_batches = self.batches_of(work)
         kept = step_plan.kept.get("came") if step_plan is not None else None
-        if kept is None or not kept.still_valid():
-            kept = _CamePlan(by_group(work), owns_state=step_plan is not None)
+        if kept is None or kept.source is not step_batches or not kept.still_valid():
+            kept = _CamePlan(step_batches, owns_state=step_plan is not None)
             if step_plan is not None:
                 step_plan.kept["came"] = kept
         self._came_plan = kept if step_plan is not None else None
@@ -344,11 +348,13 @@ class _Factors:
 
 
 class _CameBatch:
-    """One batch (param group, device) of a step: its fragments in order, their segments, and
-    the per-fragment lists the kernels take (views into the segments' buffers), made once."""
+    """One ``Batch`` of a step (param groups that share kernel calls, one device): its fragments
+    in order, their segments, and the per-fragment lists the kernels take (views into the
+    segments' buffers), made once."""
 
-    def __init__(self, group: dict[str, Any], fragments: list[Fragment], owns_state: bool) -> None:
-        self.group, self.fragments = group, fragments
+    def __init__(self, source: Batch, owns_state: bool) -> None:
+        self.source = source
+        self.group, self.fragments = source.group, fragments = source.group, source.fragments
         self.factored = [f for f in fragments if f.factored]
         self.vectors = [f for f in fragments if not f.factored]
         by_group: dict[Optional[dist.ProcessGroup], list[Fragment]] = {}
@@ -453,8 +459,11 @@ class _CamePlan:
     process group (and device and dtype) that every fragment's row / column sums are views
     into, reduced in place."""
 
-    def __init__(self, batches: list[tuple[dict[str, Any], list[Fragment]]], owns_state: bool) -> None:
-        self.batches = [_CameBatch(group, fragments, owns_state) for group, fragments in batches]
+    def __init__(self, batches: list[Batch], owns_state: bool) -> None:
+        #: the step's batches this layout was made for (``CAME._came_plan_for`` rebuilds it when
+        #: they are made anew)
+        self.source = batches
+        self.batches = [_CameBatch(batch, owns_state) for batch in batches]
         # keyed by (process group, device, dtype): a buffer is one tensor
         sizes: dict[tuple[Optional[dist.ProcessGroup], torch.device, torch.dtype], int] = {}
         for batch in self.batches:

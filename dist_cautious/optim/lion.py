@@ -57,12 +57,13 @@ class CautiousLion(FragmentOptimizer):
             return counts
 
         scales = global_mask_scales(batches, begin)
-        for (group, fragments), scale in zip(batches, scales):
+        for batch, scale in zip(batches, scales):
+            group, fragments = batch.group, batch.fragments
             self.step_counts(fragments)  # advanced once per step
             params, grads = [f.param for f in fragments], [f.grad for f in fragments]
             exp_avgs = self.elementwise_states(fragments, "exp_avg")
-            hyper = dict(lr=float(group["lr"]), beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"])
-            hyper.update(cautious_decay_options(group))
+            hyper = dict(lr=batch.per_tensor("lr"), beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=batch.per_tensor("weight_decay"))
+            hyper.update(cautious_decay_options(batch))
             ops = kernels_for_group(group, fragments)
             if scale is None:
                 ops.lion_apply(params, grads, exp_avgs, **hyper)

@@ -21,6 +21,7 @@ from collections import defaultdict
 import pytest
 import torch
 
+from dist_cautious.optim.base import batches
 from dist_cautious.optim.came import CAME, _CamePlan, _ema_, _factor_shapes, _normalised_rsqrt
 from dist_cautious.shard.adapters import default_fragments
 
@@ -49,7 +50,7 @@ def test_batched_factor_update_is_the_per_tensor_update_bitwise(two_threads: Non
         fragment.state["exp_avg_sq_row"] = torch.rand(row_shape, generator=gen) + 0.1
         fragment.state["exp_avg_sq_col"] = torch.rand(col_shape, generator=gen) + 0.1
     before = {id(f): (f.state["exp_avg_sq_row"].clone(), f.state["exp_avg_sq_col"].clone()) for f in factored}
-    plan = _CamePlan([(group, fragments)], owns_state=True)
+    plan = _CamePlan(batches([(group, fragment) for fragment in fragments], {}), owns_state=True)
     (batch,) = plan.batches
     assert len(batch.segments) == 1  # all local: one segment, ordered by R into runs
     runs = [rows for _, _, rows in batch.segments[0].runs]

@@ -105,3 +105,24 @@ def test_native_kernels_are_counted_as_one_custom_op_each(name: str) -> None:
         counter = _second_step(FACTORIES[name], count, new_grads=True)
         native = {op: n for op, n in counter.by_name.items() if op.startswith("dist_cautious_cpu::")}
         assert native == {f"dist_cautious_cpu::{op}": 1 for op in KERNELS[name]}, f"{name}, {count} tensors: {native}"
+
+
+def _decay_split(factory: Any) -> Any:
+    """``factory`` over two param groups that differ in lr and weight_decay (matrices decayed,
+    vectors not: the split Hugging Face's Trainer and timm make)."""
+    return lambda ps: factory([{"params": ps[0::2], "weight_decay": 0.1, "lr": 3e-4}, {"params": ps[1::2], "weight_decay": 0.0}])
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_param_groups_differing_in_lr_and_decay_share_each_call(name: str) -> None:
+    """A decay / no-decay split costs no op and no kernel call over one group: each native
+    kernel runs once per step for both groups (lr and weight_decay travel per tensor), and the
+    step dispatches exactly the ops of the one-group step. One call per group fails this."""
+    if not hasattr(ops_for(torch.device("cpu")), "trusted"):
+        pytest.skip("native CPU kernels unavailable")
+    for count in (10, 100):
+        one_group = _second_step(FACTORIES[name], count, new_grads=True)
+        split = _second_step(_decay_split(FACTORIES[name]), count, new_grads=True)
+        native = {op: n for op, n in split.by_name.items() if op.startswith("dist_cautious_cpu::")}
+        assert native == {f"dist_cautious_cpu::{op}": 1 for op in KERNELS[name]}, f"{name}, {count} tensors: {native}"
+        assert split.count == one_group.count, f"{name}, {count} tensors: {split.count} ops with two groups, {one_group.count} with one"
