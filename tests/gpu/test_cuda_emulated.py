@@ -435,6 +435,167 @@ def test_came_reductions_repeat_bit_for_bit_and_use_no_float_atomics(ops):
     assert torch.ops.dc_cuda_emu.float_atomics() == before
 
 
+# ---- lr and weight decay per tensor: one launch over param groups that differ in them --------------
+# Small tensors (the emulation is slow) that still cross a chunk (320) and include an empty one.
+# Every tensor has its own lr and weight decay, and tensor 0 does not decay: a kernel that took
+# one tensor's decay or -lr for the whole launch changes every other tensor's param.
+PT_SIZES = [5, 0, 321, 64, 700]
+PT_LRS = [1e-3, 3e-2, 1e-2, 2e-3, 5e-2]
+PT_WDS = [0.0, 0.3, 0.01, 0.1, 0.05]
+PT_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+
+
+def _pt_case(param_dtype, grad_dtype, seed):
+    gen = _gen(seed)
+    params = [_randn(n, gen, param_dtype) for n in PT_SIZES]
+    grads = [_with_zeros(_randn(n, gen, grad_dtype, 0.1)) for n in PT_SIZES]
+    exp_avgs = [_randn(n, gen, scale=0.05) for n in PT_SIZES]
+    exp_avg_sqs = [torch.rand(n, generator=gen) * 1e-2 for n in PT_SIZES]
+    return params, grads, exp_avgs, exp_avg_sqs
+
+
+def _one(scales, i):
+    return None if scales is None else scales[i : i + 1]
+
+
+def _all_bitwise(actual, expected, what):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        _bitwise(a, e, f"{what} [{i}]")
+
+
+@pytest.mark.parametrize("param_dtype,grad_dtype", PT_DTYPES)
+@pytest.mark.parametrize("cautious", [False, True])
+def test_adamw_lr_and_weight_decay_per_tensor(ops, param_dtype, grad_dtype, cautious):
+    """One call with per-tensor lr / weight decay lands on the bits of one call per tensor with
+    its scalars, and matches the reference given the same lists."""
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    steps = [1, 4, 2, 7, 3]
+    params, grads, ms, vs = _pt_case(param_dtype, grad_dtype, seed=11)
+    counts = reference.adamw_mask_counts(grads, ms, beta1)
+    scales = reference.mask_scales(counts, [max(n, 1) for n in PT_SIZES]) if cautious else None
+    old_p, old_v = _clone(params), _clone(vs)
+    one = [_clone(params), _clone(ms), _clone(vs)]
+    ref = [_clone(params), _clone(ms), _clone(vs)]
+    common = dict(beta1=beta1, beta2=beta2, eps=eps)
+    ops.adamw_apply(params, grads, ms, vs, steps, lr=PT_LRS, weight_decay=PT_WDS, scales=scales, **common)
+    for i in range(len(PT_SIZES)):
+        ops.adamw_apply([one[0][i]], [grads[i]], [one[1][i]], [one[2][i]], [steps[i]], lr=PT_LRS[i], weight_decay=PT_WDS[i],
+                        scales=_one(scales, i), **common)
+    reference.adamw_apply(ref[0], grads, ref[1], ref[2], steps, lr=PT_LRS, weight_decay=PT_WDS, scales=scales, **common)
+    _all_bitwise(params, one[0], "adamw param, one call vs one per tensor")
+    _all_bitwise(ms, one[1], "adamw exp_avg, one call vs one per tensor")
+    _all_bitwise(vs, one[2], "adamw exp_avg_sq, one call vs one per tensor")
+    for i, n in enumerate(PT_SIZES):
+        lr, g = PT_LRS[i], grads[i].double()
+        _bitwise(ms[i], ref[1][i], f"adamw exp_avg [{n}]")
+        _within(vs[i], ref[2][i], 8 * U * (old_v[i].double() * beta2 + (1 - beta2) * g * g), f"adamw exp_avg_sq [{n}]")
+        bc1, bc2 = 1 - beta1**steps[i], math.sqrt(1 - beta2**steps[i])
+        update = ref[1][i].double() / (ref[2][i].double().sqrt() / bc2 + eps)
+        magnitude = old_p[i].double().abs() + lr / bc1 * update.abs() * (float(scales[i]) if cautious else 1.0)
+        _within(params[i], ref[0][i], _param_bound(ref[0][i], magnitude, param_dtype, 8), f"adamw param [{n}] lr {lr} wd {PT_WDS[i]}")
+
+
+@pytest.mark.parametrize("param_dtype,grad_dtype", PT_DTYPES)
+@pytest.mark.parametrize("cautious", [False, True])
+def test_lion_lr_and_weight_decay_per_tensor(ops, param_dtype, grad_dtype, cautious):
+    """lion_apply, and the cautious pair (begin, then lion_cautious_finish), with per-tensor lr /
+    weight decay: bit for bit one call per tensor with its scalars; plain Lion also bit for bit
+    the reference given the same lists."""
+    beta1, beta2 = 0.9, 0.99
+    params, grads, ms, _ = _pt_case(param_dtype, grad_dtype, seed=12)
+    old_p = _clone(params)
+    one_p, one_m = _clone(params), _clone(ms)
+    ref_p, ref_m = _clone(params), _clone(ms)
+    scales = None
+    if cautious:
+        counts, pending = ops.lion_cautious_begin(params, grads, ms, beta1=beta1, beta2=beta2)
+        scales = reference.mask_scales(counts, [max(n, 1) for n in PT_SIZES])
+        ops.lion_cautious_finish(pending, params, grads, ms, lr=PT_LRS, beta1=beta1, beta2=beta2, weight_decay=PT_WDS, scales=scales)
+        for i in range(len(PT_SIZES)):
+            _, one_pending = ops.lion_cautious_begin([one_p[i]], [grads[i]], [one_m[i]], beta1=beta1, beta2=beta2)
+            ops.lion_cautious_finish(one_pending, [one_p[i]], [grads[i]], [one_m[i]], lr=PT_LRS[i], beta1=beta1, beta2=beta2,
+                                     weight_decay=PT_WDS[i], scales=scales[i : i + 1])
+        reference.lion_cautious_finish(None, ref_p, grads, ref_m, lr=PT_LRS, beta1=beta1, beta2=beta2, weight_decay=PT_WDS, scales=scales)
+    else:
+        ops.lion_apply(params, grads, ms, lr=PT_LRS, beta1=beta1, beta2=beta2, weight_decay=PT_WDS)
+        for i in range(len(PT_SIZES)):
+            ops.lion_apply([one_p[i]], [grads[i]], [one_m[i]], lr=PT_LRS[i], beta1=beta1, beta2=beta2, weight_decay=PT_WDS[i])
+        reference.lion_apply(ref_p, grads, ref_m, lr=PT_LRS, beta1=beta1, beta2=beta2, weight_decay=PT_WDS)
+    _all_bitwise(params, one_p, "lion param, one call vs one per tensor")
+    _all_bitwise(ms, one_m, "lion exp_avg, one call vs one per tensor")
+    _all_bitwise(ms, ref_m, "lion exp_avg vs reference")
+    if not cautious:  # -lr * (+-1 or 0) is exact: one rounding on both sides (test_lion)
+        _all_bitwise(params, ref_p, "lion param vs reference")
+    else:
+        for i, n in enumerate(PT_SIZES):
+            magnitude = old_p[i].double().abs() + PT_LRS[i] * float(scales[i])
+            _within(params[i], ref_p[i], _param_bound(ref_p[i], magnitude, param_dtype, 4), f"lion param [{n}] lr {PT_LRS[i]}")
+
+
+# Factored fragments (lanes 1 and 4, several matrices per tile, cut mid-row, three column tiles,
+# an empty one) and 1-D ones (elementwise second moment, identity), in one call.
+PT_FACTORED = [((6, 3, 3), 0, 54), ((5, 6), 12, 12), ((5, 9, 13), 20, 300), ((2, 3, 260), 100, 900)]
+PT_VECTOR = [1, 321, 5]
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cautious", [False, True])
+def test_came_apply_lr_and_weight_decay_per_tensor(ops, param_dtype, cautious):
+    """came_apply / came_cautious_finish over factored and 1-D fragments at once (two launches),
+    per-tensor lr / weight decay: bit for bit one call per tensor with its scalars, and the
+    reference given the same lists within the bounds of test_came_momentum_and_apply."""
+    gen = _gen(13)
+    layouts = [FactoredLayout(shape, start, end) for shape, start, end in PT_FACTORED]
+    confidence = [CameFactors(lay, torch.rand(lay.num_row_factors, generator=gen) + 0.5,
+                              torch.rand(lay.num_col_factors, generator=gen) + 0.5) for lay in layouts]
+    confidence += [CameFactors(elementwise=torch.rand(n, generator=gen) * 1e-2 + 1e-4) if i % 2 == 0 else CameFactors()
+                   for i, n in enumerate(PT_VECTOR)]
+    sizes = [lay.end - lay.start for lay in layouts] + PT_VECTOR
+    # factored and 1-D fragments interleaved, so each launch's tensors sit at scattered positions
+    order = [0, 4, 1, 2, 5, 3, 6]
+    confidence, sizes = [confidence[i] for i in order], [sizes[i] for i in order]
+    count = len(sizes)
+    lrs = [1e-3 * (i + 1) ** 1.5 for i in range(count)]
+    wds = [0.0] + [0.05 * i for i in range(1, count)]
+    params = [_randn(n, gen, param_dtype) for n in sizes]
+    grads = [_with_zeros(_randn(n, gen, scale=0.1)) for n in sizes]
+    ms = [_randn(n, gen, scale=0.05) for n in sizes]
+    counts = torch.tensor([float((m * g > 0).sum()) for m, g in zip(ms, grads)])
+    scales = reference.mask_scales(counts, [max(n, 1) for n in sizes]) if cautious else None
+    old_p, one_p, ref_p = _clone(params), _clone(params), _clone(params)
+    kept = _clone(ms)
+    if cautious:
+        ops.came_cautious_finish(None, params, grads, kept, confidence, lr=lrs, weight_decay=wds, scales=scales)
+        for i in range(count):
+            ops.came_cautious_finish(None, [one_p[i]], [grads[i]], [ms[i]], [confidence[i]], lr=lrs[i], weight_decay=wds[i],
+                                     scales=scales[i : i + 1])
+        reference.came_cautious_finish(None, ref_p, grads, _clone(ms), confidence, lr=lrs, weight_decay=wds, scales=scales)
+    else:
+        ops.came_apply(params, grads, kept, confidence, lr=lrs, weight_decay=wds)
+        for i in range(count):
+            ops.came_apply([one_p[i]], [grads[i]], [ms[i]], [confidence[i]], lr=lrs[i], weight_decay=wds[i])
+        reference.came_apply(ref_p, grads, _clone(ms), confidence, lr=lrs, weight_decay=wds)
+    _all_bitwise(kept, ms, "came_apply leaves the momentum")
+    _all_bitwise(params, one_p, "came param, one call vs one per tensor")
+    for i, c in enumerate(confidence):
+        p = _precond(c)
+        update = ms[i].double().abs() * (1.0 if p is None else p) * (float(scales[i]) if cautious else 1.0)
+        magnitude = old_p[i].double().abs() + lrs[i] * update
+        _within(params[i], ref_p[i], _param_bound(ref_p[i], magnitude, param_dtype, 8), f"came param [{i}] lr {lrs[i]} wd {wds[i]}")
+
+
+def test_per_tensor_scalars_are_rounded_like_separate_calls(ops):
+    """A per-tensor list equal to one value gives the bits of that value as a scalar: the binding
+    rounds each list entry to fp32 exactly as it rounds the scalar."""
+    params, grads, ms, vs = _pt_case(torch.float32, torch.float32, seed=14)
+    lists = [_clone(params), _clone(ms), _clone(vs)]
+    kwargs = dict(beta1=0.9, beta2=0.999, eps=1e-8)
+    ops.adamw_apply(params, grads, ms, vs, [3] * len(PT_SIZES), lr=0.1 / 3, weight_decay=0.7, **kwargs)
+    ops.adamw_apply(lists[0], grads, lists[1], lists[2], [3] * len(PT_SIZES), lr=[0.1 / 3] * len(PT_SIZES),
+                    weight_decay=[0.7] * len(PT_SIZES), **kwargs)
+    _all_bitwise(lists[0] + lists[1] + lists[2], params + ms + vs, "adamw, list of one value vs the scalar")
+
+
 # ---- the binding's checks ------------------------------------------------------------------------
 def test_binding_rejects_out_of_range_indices(ext):
     g = [torch.randn(10), torch.randn(5)]
@@ -463,6 +624,16 @@ def test_binding_rejects_out_of_range_indices(ext):
         ext.came_vector_sumsq(g, [torch.rand(10)], [True], [0, 1], torch.zeros(2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="elements"):
         ext.adamw_apply(g, g, m, [torch.rand(10), torch.rand(4)], [-0.1, -0.1], [0.5, 0.5], [1.0, 1.0], 0.1, 0.999, 0.001, 1e-8, None)
+    # per-tensor lr / weight decay: one value per tensor of the call, or the call is refused
+    with pytest.raises(RuntimeError, match="decays"):
+        ext.adamw_apply(g, g, m, [torch.rand(10), torch.rand(5)], [-0.1, -0.1], [0.5, 0.5], [1.0], 0.1, 0.999, 0.001, 1e-8, None)
+    with pytest.raises(RuntimeError, match="neg_lrs"):
+        ext.lion_apply(g, g, m, [1.0, 1.0], 0.1, 0.01, [-0.1], None)
+    with pytest.raises(RuntimeError, match="decays"):
+        ext.came_vector_apply(g, g, m, [torch.rand(10), torch.rand(5)], [True, True], [0, 1], [1.0, 1.0, 1.0], [-0.1, -0.1], None, 2)
+    with pytest.raises(RuntimeError, match="neg_lrs"):
+        ext.came_factored_apply(grads, grads, [torch.randn(12)], [0], [1], [3], [4], [torch.rand(3)], [torch.rand(4)], [0], [1.0], [],
+                                None, 1)
 
 
 # ---- the two routes to the kernels ---------------------------------------------------------------

@@ -230,5 +230,7 @@ def test_fake_ops_check_what_the_binding_checks() -> None:
             torch.ops.dist_cautious.came_factored_sq_sums(
                 [torch.randn(7, device="cuda")], [0], [1], [2], [3], [torch.zeros(2, device="cuda")], [torch.zeros(3, device="cuda")], 1e-30
             )
+        with pytest.raises(RuntimeError, match="differ in length"):  # lr / weight decay: one per tensor
+            torch.ops.dist_cautious.lion_apply([torch.zeros(4, device="cuda")], grads, [torch.zeros(4, device="cuda")], [1.0, 1.0], 0.1, 0.01, [-1e-3], None)
         counts = torch.ops.dist_cautious.lerp_mask_counts(grads * 3, [torch.zeros(4, device="cuda")] * 3, 0.1, True)
         assert (counts.shape, counts.dtype, counts.device) == ((3,), torch.int64, CUDA)
