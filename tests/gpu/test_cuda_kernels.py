@@ -296,6 +296,44 @@ def test_came_apply(ops, param_dtype, grad_dtype, cautious):
         _assert_params(params[i], ref_p[i], old_p[i], 1 - lr * wd, param_dtype, f"param[{i}]")
 
 
+def _slot(scales, i):
+    return None if scales is None else scales[i : i + 1]
+
+
+@pytest.mark.parametrize("cautious", [False, True])
+def test_lr_and_weight_decay_per_tensor_equal_one_call_per_tensor(ops, cautious):
+    """One launch over tensors of different lr / weight decay (per-tensor lists: param groups in
+    one call) gives each tensor the bits of a call with its own scalars, for every apply phase."""
+    sizes = [1, 1023, 65537, 7]
+    lrs, wds = [1e-4, 3e-3, 1e-2, 5e-4], [0.0, 0.3, 0.01, 0.1]
+    scales = torch.linspace(1.0, 2.0, len(sizes), device="cuda") if cautious else None
+    params, grads, ms, vs = _elementwise_case(sizes, torch.bfloat16, torch.float32, seed=21)
+    steps = [1, 5, 2, 9]
+    single = [_clone(params), _clone(ms), _clone(vs)]
+    kw = dict(beta1=0.9, beta2=0.999, eps=1e-8)
+    ops.adamw_apply(params, grads, ms, vs, steps, lr=lrs, weight_decay=wds, scales=scales, **kw)
+    for i in range(len(sizes)):
+        ops.adamw_apply([single[0][i]], [grads[i]], [single[1][i]], [single[2][i]], [steps[i]], lr=lrs[i], weight_decay=wds[i], scales=_slot(scales, i), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(params + ms + vs, single[0] + single[1] + single[2])), "adamw"
+    params, grads, ms, _ = _elementwise_case(sizes, torch.float32, torch.float32, seed=22)
+    single = [_clone(params), _clone(ms)]
+    finish = ops.lion_cautious_finish if cautious else (lambda pending, *args, **kwargs: ops.lion_apply(*args, **kwargs))
+    finish(None, params, grads, ms, lr=lrs, beta1=0.9, beta2=0.99, weight_decay=wds, scales=scales)
+    for i in range(len(sizes)):
+        finish(None, [single[0][i]], [grads[i]], [single[1][i]], lr=lrs[i], beta1=0.9, beta2=0.99, weight_decay=wds[i], scales=_slot(scales, i))
+    assert all(torch.equal(a, b) for a, b in zip(params + ms, single[0] + single[1])), "lion"
+    _, params, grads, ms, factors = _came_case(torch.float32, torch.float32, seed=23)
+    count = len(params)
+    lrs, wds = [1e-4 * (1 + i) for i in range(count)], [0.0] + [0.02 * i for i in range(1, count)]
+    scales = torch.linspace(1.0, 2.0, count, device="cuda") if cautious else None
+    single = _clone(params)
+    finish = ops.came_cautious_finish if cautious else (lambda pending, *args, **kwargs: ops.came_apply(*args, **kwargs))
+    finish(None, params, grads, ms, factors, lr=lrs, weight_decay=wds, scales=scales)
+    for i in range(count):
+        finish(None, [single[i]], [grads[i]], [ms[i]], [factors[i]], lr=lrs[i], weight_decay=wds[i], scales=_slot(scales, i))
+    assert all(torch.equal(a, b) for a, b in zip(params, single)), "came"
+
+
 def test_fallback_for_float64_and_noncontiguous(ops):
     """Inputs the kernels do not take run the reference path: same results, no error."""
     gen = _generator(9)
