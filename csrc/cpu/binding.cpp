@@ -14,6 +14,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "came_factors.h"
 #include "kernels_api.h"
 
 namespace dc = dist_cautious_cpu;
@@ -640,6 +641,40 @@ void came_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
   }
 }
 
+// CAME's factor math over one segment's flat buffers (came_factors.h). `run_rows_per_matrix` /
+// `run_rows`: the (R, rows) runs of whole matrices in row order.
+void came_factor_update(const Tensor& row_state, const Tensor& col_state, const Tensor& row_sums, const Tensor& col_sums,
+                        const Tensor& row_counts, const Tensor& col_counts, const std::vector<int64_t>& run_rows_per_matrix,
+                        const std::vector<int64_t>& run_rows, double beta, double one_minus_beta, const Tensor& row_factor,
+                        const Tensor& col_factor, const Tensor& means) {
+  check_lists(run_rows.size(), {run_rows_per_matrix.size()});
+  const int64_t rows = row_state.numel(), cols = col_state.numel();
+  int64_t covered = 0, matrices = 0;
+  for (size_t r = 0; r < run_rows.size(); ++r) {
+    const int64_t R = run_rows_per_matrix[r], n = run_rows[r];
+    TORCH_CHECK(R > 0 && n >= 0 && n % R == 0, "came_factor_update: run ", r, " of ", n, " rows is not whole matrices of ", R, " rows");
+    covered += n;
+    matrices += n / R;
+  }
+  TORCH_CHECK(covered == rows, "came_factor_update: runs cover ", covered, " rows, the row state has ", rows);
+  dc::FactorSpans spans{state_ptr(row_state, rows, "row state"),
+                        state_ptr(col_state, cols, "column state"),
+                        state_ptr(row_sums, rows, "row sums"),
+                        state_ptr(col_sums, cols, "column sums"),
+                        state_ptr(row_counts, rows, "row counts"),
+                        state_ptr(col_counts, cols, "column counts"),
+                        state_ptr(row_factor, rows, "row factor"),
+                        state_ptr(col_factor, cols, "column factor"),
+                        state_ptr(means, matrices, "means"),
+                        rows,
+                        cols,
+                        run_rows_per_matrix.data(),
+                        run_rows.data(),
+                        static_cast<int64_t>(run_rows.size()),
+                        threads()};
+  dc::came_factor_update(spans, static_cast<float>(beta), static_cast<float>(one_minus_beta));
+}
+
 }  // namespace
 
 // The kernels as PyTorch custom ops, torch.ops.dist_cautious_cpu.*: through the dispatcher a
@@ -673,6 +708,10 @@ TORCH_LIBRARY(dist_cautious_cpu, m) {
       "came_apply(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, int[] kinds, int[] starts, int[] rows, int[] cols, "
       "Tensor?[] row_factor, Tensor?[] col_factor, Tensor?[] elementwise, float[] decays, float[] neg_lrs, Tensor? scales, "
       "Tensor?[] masks) -> ()");
+  m.def(
+      "came_factor_update(Tensor(a!) row_state, Tensor(b!) col_state, Tensor row_sums, Tensor col_sums, Tensor row_counts, "
+      "Tensor col_counts, int[] run_rows_per_matrix, int[] run_rows, float beta, float one_minus_beta, Tensor(c!) row_factor, "
+      "Tensor(d!) col_factor, Tensor(e!) means) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dist_cautious_cpu, CPU, m) {
@@ -687,6 +726,7 @@ TORCH_LIBRARY_IMPL(dist_cautious_cpu, CPU, m) {
   m.impl("came_update_sumsq", &came_update_sumsq);
   m.impl("came_momentum", &came_momentum);
   m.impl("came_apply", &came_apply);
+  m.impl("came_factor_update", &came_factor_update);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -711,4 +751,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("came_update_sumsq", &came_update_sumsq);
   m.def("came_momentum", &came_momentum);
   m.def("came_apply", &came_apply);
+  m.def("came_factor_update", &came_factor_update);
 }

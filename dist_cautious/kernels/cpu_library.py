@@ -43,6 +43,7 @@ OPS = (
     "came_update_sumsq",
     "came_momentum",
     "came_apply",
+    "came_factor_update",
 )
 
 
@@ -157,6 +158,16 @@ def _fake_came_apply(
     _same_sizes(name, grads, params=params, exp_avgs=exp_avgs)
 
 
+def _fake_came_factor_update(
+    row_state: Tensor, col_state: Tensor, row_sums: Tensor, col_sums: Tensor, row_counts: Tensor, col_counts: Tensor,
+    run_rows_per_matrix: list[int], run_rows: list[int], beta: float, one_minus_beta: float, row_factor: Tensor, col_factor: Tensor,
+    means: Tensor,
+) -> None:  # fmt: skip
+    fake_checks.factor_update_sizes(
+        "CPU", row_state, col_state, row_sums, col_sums, row_counts, col_counts, run_rows_per_matrix, run_rows, row_factor, col_factor, means
+    )
+
+
 _FAKES = {
     "adamw_mask_counts": _fake_mask_counts,
     "lion_mask_counts": _fake_mask_counts,
@@ -169,6 +180,7 @@ _FAKES = {
     "came_update_sumsq": _fake_came_update_sumsq,
     "came_momentum": _fake_came_momentum,
     "came_apply": _fake_came_apply,
+    "came_factor_update": _fake_came_factor_update,
 }
 assert tuple(_FAKES) == OPS
 

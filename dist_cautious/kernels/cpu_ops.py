@@ -31,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from dist_cautious.kernels import cpu_library, reference, routing
 from dist_cautious.kernels.layout import FactoredLayout
-from dist_cautious.kernels.reference import CameFactors, FactorList, PerTensor, mask_scales
+from dist_cautious.kernels.reference import CameFactors, FactorBuffers, FactorList, PerTensor, mask_scales
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _IDENTITY, _ELEMENTWISE, _FACTORED = 0, 1, 2
@@ -447,6 +447,18 @@ class CpuOps:
             pending.masks,
         )  # fmt: skip
         self._scratch.give_back(pending.buffer)
+
+    def came_factor_update(self, buffers: FactorBuffers, beta: float) -> None:
+        """One native call for a segment's factor math (fp32 buffers; float64 ones run the
+        reference ops)."""
+        tensors = [buffers.row_state, buffers.col_state, buffers.row_sums, buffers.col_sums, buffers.row_counts, buffers.col_counts]
+        if not self._ok([], [*tensors, buffers.row_factor, buffers.col_factor, buffers.means]):
+            reference.came_factor_update(buffers, beta)
+            return
+        self._kernels().came_factor_update(
+            *tensors, [rows for rows, _ in buffers.runs], [count for _, count in buffers.runs], beta, 1 - beta,
+            buffers.row_factor, buffers.col_factor, buffers.means,
+        )  # fmt: skip
 
     # --- argument checks -----------------------------------------------------------------
     @staticmethod

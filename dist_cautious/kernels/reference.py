@@ -251,6 +251,49 @@ class FactorList(list):
     packed: Any = None
 
 
+@dataclass(frozen=True)
+class FactorBuffers:
+    """The replicated row / column state of one kind (second moment or residual) of a set of
+    factored tensors, and what a step derives from it, each in ONE flat buffer of the math's
+    dtype (rows of all matrices back to back, then likewise the columns), so that the factor
+    math of a step is one call. Made once per step plan; rewritten in place every step.
+
+    ``runs``: ``(R, rows)`` pairs in row order: ``rows`` consecutive rows of matrices of ``R``
+    rows each (whole matrices). ``row_counts`` / ``col_counts``: per row the number of columns
+    ``C`` its sum covers, per column the number of rows ``R`` (what a sum is divided by for a
+    mean). ``means`` holds one value per matrix, in row order."""
+
+    row_state: Tensor
+    col_state: Tensor
+    row_sums: Tensor
+    col_sums: Tensor
+    row_counts: Tensor
+    col_counts: Tensor
+    runs: tuple[tuple[int, int], ...]
+    row_factor: Tensor
+    col_factor: Tensor
+    means: Tensor
+
+
+def came_factor_update(buffers: FactorBuffers, beta: float) -> None:
+    """CAME's factor math after a reduction of row / column sums, over all tensors of
+    ``buffers`` at once: the EMA ``state = beta state + (1 - beta) sums / counts`` of rows and
+    columns, each matrix's mean of its row state, the row factor ``rsqrt(r / mean(r))`` and the
+    column factor ``rsqrt(c)``. The sums are consumed (overwritten here)."""
+    for state, sums, counts in ((buffers.row_state, buffers.row_sums, buffers.row_counts), (buffers.col_state, buffers.col_sums, buffers.col_counts)):
+        state.mul_(beta).add_(sums.div_(counts), alpha=1 - beta)
+    first = matrix = 0
+    for rows_per_matrix, rows in buffers.runs:
+        matrices = rows // rows_per_matrix
+        by_matrix = buffers.row_state[first : first + rows].view(matrices, rows_per_matrix)
+        means = buffers.means[matrix : matrix + matrices].view(matrices, 1)
+        torch.mean(by_matrix, dim=-1, keepdim=True, out=means)
+        torch.div(by_matrix, means, out=buffers.row_factor[first : first + rows].view(matrices, rows_per_matrix))
+        first, matrix = first + rows, matrix + matrices
+    buffers.row_factor.rsqrt_()
+    torch.rsqrt(buffers.col_state, out=buffers.col_factor)
+
+
 def came_factored_sq_sums(
     grads: Sequence[Tensor], layouts: Sequence[FactoredLayout], eps1: float, row_sums: Sequence[Tensor], col_sums: Sequence[Tensor]
 ) -> None:

@@ -378,6 +378,60 @@ def test_came_sums_add_into_existing_buffers(ops):
     _assert_sum_close(cols, whole_cols, 9, "col sums")
 
 
+def _factor_buffers(runs: list[tuple[int, int, int]], gen: torch.Generator) -> ref.FactorBuffers:
+    """Random positive factor state and sums of matrices given as runs (R, C, matrices)."""
+    row_counts = torch.cat([torch.full((R * k,), float(C)) for R, C, k in runs])
+    col_counts = torch.cat([torch.full((C * k,), float(R)) for R, C, k in runs])
+    rows, cols = row_counts.numel(), col_counts.numel()
+
+    def positive(n: int) -> torch.Tensor:
+        return torch.rand(n, generator=gen) * 4 + 1e-3
+
+    return ref.FactorBuffers(
+        positive(rows), positive(cols), positive(rows) * row_counts, positive(cols) * col_counts, row_counts, col_counts,
+        tuple((R, R * k) for R, _, k in runs), torch.empty(rows), torch.empty(cols), torch.empty(sum(k for _, _, k in runs)),
+    )  # fmt: skip
+
+
+def _cloned(buffers: ref.FactorBuffers) -> ref.FactorBuffers:
+    return ref.FactorBuffers(*(value.clone() if isinstance(value, torch.Tensor) else value for value in vars(buffers).values()))
+
+
+@pytest.mark.parametrize("beta", [0.999, 0.9])
+def test_came_factor_update_matches_reference(ops, beta):
+    """The native factor math against the torch ops: the EMA'd row and column state and the
+    column factor bit for bit; each matrix's mean within the sum bound of its R terms (torch sums
+    in fp32 in its own order, the kernel in double); the row factor bit for bit what torch's ops
+    make of the kernel's own means. Runs of several matrices, R from 1 to 70000 (the rows and,
+    with C = 70000, the columns cross the kernel's parallel threshold of 65536)."""
+    runs = [(1, 5, 2), (3, 4, 3), (7, 9, 1), (33, 2, 2), (70000, 2, 1), (2, 70000, 1), (100, 17, 3)]
+    native = _factor_buffers(runs, torch.Generator().manual_seed(3))
+    expected = _cloned(native)
+    ops.came_factor_update(native, beta)
+    ref.came_factor_update(expected, beta)
+    _assert_equal(native.row_state, expected.row_state, "row state")
+    _assert_equal(native.col_state, expected.col_state, "column state")
+    _assert_equal(native.col_factor, expected.col_factor, "column factor")
+    first = matrix = 0
+    for R, _, k in runs:
+        _assert_sum_close(native.means[matrix : matrix + k], expected.means[matrix : matrix + k], R, f"means of R={R}")
+        state = native.row_state[first : first + R * k].view(k, R)
+        row_factor = (state / native.means[matrix : matrix + k].view(k, 1)).rsqrt()
+        _assert_equal(native.row_factor[first : first + R * k], row_factor.view(-1), f"row factor of R={R}")
+        first, matrix = first + R * k, matrix + k
+
+
+def test_came_factor_update_in_float64_runs_the_reference(ops):
+    buffers = _factor_buffers([(3, 4, 2)], torch.Generator().manual_seed(4))
+    native = ref.FactorBuffers(*(value.double() if isinstance(value, torch.Tensor) else value for value in vars(buffers).values()))
+    expected = _cloned(native)
+    ops.came_factor_update(native, 0.99)
+    ref.came_factor_update(expected, 0.99)
+    for key, value in vars(native).items():
+        if isinstance(value, torch.Tensor) and key not in ("row_sums", "col_sums"):
+            _assert_equal(value, getattr(expected, key), key)
+
+
 # ------------------------------------------------------------------------- dispatch ----------
 
 
