@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dist_cautious.kernels.reference import CameFactors, FactorList, mask_scales
+from dist_cautious.kernels.reference import CameFactors, FactorBuffers, FactorList, mask_scales
 from dist_cautious.optim.base import (
     Batch, FragmentOptimizer, Work, cautious_decay_options, check_betas, check_flag, check_lr, check_nonnegative, kernels_for_group,
 )  # fmt: skip
@@ -163,8 +163,9 @@ class CAME(FragmentOptimizer):
         plan.reduce_sums(0, reducer)
         reducer.all_reduce()
         for batch, folded in zip(plan.batches, folded_by_batch):
+            ops = kernels_for_group(batch.group, batch.fragments)
             for segment in batch.segments:
-                segment.update("exp_avg_sq", batch.group["betas"][1], 0)
+                segment.update("exp_avg_sq", batch.group["betas"][1], ops)
             batch.choose_factors(folded)
 
     def _rms_clip_divisors(self, plan: "_CamePlan") -> list[Tensor]:
@@ -204,8 +205,9 @@ class CAME(FragmentOptimizer):
         reducer.all_reduce()
         scales = []
         for batch, (counts, _) in zip(plan.batches, pending):
+            ops = kernels_for_group(batch.group, batch.fragments)
             for segment in batch.segments:
-                segment.update("exp_avg_res", batch.group["betas"][2], 1)
+                segment.update("exp_avg_res", batch.group["betas"][2], ops)
             scales.append(mask_scales(counts, batch.sizes) if batch.group["cautious"] else None)
         return scales, [kept for _, kept in pending]
 
@@ -289,62 +291,48 @@ class _Segment:
         self.runs = [tuple(run) for run in runs]
         self.num_matrices = sum(size // rows for _, size, rows in self.runs)
         self.row_sizes, self.col_sizes = row_sizes, col_sizes
-        self.outputs = {prefix: _Factors(self, prefix, device) for prefix in ("exp_avg_sq", "exp_avg_res")}
+        self.outputs = {prefix: _Factors(self, device) for prefix in ("exp_avg_sq", "exp_avg_res")}
+        self.factor_buffers: dict[str, FactorBuffers] = {}  # per prefix, made by attach_sums
         self.sums: list[tuple[Tensor, Tensor]] = []  # per phase: views into the plan's packed buffer
 
     def attach_sums(self, buffers: list[Tensor], offset: int) -> None:
         """Take rows then columns at ``offset`` of each phase's packed partial-sum buffer."""
         self.sums = [(buffer[offset : offset + self.num_rows], buffer[offset + self.num_rows : offset + self.num_rows + self.num_cols]) for buffer in buffers]
+        runs = tuple((rows_per_matrix, count) for _, count, rows_per_matrix in self.runs)
+        self.factor_buffers = {}
+        for phase, prefix in enumerate(("exp_avg_sq", "exp_avg_res")):
+            out = self.outputs[prefix]
+            self.factor_buffers[prefix] = FactorBuffers(
+                self.stores[f"{prefix}_row"].flat, self.stores[f"{prefix}_col"].flat, *self.sums[phase], self.row_counts, self.col_counts,
+                runs, out.row, out.col, out.means,
+            )  # fmt: skip
 
     def sum_views(self, phase: int) -> tuple[list[Tensor], list[Tensor]]:
         rows, cols = self.sums[phase]
         return list(rows.split(self.row_sizes)), list(cols.split(self.col_sizes))
 
-    def update(self, prefix: str, beta: float, phase: int) -> None:
-        """Fold the reduced sums of ``phase`` into the ``{prefix}_row`` / ``_col`` state and
-        recompute the normalised factors: per element the ops of ``_ema_`` and
-        ``_normalised_rsqrt`` on each tensor, issued once over the flat buffers."""
-        rows, cols = self.stores[f"{prefix}_row"], self.stores[f"{prefix}_col"]
-        row_sums, col_sums = self.sums[phase]
-        for store, sums, counts in ((rows, row_sums, self.row_counts), (cols, col_sums, self.col_counts)):
-            store.flat.mul_(beta).add_(sums.div_(counts), alpha=1 - beta)
-            store.store()
-        self.outputs[prefix].compute(cols.flat)
+    def update(self, prefix: str, beta: float, ops: Any) -> None:
+        """Fold this step's reduced sums into the ``{prefix}_row`` / ``_col`` state and
+        recompute the normalised factors (per element the math of ``_ema_`` and
+        ``_normalised_rsqrt`` on each tensor): one ``came_factor_update`` of the kernel set
+        ``ops`` over the flat buffers of all the segment's tensors."""
+        ops.came_factor_update(self.factor_buffers[prefix], beta)
+        self.stores[f"{prefix}_row"].store()
+        self.stores[f"{prefix}_col"].store()
 
 
 class _Factors:
     """A segment's normalised factors ``rsqrt(r / mean(r))`` and ``rsqrt(c)`` and the per-matrix
-    means, in flat buffers rewritten in place every step; the per-fragment views the kernels
-    read are made once."""
+    means, in flat buffers rewritten in place every step (``came_factor_update``); the
+    per-fragment views the kernels read are made once."""
 
-    def __init__(self, segment: _Segment, prefix: str, device: torch.device) -> None:
+    def __init__(self, segment: _Segment, device: torch.device) -> None:
         self.row = torch.empty(segment.num_rows, dtype=segment.dtype, device=device)
         self.col = torch.empty(segment.num_cols, dtype=segment.dtype, device=device)
         self.means = torch.empty(segment.num_matrices, dtype=segment.dtype, device=device)
-        state = segment.stores[f"{prefix}_row"].flat
-        self.runs = []  # (row state by matrix, its means, its factor by matrix)
-        mean_offset = 0
-        for first, count, rows_per_matrix in segment.runs:
-            matrices = count // rows_per_matrix
-            self.runs.append(
-                (
-                    state[first : first + count].view(matrices, rows_per_matrix),
-                    self.means[mean_offset : mean_offset + matrices].view(matrices, 1),
-                    self.row[first : first + count].view(matrices, rows_per_matrix),
-                )
-            )
-            mean_offset += matrices
         self.row_views = list(self.row.split(segment.row_sizes))
         self.col_views = list(self.col.split(segment.col_sizes))
         self.mean_views = list(self.means.split([size // f.global_shape[-2] for f, size in zip(segment.fragments, segment.row_sizes)]))
-
-    def compute(self, cols: Tensor) -> None:
-        """From the updated row state (read through ``runs``) and column state ``cols``."""
-        for by_matrix, means, factor in self.runs:
-            torch.mean(by_matrix, dim=-1, keepdim=True, out=means)
-            torch.div(by_matrix, means, out=factor)
-        self.row.rsqrt_()
-        torch.rsqrt(cols, out=self.col)
 
 
 class _CameBatch:

@@ -1,5 +1,7 @@
-"""CAME's factor math, batched over all fragments in flat buffers, is bit for bit the per-tensor
-statement (``_ema_`` then ``_normalised_rsqrt``) it replaces.
+"""CAME's factor math, batched over all fragments in flat buffers (the torch reference ops of
+``came_factor_update``), is bit for bit the per-tensor statement (``_ema_`` then
+``_normalised_rsqrt``) it replaces. The native kernel's version is checked against these ops in
+tests/kernels/test_cpu_kernels.py.
 
 Why the batched ops give the per-tensor bits: the EMA, the division by the means and the rsqrt
 are elementwise, and torch rounds each element the same whether it sits in a vector lane or in a
@@ -21,6 +23,7 @@ from collections import defaultdict
 import pytest
 import torch
 
+from dist_cautious.kernels import reference
 from dist_cautious.optim.base import batches
 from dist_cautious.optim.came import CAME, _CamePlan, _ema_, _factor_shapes, _normalised_rsqrt
 from dist_cautious.shard.adapters import default_fragments
@@ -65,7 +68,7 @@ def test_batched_factor_update_is_the_per_tensor_update_bitwise(two_threads: Non
         _ema_(rows.view(-1), 0.999, rows_sum.clone(), fragment.global_shape[-1])
         _ema_(cols.view(-1), 0.999, cols_sum.clone(), fragment.global_shape[-2])
         expected.append((rows, cols, *_normalised_rsqrt(rows.view(-1), cols.view(-1), fragment.global_shape[-2])))
-    batch.segments[0].update("exp_avg_sq", 0.999, 0)
+    batch.segments[0].update("exp_avg_sq", 0.999, reference)  # the torch ops (the native kernel: tests/kernels)
     batch.choose_factors(batch.folded)
     factors = {id(f): c for f, c in zip(fragments, batch.factors)}
     for fragment, (rows, cols, row_factor, col_factor, means) in zip(factored, expected):
