@@ -665,3 +665,49 @@ def test_direct_and_dispatched_routes_step_identically(ops, name):
                     optimizer.step()
         finals.append([param.detach().clone() for param in params])
     assert all(torch.equal(a, b) for a, b in zip(*finals))
+
+
+# ---- whole steps: param groups that differ in lr / weight decay, one kernel call per phase ---------
+GROUP_CASES = {
+    "CautiousAdamW": lambda groups: optim.CautiousAdamW(groups, lr=1e-3),
+    "CautiousLion": lambda groups: optim.CautiousLion(groups, lr=1e-4),
+    "CautiousLion, cautious=False": lambda groups: optim.CautiousLion(groups, lr=1e-4, cautious=False),
+    "CAME, cautious": lambda groups: optim.CAME(groups, lr=2e-4, cautious=True),
+    "CAME": lambda groups: optim.CAME(groups, lr=2e-4),
+}
+GROUP_SHAPES = [(6, 5), (5,), (2, 3, 4), (7,), (4, 4)]
+#: positions in GROUP_SHAPES and options per group; the first decays nothing
+GROUP_SPLIT = [([1, 3], {"weight_decay": 0.0}), ([0, 2], {"lr": 3e-3, "weight_decay": 0.1}), ([4], {"lr": 7e-4, "weight_decay": 0.05})]
+APPLY_OPS = {"adamw_apply", "lion_apply", "came_factored_apply", "came_vector_apply"}
+
+
+@pytest.mark.parametrize("name", list(GROUP_CASES))
+def test_param_groups_of_different_lr_and_decay_step_in_one_kernel_call(ops, name):
+    """On the CUDA path (the real sources, emulated), a decay / no-decay split steps each apply
+    kernel once over all groups, and lands on the bits of one optimizer per group."""
+
+    def run(together: bool):
+        gen = _gen(9)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in GROUP_SHAPES]
+        groups = [{"params": [params[i] for i in positions], **options} for positions, options in GROUP_SPLIT]
+        optimizers = [GROUP_CASES[name](groups)] if together else [GROUP_CASES[name]([group]) for group in groups]
+        calls = []
+        with kernels.ops_override("cpu", ops):
+            for step in range(2):
+                for param in params:
+                    param.grad = torch.randn(param.shape, generator=gen)
+                for optimizer in optimizers:
+                    if together and step == 1:  # the second step runs on the kept plan
+                        with StepRecorder() as recorder:
+                            optimizer.step()
+                        calls = [op for op, _ in recorder.custom_ops(cuda_library.NAMESPACE)]
+                    else:
+                        optimizer.step()
+        return params, calls
+
+    together, calls = run(True)
+    apart, _ = run(False)
+    for index, (a, b) in enumerate(zip(together, apart)):
+        _bitwise(a.detach().reshape(-1), b.detach().reshape(-1), f"{name}: param {index} {GROUP_SHAPES[index]} vs its own optimizer")
+    applied = [op for op in calls if op in APPLY_OPS]
+    assert applied and len(applied) == len(set(applied)), f"{name}: apply kernels per step {applied}"
