@@ -40,7 +40,7 @@ from torch import Tensor
 
 from dist_cautious.kernels import cuda_library, reference, routing
 from dist_cautious.kernels.layout import FactoredLayout
-from dist_cautious.kernels.reference import CameFactors, PerTensor, mask_scales
+from dist_cautious.kernels.reference import CameFactors, FactorBuffers, PerTensor, mask_scales
 
 _VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -300,6 +300,12 @@ class CudaOps:
                 [decays[i] for i in vector], [-lrs[i] for i in vector], device_scales, len(grads),
             )
 
+    def came_factor_update(self, buffers: FactorBuffers, beta: float) -> None:
+        """CAME's factor math on a segment's flat buffers: the reference's torch ops, which run on
+        the buffers' device (a few small launches per segment and reduction; no CUDA kernel of
+        its own yet, unlike the CPU kernel set's one call)."""
+        reference.came_factor_update(buffers, beta)
+
     def came_factored_sq_sums_begin(self, grads: Sequence[Tensor], layouts: Sequence[Any], eps1: float, row_sums: Sequence[Tensor], col_sums: Sequence[Tensor], **_: Any) -> list[Optional[Tensor]]:
         """The reference pairing: phase 1 here, phase 2 a pass of its own (nothing folded)."""
         self.came_factored_sq_sums(grads, layouts, eps1, row_sums, col_sums)
@@ -318,7 +324,7 @@ class CudaOps:
             "adamw_mask_counts", "adamw_apply", "lion_mask_counts", "lion_apply", "lion_cautious_begin", "lion_cautious_finish",
             "came_factored_sq_sums",
             "came_vector_second_moment", "came_update_sumsq", "came_momentum", "came_apply", "came_cautious_begin", "came_cautious_finish",
-            "came_factored_sq_sums_begin",
+            "came_factored_sq_sums_begin", "came_factor_update",
         ]
         return SimpleNamespace(CameFactors=CameFactors, mask_scales=mask_scales, native="cuda", **{name: getattr(self, name) for name in names})
 
