@@ -16,6 +16,7 @@
 
 #include "came_factors.h"
 #include "kernels_api.h"
+#include "step_scalars.h"
 
 namespace dc = dist_cautious_cpu;
 using at::Tensor;
@@ -675,6 +676,26 @@ void came_factor_update(const Tensor& row_state, const Tensor& col_state, const 
   dc::came_factor_update(spans, static_cast<float>(beta), static_cast<float>(one_minus_beta));
 }
 
+// A new fp32 vector like `a`, after checking that `b` is an fp32 vector as long.
+Tensor per_tensor_result(const Tensor& a, const Tensor& b, const char* what_a, const char* what_b) {
+  TORCH_CHECK(a.dim() == 1, what_a, " must be a vector");
+  state_ptr(a, a.numel(), what_a);
+  state_ptr(b, a.numel(), what_b);
+  return torch::empty({a.numel()}, torch::kFloat32);
+}
+
+Tensor mask_scales(const Tensor& counts, const Tensor& sizes) {
+  Tensor out = per_tensor_result(counts, sizes, "counts", "sizes");
+  dc::mask_scales(counts.data_ptr<float>(), sizes.data_ptr<float>(), out.data_ptr<float>(), counts.numel());
+  return out;
+}
+
+Tensor came_clip_divisors(const Tensor& sumsq, const Tensor& sqrt_sizes, double threshold) {
+  Tensor out = per_tensor_result(sumsq, sqrt_sizes, "sums of squares", "sqrt sizes");
+  dc::came_clip_divisors(sumsq.data_ptr<float>(), sqrt_sizes.data_ptr<float>(), static_cast<float>(threshold), out.data_ptr<float>(), sumsq.numel());
+  return out;
+}
+
 }  // namespace
 
 // The kernels as PyTorch custom ops, torch.ops.dist_cautious_cpu.*: through the dispatcher a
@@ -712,6 +733,8 @@ TORCH_LIBRARY(dist_cautious_cpu, m) {
       "came_factor_update(Tensor(a!) row_state, Tensor(b!) col_state, Tensor row_sums, Tensor col_sums, Tensor row_counts, "
       "Tensor col_counts, int[] run_rows_per_matrix, int[] run_rows, float beta, float one_minus_beta, Tensor(c!) row_factor, "
       "Tensor(d!) col_factor, Tensor(e!) means) -> ()");
+  m.def("mask_scales(Tensor counts, Tensor sizes) -> Tensor");
+  m.def("came_clip_divisors(Tensor sumsq, Tensor sqrt_sizes, float threshold) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dist_cautious_cpu, CPU, m) {
@@ -727,6 +750,8 @@ TORCH_LIBRARY_IMPL(dist_cautious_cpu, CPU, m) {
   m.impl("came_momentum", &came_momentum);
   m.impl("came_apply", &came_apply);
   m.impl("came_factor_update", &came_factor_update);
+  m.impl("mask_scales", &mask_scales);
+  m.impl("came_clip_divisors", &came_clip_divisors);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -752,4 +777,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("came_momentum", &came_momentum);
   m.def("came_apply", &came_apply);
   m.def("came_factor_update", &came_factor_update);
+  m.def("mask_scales", &mask_scales);
+  m.def("came_clip_divisors", &came_clip_divisors);
 }

@@ -44,6 +44,8 @@ OPS = (
     "came_momentum",
     "came_apply",
     "came_factor_update",
+    "mask_scales",
+    "came_clip_divisors",
 )
 
 
@@ -168,6 +170,13 @@ def _fake_came_factor_update(
     )
 
 
+def _fake_per_tensor_values(values: Tensor, other: Tensor, *_: Any) -> Tensor:
+    """mask_scales(counts, sizes), came_clip_divisors(sumsq, sqrt_sizes, threshold)."""
+    if values.dim() != 1 or other.numel() != values.numel():
+        _fail("per-tensor values", f"{values.numel()} values, {other.numel()} sizes")
+    return torch.empty(values.numel(), dtype=torch.float32, device=values.device)
+
+
 _FAKES = {
     "adamw_mask_counts": _fake_mask_counts,
     "lion_mask_counts": _fake_mask_counts,
@@ -181,6 +190,8 @@ _FAKES = {
     "came_momentum": _fake_came_momentum,
     "came_apply": _fake_came_apply,
     "came_factor_update": _fake_came_factor_update,
+    "mask_scales": _fake_per_tensor_values,
+    "came_clip_divisors": _fake_per_tensor_values,
 }
 assert tuple(_FAKES) == OPS
 

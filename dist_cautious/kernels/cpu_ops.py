@@ -168,7 +168,6 @@ class _LionCodes:
 class CpuOps:
     """The reference functions, run by the compiled extension ``module``."""
 
-    mask_scales = staticmethod(mask_scales)
     CameFactors = CameFactors
 
     def __init__(self, module: Any) -> None:
@@ -193,6 +192,21 @@ class CpuOps:
     def isa(self) -> str:
         """The instruction set in use: 'avx512', 'avx2' or 'scalar'."""
         return self.module.current_isa()
+
+    # --- per-tensor scalars from reduced values --------------------------------------------
+    def mask_scales(self, counts: Tensor, numels: Sequence[int] | Tensor) -> Tensor:
+        """``reference.mask_scales`` for all tensors of a batch in one native call (fp32 CPU
+        counts and a sizes tensor, as the optimizers pass them), bit for bit."""
+        if not isinstance(numels, Tensor) or not self._ok([], [counts, numels]):
+            return mask_scales(counts, numels)
+        return self._kernels().mask_scales(counts, numels)
+
+    def came_clip_divisors(self, sumsq: Tensor, sqrt_sizes: Tensor, clip_threshold: float) -> Tensor:
+        """``reference.came_clip_divisors`` in one native call (its square root IEEE's, see
+        csrc/cpu/step_scalars.h)."""
+        if not self._ok([], [sumsq, sqrt_sizes]):
+            return reference.came_clip_divisors(sumsq, sqrt_sizes, clip_threshold)
+        return self._kernels().came_clip_divisors(sumsq, sqrt_sizes, clip_threshold)
 
     # --- AdamW ---------------------------------------------------------------------------
     def adamw_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:

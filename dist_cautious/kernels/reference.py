@@ -87,6 +87,12 @@ def mask_scales(counts: Tensor, numels: Sequence[int] | Tensor) -> Tensor:
     return 1.0 / (counts / sizes).clamp(min=1e-3)
 
 
+def came_clip_divisors(sumsq: Tensor, sqrt_sizes: Tensor, clip_threshold: float) -> Tensor:
+    """CAME's RMS clip per tensor, ``max(1, RMS(uh) / d)``: ``RMS = sqrt(sumsq) / sqrt(N)`` from
+    the global sum of squares of the preconditioned update and the tensor's size ``N``."""
+    return (sumsq.sqrt() / sqrt_sizes / clip_threshold).clamp(min=1.0)
+
+
 def adamw_mask_counts(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
     """Local count of ``m_new * g > 0`` per tensor, ``m_new = lerp(m, g, 1 - beta1)``; reads only."""
     counts = [_count_agreeing(torch.lerp(m, _as(g, m), 1 - beta1), _as(g, m)) for g, m in zip(grads, exp_avgs)]
