@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from dist_cautious.kernels import ops_for, reference
-from dist_cautious.kernels.reference import PerTensor, mask_scales
+from dist_cautious.kernels.reference import PerTensor
 from dist_cautious.optim.plan import _DTYPE, _GRAD, Plan, PlanCache, Work, reference_only
 from dist_cautious.shard.adapters import FragmentSource, default_fragments
 from dist_cautious.shard.fragment import Fragment, state_dtype
@@ -442,7 +442,9 @@ def global_mask_scales(step_batches: list[Batch], local_counts: Callable[[dict[s
         counts.append(batch_counts)
     reducer.all_reduce()
     return [
-        None if batch_counts is None else mask_scales(batch_counts, batch_sizes(batch.fragments, batch_counts.device, batch_counts.dtype))
+        None
+        if batch_counts is None
+        else kernels_for_group(batch.group, batch.fragments).mask_scales(batch_counts, batch_sizes(batch.fragments, batch_counts.device, batch_counts.dtype))
         for batch, batch_counts in zip(step_batches, counts)
     ]
 

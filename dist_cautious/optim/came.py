@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dist_cautious.kernels.reference import CameFactors, FactorBuffers, FactorList, mask_scales
+from dist_cautious.kernels.reference import CameFactors, FactorBuffers, FactorList
 from dist_cautious.optim.base import (
     Batch, FragmentOptimizer, Work, cautious_decay_options, check_betas, check_flag, check_lr, check_nonnegative, kernels_for_group,
 )  # fmt: skip
@@ -177,11 +177,10 @@ class CAME(FragmentOptimizer):
             batch.reduce_per_tensor(batch_sumsq, reducer)
             sumsqs.append(batch_sumsq)
         reducer.all_reduce()
-        divisors = []
-        for batch, batch_sumsq in zip(plan.batches, sumsqs):
-            rms = batch_sumsq.sqrt() / batch.sqrt_sizes
-            divisors.append((rms / batch.group["clip_threshold"]).clamp(min=1.0))
-        return divisors
+        return [
+            kernels_for_group(batch.group, batch.fragments).came_clip_divisors(batch_sumsq, batch.sqrt_sizes, batch.group["clip_threshold"])
+            for batch, batch_sumsq in zip(plan.batches, sumsqs)
+        ]
 
     def _momentum_and_confidence(self, plan: "_CamePlan", clip_divisors: list[Tensor]) -> tuple[list[Optional[Tensor]], list[object]]:
         """Phase 3 + reduction 3: momentum, residual sums and mask counts; update each batch's
@@ -208,7 +207,7 @@ class CAME(FragmentOptimizer):
             ops = kernels_for_group(batch.group, batch.fragments)
             for segment in batch.segments:
                 segment.update("exp_avg_res", batch.group["betas"][2], ops)
-            scales.append(mask_scales(counts, batch.sizes) if batch.group["cautious"] else None)
+            scales.append(kernels_for_group(batch.group, batch.fragments).mask_scales(counts, batch.sizes) if batch.group["cautious"] else None)
         return scales, [kept for _, kept in pending]
 
 

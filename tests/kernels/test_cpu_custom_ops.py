@@ -36,15 +36,17 @@ SHAPES = [(), (7,), (5, 3), (4, 3, 2, 2), (1,), (6, 40)]
 #: optimizer factories, and the kernels one step of each runs (each once)
 #: came_factor_update runs after each reduction of row / column sums (phases 1 and 3)
 _CAME_KERNELS = [
-    "came_factored_sq_sums", "came_vector_second_moment", "came_factor_update", "came_update_sumsq", "came_momentum", "came_factor_update",
-    "came_apply",
+    "came_factored_sq_sums", "came_vector_second_moment", "came_factor_update", "came_update_sumsq", "came_clip_divisors", "came_momentum",
+    "came_factor_update", "came_apply",
 ]  # fmt: skip
+#: kernels that take per-tensor values, not lists of tensors
+_NOT_LISTS = ("came_factor_update", "mask_scales", "came_clip_divisors")
 CASES: dict[str, tuple[Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], list[str]]] = {
-    "CautiousAdamW": (lambda ps: optim.CautiousAdamW(ps, lr=1e-3, weight_decay=0.1), ["adamw_mask_counts", "adamw_apply"]),
+    "CautiousAdamW": (lambda ps: optim.CautiousAdamW(ps, lr=1e-3, weight_decay=0.1), ["adamw_mask_counts", "mask_scales", "adamw_apply"]),
     "AdamW": (lambda ps: optim.CautiousAdamW(ps, lr=1e-3, cautious=False), ["adamw_apply"]),
-    "CautiousLion": (lambda ps: optim.CautiousLion(ps, lr=1e-4, weight_decay=0.1), ["lion_encode", "lion_decode_apply"]),
+    "CautiousLion": (lambda ps: optim.CautiousLion(ps, lr=1e-4, weight_decay=0.1), ["lion_encode", "mask_scales", "lion_decode_apply"]),
     "Lion": (lambda ps: optim.CautiousLion(ps, lr=1e-4, cautious=False), ["lion_apply"]),
-    "CAME, cautious": (lambda ps: optim.CAME(ps, lr=2e-4, cautious=True, weight_decay=0.01), _CAME_KERNELS),
+    "CAME, cautious": (lambda ps: optim.CAME(ps, lr=2e-4, cautious=True, weight_decay=0.01), [*_CAME_KERNELS, "mask_scales"]),
     "CAME": (lambda ps: optim.CAME(ps, lr=2e-4), _CAME_KERNELS),
 }
 
@@ -124,8 +126,8 @@ def test_whole_steps_run_on_fake_cpu_tensors(name: str, dtype: torch.dtype) -> N
                 optimizer.step()
             calls = recorder.custom_ops(cpu_library.NAMESPACE)
             assert Counter(op for op, _ in calls) == Counter(kernels), f"step {step + 1}: {[op for op, _ in calls]}"
-            covered = {op: len(named["grads"] if "grads" in named else named["params"]) for op, named in calls if op != "came_factor_update"}
-            expected = {op: _COVERED.get(op, len(SHAPES)) for op in kernels if op != "came_factor_update"}
+            covered = {op: len(named["grads"] if "grads" in named else named["params"]) for op, named in calls if op not in _NOT_LISTS}
+            expected = {op: _COVERED.get(op, len(SHAPES)) for op in kernels if op not in _NOT_LISTS}
             assert covered == expected, f"step {step + 1}: tensors per kernel {covered}"
             stepped = {_storage(p) for p in params} | {
                 _storage(value) for state in optimizer.state.values() for key, value in state.items() if key in ("exp_avg", "exp_avg_sq")
@@ -185,7 +187,7 @@ def test_direct_and_dispatched_routes_step_identically() -> None:
             if inside_mode:
                 with StepRecorder() as recorder:
                     optimizer.step()
-                assert len(recorder.custom_ops(cpu_library.NAMESPACE)) == len(_CAME_KERNELS)
+                assert len(recorder.custom_ops(cpu_library.NAMESPACE)) == len(_CAME_KERNELS) + 1  # and the mask scales
             else:
                 assert not routing.dispatched()
                 optimizer.step()

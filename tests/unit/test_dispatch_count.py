@@ -81,15 +81,16 @@ def test_new_grad_tensors_cost_no_op(name: str) -> None:
     assert new == same, f"{name}: {same} ops with the same grads, {new} with new ones"
 
 
-_CAME_KERNELS = ["came_factored_sq_sums", "came_vector_second_moment", "came_update_sumsq", "came_momentum", "came_apply"]
+_CAME_KERNELS = ["came_factored_sq_sums", "came_vector_second_moment", "came_clip_divisors", "came_update_sumsq", "came_momentum", "came_apply"]
 #: the native kernels one step runs: each a custom op, called once for all tensors of the group
-#: (CAME's factor math twice: after each reduction of row / column sums)
+#: (a cautious step's mask scales once; CAME's factor math twice: after each reduction of row /
+#: column sums)
 KERNELS = {
-    "CautiousAdamW": ["adamw_mask_counts", "adamw_apply"],
+    "CautiousAdamW": ["adamw_mask_counts", "mask_scales", "adamw_apply"],
     "CautiousAdamW, cautious=False": ["adamw_apply"],
-    "CautiousLion": ["lion_encode", "lion_decode_apply"],
+    "CautiousLion": ["lion_encode", "mask_scales", "lion_decode_apply"],
     "CautiousLion, cautious=False": ["lion_apply"],
-    "CAME, cautious=True": _CAME_KERNELS,
+    "CAME, cautious=True": [*_CAME_KERNELS, "mask_scales"],
     "CAME": _CAME_KERNELS,
 }
 
