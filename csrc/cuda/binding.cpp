@@ -51,7 +51,7 @@ Tensor upload_bytes(const void* data, int64_t bytes, const at::Device&) {
 namespace {
 bool on_device(const Tensor& t) { return t.is_cuda(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
-cudaStream_t current_stream(const at::Device& device) { return current_stream(device); }
+cudaStream_t current_stream(const at::Device& device) { return c10::cuda::getCurrentCUDAStream(device.index()).stream(); }
 // One pinned host buffer copied to the device on the current stream; the caching host allocator
 // keeps the pinned block alive until the copy has run.
 Tensor upload_bytes(const void* data, int64_t bytes, const at::Device& device) {
