@@ -19,7 +19,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "dc_kernels.h"
@@ -611,6 +614,70 @@ void came_factored_apply(const std::vector<Tensor>& params, const std::vector<Te
                "came_factored_apply");
 }
 
+// The run table of came_factor_update in device memory: uploaded once per distinct list of runs
+// and device, then reused (a step plan keeps its runs, so every later call finds it here and
+// launches with no host-to-device copy). Keyed by content, so a caller needs no handle; the map
+// is never destroyed (device memory must not be freed after the CUDA context at exit) and holds
+// a few tables per model. The upload is ordered on the current stream before the first launch
+// that reads it; later launches only read it.
+const Tensor& factor_run_table(const std::vector<int64_t>& run_rows_per_matrix, const std::vector<int64_t>& run_rows,
+                               const std::vector<dc::FactorRun>& table, const at::Device& device) {
+  using Key = std::tuple<int, int, std::vector<int64_t>>;
+  static auto* tables = new std::map<Key, Tensor>();
+  static std::mutex mutex;
+  std::vector<int64_t> runs(run_rows_per_matrix);
+  runs.insert(runs.end(), run_rows.begin(), run_rows.end());
+  Key key{static_cast<int>(device.type()), static_cast<int>(device.index()), std::move(runs)};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = tables->find(key);
+  if (found == tables->end()) found = tables->emplace(std::move(key), upload(table, device)).first;
+  return found->second;
+}
+
+// CAME's factor math over one segment's flat buffers (came_factors.cu), the same entry point and
+// checks as the CPU kernels' came_factor_update. `run_rows_per_matrix` / `run_rows`: the (R, rows)
+// runs of whole matrices in row order.
+void came_factor_update(const Tensor& row_state, const Tensor& col_state, const Tensor& row_sums, const Tensor& col_sums,
+                        const Tensor& row_counts, const Tensor& col_counts, const std::vector<int64_t>& run_rows_per_matrix,
+                        const std::vector<int64_t>& run_rows, double beta, double one_minus_beta, const Tensor& row_factor,
+                        const Tensor& col_factor, const Tensor& means) {
+  TORCH_CHECK(run_rows_per_matrix.size() == run_rows.size(), "dist_cautious CUDA kernels: came_factor_update: ", run_rows_per_matrix.size(),
+              " matrix heights for ", run_rows.size(), " runs");
+  TORCH_CHECK(run_rows.size() <= static_cast<size_t>(INT32_MAX), "dist_cautious CUDA kernels: came_factor_update: too many runs");
+  const at::Device device = row_state.device();
+  DeviceGuard guard(device);
+  const int64_t rows = row_state.numel(), cols = col_state.numel();
+  int64_t covered = 0, matrices = 0;
+  for (size_t r = 0; r < run_rows.size(); ++r) {
+    const int64_t R = run_rows_per_matrix[r], n = run_rows[r];
+    TORCH_CHECK(R > 0 && n >= 0 && n % R == 0, "dist_cautious CUDA kernels: came_factor_update: run ", r, " of ", n,
+                " rows is not whole matrices of ", R, " rows");
+    covered += n;
+    matrices += n / R;
+  }
+  TORCH_CHECK(covered == rows, "dist_cautious CUDA kernels: came_factor_update: runs cover ", covered, " rows, the row state has ", rows);
+  check_state(row_state, "row state", device, rows);
+  check_state(col_state, "column state", device, cols);
+  check_state(row_sums, "row sums", device, rows);
+  check_state(col_sums, "column sums", device, cols);
+  check_state(row_counts, "row counts", device, rows);
+  check_state(col_counts, "column counts", device, cols);
+  check_state(row_factor, "row factor", device, rows);
+  check_state(col_factor, "column factor", device, cols);
+  check_state(means, "means", device, matrices);
+  std::vector<dc::FactorRun> table(run_rows.size());
+  dc::FactorPlan plan = dc::dc_prepare_factor_runs(run_rows_per_matrix.data(), run_rows.data(), static_cast<int>(run_rows.size()), table.data());
+  table.resize(static_cast<size_t>(plan.runs));
+  if (rows == 0 && cols == 0) return;
+  const dc::FactorRun* runs = nullptr;
+  if (plan.runs > 0) runs = reinterpret_cast<const dc::FactorRun*>(factor_run_table(run_rows_per_matrix, run_rows, table, device).data_ptr());
+  dc::FactorSpans spans{row_state.data_ptr<float>(), col_state.data_ptr<float>(), row_sums.data_ptr<float>(), col_sums.data_ptr<float>(),
+                        row_counts.data_ptr<float>(), col_counts.data_ptr<float>(), row_factor.data_ptr<float>(), col_factor.data_ptr<float>(),
+                        means.data_ptr<float>(), rows, cols};
+  check_launch(dc::launch_came_factor_update(spans, runs, plan, static_cast<float>(beta), static_cast<float>(one_minus_beta), current_stream(device)),
+               "came_factor_update");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -626,4 +693,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("came_factored_sumsq", &came_factored_sumsq, "CAME factored update sum of squares");
   m.def("came_factored_momentum", &came_factored_momentum, "CAME momentum, residual row/col sums and mask counts");
   m.def("came_factored_apply", &came_factored_apply, "CAME factored final update");
+  m.def("came_factor_update", &came_factor_update, "CAME factor math between reductions: EMAs, per-matrix means, rsqrt factors");
 }

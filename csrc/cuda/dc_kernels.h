@@ -160,4 +160,57 @@ cudaError_t launch_came_factored_momentum(const FactoredDesc* descs, int count, 
 cudaError_t launch_came_factored_apply(const FactoredDesc* descs, int count, int64_t blocks, const float* scales,
                                        cudaStream_t stream);
 
+
+// --- CAME factor math between reductions (came_factors.cu) ----------------------------------
+// The flat fp32 buffers of one segment (dist_cautious/kernels/reference.py, FactorBuffers):
+// rows of all matrices back to back, then likewise the columns.
+struct FactorSpans {
+  float* row_state;         // num_rows, updated in place
+  float* col_state;         // num_cols, updated in place
+  const float* row_sums;    // num_rows, this step's reduced sums
+  const float* col_sums;    // num_cols
+  const float* row_counts;  // num_rows: C of each row's matrix
+  const float* col_counts;  // num_cols: R of each column's matrix
+  float* row_factor;        // num_rows, written
+  float* col_factor;        // num_cols, written
+  float* means;             // one per matrix, written
+  int64_t num_rows;
+  int64_t num_cols;
+};
+
+// One run of `matrices` consecutive matrices of `rows_per_matrix` (R) rows each, in the
+// device-side run table: runs of R > kFactorWarpRows first (one block per matrix: `first_unit` is
+// the run's first block), then the others (32 / next_pow2(R) matrices per warp: `first_unit` is
+// the run's first warp task). Empty runs are left out.
+struct FactorRun {
+  int64_t first_row;
+  int64_t rows_per_matrix;
+  int64_t first_matrix;
+  int64_t matrices;
+  int64_t first_unit;
+};
+static_assert(sizeof(FactorRun) == 40 && alignof(FactorRun) == 8, "FactorRun layout");
+// Matrices of at most this many rows share a warp; larger ones get a block each.
+constexpr int64_t kFactorWarpRows = 32;
+
+struct FactorPlan {
+  int runs;              // entries of the table (non-empty runs)
+  int block_runs;        // of which the first block_runs have R > kFactorWarpRows
+  int64_t block_units;   // blocks of those runs (one per matrix)
+  int64_t warp_units;    // warp tasks of the others
+};
+
+// Fill `table` (room for `count` runs) from the (R, rows) runs in row order and return the
+// plan (host only). The runs must be whole matrices (the binding checks).
+FactorPlan dc_prepare_factor_runs(const int64_t* rows_per_matrix, const int64_t* run_rows, int count, FactorRun* table);
+
+// x = sums / counts; state = fma(1 - beta, x, state * beta) for rows and columns; each matrix's
+// mean of its updated row state, summed in float64 in a fixed order that depends on R alone
+// (rows i, i + 1024, ... into leaf i % 1024, the 1024 leaves then added in pairs of neighbours,
+// level by level), rounded once: mean = fp32(sum / R); row factor rsqrtf(state / mean), column
+// factor rsqrtf(state) (torch's CUDA rsqrt is ::rsqrt(float) = rsqrtf). `runs`: the table of
+// dc_prepare_factor_runs in device memory. One launch, no scratch.
+cudaError_t launch_came_factor_update(const FactorSpans& spans, const FactorRun* runs, const FactorPlan& plan, float beta,
+                                      float one_minus_beta, cudaStream_t stream);
+
 }  // namespace dist_cautious

@@ -1,6 +1,7 @@
 // Test-only entry points that expose the emulation's own primitives, so the tests can check them
 // directly: the bf16 / fp16 conversion intrinsics (bit for bit against torch's rounding), and the
-// barrier semantics of __syncthreads when some threads of a block return early.
+// barrier semantics of __syncthreads when some threads of a block return early, and the
+// emulated rsqrtf.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -94,6 +95,17 @@ std::vector<at::Tensor> shuffles(int64_t blocks, int64_t threads, int64_t delta,
 
 int64_t float_atomics() { return dc_emu::float_atomics.load(); }
 
+// The emulation's rsqrtf of each value (deliberately up to DC_EMU_RSQRT_ULPS ulps off the
+// correctly rounded result), so a test can tell which value a kernel applied rsqrtf to.
+at::Tensor rsqrtf_of(const at::Tensor& values) {
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous() && values.is_cpu(), "float32 CPU tensor expected");
+  at::Tensor out = at::empty(values.sizes(), values.options());
+  const float* in = values.data_ptr<float>();
+  float* result = out.data_ptr<float>();
+  for (int64_t i = 0; i < values.numel(); ++i) result[i] = rsqrtf(in[i]);
+  return out;
+}
+
 }  // namespace
 
 // torch.ops.dc_cuda_emu.*: registered with the dispatcher so they need no second pybind module.
@@ -102,5 +114,6 @@ TORCH_LIBRARY(dc_cuda_emu, m) {
   m.def("widen(Tensor bits, str format) -> Tensor", &widen);
   m.def("early_exit(int blocks, int threads, int stay, int rounds) -> Tensor", &early_exit);
   m.def("float_atomics() -> int", &float_atomics);
+  m.def("rsqrtf(Tensor values) -> Tensor", &rsqrtf_of);
   m.def("shuffles(int blocks, int threads, int delta, int mask) -> Tensor[]", &shuffles);
 }
