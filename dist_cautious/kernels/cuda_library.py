@@ -69,6 +69,11 @@ SCHEMAS: dict[str, str] = {
         "Tensor[] row_factor, Tensor[] col_factor, int[] out_index, float[] decays, float[] neg_lrs, Tensor? scales, "
         "int num_scales) -> ()"
     ),
+    "came_factor_update": (
+        "(Tensor(a!) row_state, Tensor(b!) col_state, Tensor row_sums, Tensor col_sums, Tensor row_counts, Tensor col_counts, "
+        "int[] run_rows_per_matrix, int[] run_rows, float beta, float one_minus_beta, Tensor(c!) row_factor, Tensor(d!) col_factor, "
+        "Tensor(e!) means) -> ()"
+    ),
 }
 
 #: device type -> dispatch key of the real implementations
@@ -350,6 +355,24 @@ def _fake_came_factored_apply(
     _slots(name, out_index, num_scales)
 
 
+def _fake_came_factor_update(
+    row_state: Tensor, col_state: Tensor, row_sums: Tensor, col_sums: Tensor, row_counts: Tensor, col_counts: Tensor,
+    run_rows_per_matrix: list[int], run_rows: list[int], beta: float, one_minus_beta: float, row_factor: Tensor, col_factor: Tensor,
+    means: Tensor,
+) -> None:  # fmt: skip
+    name = "came_factor_update"
+    fake_checks.factor_update_sizes(
+        "CUDA", row_state, col_state, row_sums, col_sums, row_counts, col_counts, run_rows_per_matrix, run_rows, row_factor, col_factor, means
+    )
+    device = row_state.device
+    for what, tensor in (
+        ("row state", row_state), ("column state", col_state), ("row sums", row_sums), ("column sums", col_sums),
+        ("row counts", row_counts), ("column counts", col_counts), ("row factor", row_factor), ("column factor", col_factor),
+        ("means", means),
+    ):  # fmt: skip
+        _state(name, tensor, what, device)
+
+
 _FAKES = {
     "lerp_mask_counts": _fake_lerp_mask_counts,
     "adamw_apply": _fake_adamw_apply,
@@ -362,6 +385,7 @@ _FAKES = {
     "came_factored_sumsq": _fake_came_factored_sumsq,
     "came_factored_momentum": _fake_came_factored_momentum,
     "came_factored_apply": _fake_came_factored_apply,
+    "came_factor_update": _fake_came_factor_update,
 }
 assert _FAKES.keys() == SCHEMAS.keys()
 

@@ -301,10 +301,19 @@ class CudaOps:
             )
 
     def came_factor_update(self, buffers: FactorBuffers, beta: float) -> None:
-        """CAME's factor math on a segment's flat buffers: the reference's torch ops, which run on
-        the buffers' device (a few small launches per segment and reduction; no CUDA kernel of
-        its own yet, unlike the CPU kernel set's one call)."""
-        reference.came_factor_update(buffers, beta)
+        """CAME's factor math on a segment's flat buffers in one launch (``came_factors.cu``):
+        the EMAs of rows and columns, each matrix's mean, the row and column factors. Buffers the
+        kernel does not take (float64, off the device) run the reference's torch ops instead.
+        The run table the kernel reads is uploaded by the binding once per distinct list of runs
+        (a plan keeps its buffers, so later steps copy nothing to the device)."""
+        tensors = [buffers.row_state, buffers.col_state, buffers.row_sums, buffers.col_sums, buffers.row_counts, buffers.col_counts]
+        if not self._ok([], [*tensors, buffers.row_factor, buffers.col_factor, buffers.means]):
+            reference.came_factor_update(buffers, beta)
+            return
+        self._kernels().came_factor_update(
+            *tensors, [rows for rows, _ in buffers.runs], [count for _, count in buffers.runs], beta, 1 - beta,
+            buffers.row_factor, buffers.col_factor, buffers.means,
+        )  # fmt: skip
 
     def came_factored_sq_sums_begin(self, grads: Sequence[Tensor], layouts: Sequence[Any], eps1: float, row_sums: Sequence[Tensor], col_sums: Sequence[Tensor], **_: Any) -> list[Optional[Tensor]]:
         """The reference pairing: phase 1 here, phase 2 a pass of its own (nothing folded)."""
@@ -326,7 +335,10 @@ class CudaOps:
             "came_vector_second_moment", "came_update_sumsq", "came_momentum", "came_apply", "came_cautious_begin", "came_cautious_finish",
             "came_factored_sq_sums_begin", "came_factor_update",
         ]
-        return SimpleNamespace(CameFactors=CameFactors, mask_scales=mask_scales, native="cuda", **{name: getattr(self, name) for name in names})
+        return SimpleNamespace(
+            CameFactors=CameFactors, mask_scales=mask_scales, came_clip_divisors=reference.came_clip_divisors, native="cuda",
+            **{name: getattr(self, name) for name in names},
+        )  # fmt: skip
 
 
 def _factor_tensors(factors: Sequence[CameFactors]) -> list[Optional[Tensor]]:

@@ -213,3 +213,28 @@ class BindingEmulator:
             if scales is not None:
                 update = torch.where(m * grad.float() > 0, update * scales[slot], torch.zeros_like(update))
             _store(param, param.float() * _fp32(decay) + _fp32(neg_lr) * update)
+
+    def came_factor_update(self, row_state, col_state, row_sums, col_sums, row_counts, col_counts, run_rows_per_matrix, run_rows,
+                           beta, one_minus_beta, row_factor, col_factor, means) -> None:
+        """The kernel's math with torch ops: the EMA with fp32 beta and 1 - beta, each matrix's
+        mean of its new row state summed in float64 (the kernel's fixed order is checked against
+        the real sources, tests/gpu/test_cuda_emulated.py), the factors by torch's rsqrt."""
+        _same_length(run_rows_per_matrix, run_rows)
+        rows, cols = row_state.numel(), col_state.numel()
+        for tensor, what, numel in ((row_state, "row state", rows), (row_sums, "row sums", rows), (row_counts, "row counts", rows),
+                                    (row_factor, "row factor", rows), (col_state, "column state", cols), (col_sums, "column sums", cols),
+                                    (col_counts, "column counts", cols), (col_factor, "column factor", cols)):
+            _check_state(tensor, what, numel)
+        if any(R <= 0 or n < 0 or n % R for R, n in zip(run_rows_per_matrix, run_rows)) or sum(run_rows) != rows:
+            raise ValueError(f"runs {list(zip(run_rows_per_matrix, run_rows))} are not whole matrices covering {rows} rows")
+        _check_state(means, "means", sum(n // R for R, n in zip(run_rows_per_matrix, run_rows)))
+        for state, sums, counts in ((row_state, row_sums, row_counts), (col_state, col_sums, col_counts)):
+            state.mul_(_fp32(beta)).add_(sums / counts, alpha=_fp32(one_minus_beta))
+        first = matrix = 0
+        for R, n in zip(run_rows_per_matrix, run_rows):
+            k = n // R
+            by_matrix = row_state[first : first + n].view(k, R)
+            means[matrix : matrix + k] = (by_matrix.double().sum(dim=1) / R).float()
+            row_factor[first : first + n] = (by_matrix / means[matrix : matrix + k].view(k, 1)).rsqrt().view(-1)
+            first, matrix = first + n, matrix + k
+        torch.rsqrt(col_state, out=col_factor)

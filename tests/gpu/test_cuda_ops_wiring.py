@@ -147,6 +147,39 @@ def test_came_phases_wiring(ops):
         _close(a, b, o.abs() + (b - o).abs(), "param")
 
 
+def test_came_factor_update_wiring(ops):
+    """``came_factor_update``: the buffers and the runs reach the binding in its order, once per
+    call; the emulator's torch ops then match the reference's, the means (float64 sums) within
+    the sum bound of torch's fp32 mean. float64 buffers never reach the binding."""
+    runs = [(2, 3, 4), (40, 5, 2), (1, 7, 3)]
+    gen = torch.Generator().manual_seed(6)
+    row_counts = torch.cat([torch.full((R * k,), float(C)) for R, C, k in runs])
+    col_counts = torch.cat([torch.full((C * k,), float(R)) for R, C, k in runs])
+    rows, cols = row_counts.numel(), col_counts.numel()
+    native = reference.FactorBuffers(
+        torch.rand(rows, generator=gen) + 0.1, torch.rand(cols, generator=gen) + 0.1, torch.rand(rows, generator=gen) * row_counts,
+        torch.rand(cols, generator=gen) * col_counts, row_counts, col_counts, tuple((R, R * k) for R, _, k in runs),
+        torch.empty(rows), torch.empty(cols), torch.empty(sum(k for *_, k in runs)),
+    )  # fmt: skip
+    expected = reference.FactorBuffers(*(v.clone() if isinstance(v, torch.Tensor) else v for v in vars(native).values()))
+    ops.came_factor_update(native, 0.95)
+    reference.came_factor_update(expected, 0.95)
+    for key in ("row_state", "col_state", "col_factor"):
+        assert torch.equal(getattr(native, key), getattr(expected, key)), key
+    first = matrix = 0
+    for R, _, k in runs:
+        _close(native.means[matrix : matrix + k], expected.means[matrix : matrix + k], expected.means[matrix : matrix + k], f"means R={R}", R + 64)
+        by_matrix = native.row_state[first : first + R * k].view(k, R)
+        assert torch.equal(native.row_factor[first : first + R * k], (by_matrix / native.means[matrix : matrix + k].view(k, 1)).rsqrt().view(-1))
+        first, matrix = first + R * k, matrix + k
+    doubled = reference.FactorBuffers(*(v.double() if isinstance(v, torch.Tensor) else v for v in vars(native).values()))
+    calls = []
+    emulator = BindingEmulator()
+    emulator.came_factor_update = lambda *a: calls.append(a)
+    CudaOps(emulator, device_type="cpu").namespace().came_factor_update(doubled, 0.95)
+    assert calls == []
+
+
 def test_unsupported_inputs_run_the_reference(ops, monkeypatch):
     """float64 and non-contiguous inputs never reach the binding."""
     calls = []

@@ -15,7 +15,9 @@ checks, for the first step (state created) and the second (state reused):
   there) and no copy between host and device (``torch.tensor(list, device="cuda")`` is a
   pageable copy the host waits for);
 - dispatch: each of the optimizer's CUDA custom ops runs once per step, over every param, and
-  nothing steps a param, a momentum or a second moment outside them (no reference fallback).
+  nothing steps a param, a momentum or a second moment outside them (no reference fallback);
+  CAME's factor math is ``came_factor_update``, twice per step (after each reduction of row /
+  column sums), and nothing else writes the factor state, the factors or the means.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ CUDA = torch.device("cuda", 0)
 SHAPES = [(), (7,), (5, 3), (4, 3, 2, 2), (1,)]
 FACTORED = sum(len(shape) >= 2 for shape in SHAPES)
 
+#: CAME's factor math (came_factor_update): one call per segment (here one) after each of the
+#: two reductions of row / column sums, over the flat buffers of all factored tensors
+FACTOR_UPDATES = 2
+#: ops that take no per-tensor lists: how many calls a step makes stands in for the tensors covered
+PER_CALL = {"came_factor_update"}
+
 #: (optimizer, kwargs, the custom ops one step runs, each with the number of tensors it covers)
 CASES = {
     "adamw": (CautiousAdamW, dict(lr=1e-3, cautious=True), {"lerp_mask_counts": len(SHAPES), "adamw_apply": len(SHAPES)}),
@@ -53,6 +61,7 @@ CASES = {
                 "came_factored_sumsq": FACTORED, "came_vector_sumsq": len(SHAPES) - FACTORED,
                 "came_factored_momentum": FACTORED, "came_vector_momentum": len(SHAPES) - FACTORED,
                 "came_factored_apply": FACTORED, "came_vector_apply": len(SHAPES) - FACTORED,
+                "came_factor_update": FACTOR_UPDATES,
             },
         )  # fmt: skip
         for name, cautious in (("came", False), ("came-cautious", True))
@@ -108,6 +117,14 @@ def _fake_step_records(optimizer_name: str, dtype_name: str) -> tuple[list[StepR
     return records, optimizer, params
 
 
+def _factor_storages(optimizer: torch.optim.Optimizer) -> set[StorageWeakRef]:
+    """CAME: the storages of the plan's factor state and of what is derived from it (row / column
+    state, factors, means), which only came_factor_update may write."""
+    plan = getattr(optimizer, "_came_plan", None)  # the factor layout kept with the step plan in use
+    buffers = [b for batch in getattr(plan, "batches", []) for segment in batch.segments for b in segment.factor_buffers.values()]
+    return {_storage(t) for b in buffers for t in (b.row_state, b.col_state, b.row_factor, b.col_factor, b.means)}
+
+
 def _step_counters(optimizer: torch.optim.Optimizer) -> set[StorageWeakRef]:
     return {_storage(state["step"]) for state in optimizer.state.values() if isinstance(state.get("step"), torch.Tensor)}
 
@@ -161,6 +178,9 @@ def test_step_allocates_on_the_device_and_runs_the_cuda_ops(optimizer_name: str,
         for key, value in state.items()
         if key in ("exp_avg", "exp_avg_sq") and isinstance(value, torch.Tensor)
     }
+    factor_state = _factor_storages(optimizer)
+    assert bool(factor_state) == (CASES[optimizer_name][0] is CAME), "the plan's factor buffers not found"
+    stepped |= factor_state
     for index, recorder in enumerate(records):
         where = f"step {index + 1}"
         # placement
@@ -169,8 +189,9 @@ def test_step_allocates_on_the_device_and_runs_the_cuda_ops(optimizer_name: str,
         # dispatch: each custom op once, over every tensor of its kind
         calls = recorder.custom_ops(cuda_library.NAMESPACE)
         names = Counter(name for name, _ in calls)
-        assert names == Counter(expected.keys()), f"{where}: custom ops dispatched {dict(names)}, expected each of {sorted(expected)} once"
-        covered = {name: len(named["grads"]) for name, named in calls}
+        once = Counter({name: expected[name] if name in PER_CALL else 1 for name in expected})
+        assert names == once, f"{where}: custom ops dispatched {dict(names)}, expected {dict(once)}"
+        covered = {name: names[name] if name in PER_CALL else len(named["grads"]) for name, named in calls}
         assert covered == expected, f"{where}: tensors per op {covered}, expected {expected}"
         # nothing outside the custom ops writes params or per-element state (no reference fallback)
         for func, _, _, named in recorder.calls:
