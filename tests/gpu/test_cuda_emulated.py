@@ -711,3 +711,120 @@ def test_param_groups_of_different_lr_and_decay_step_in_one_kernel_call(ops, nam
         _bitwise(a.detach().reshape(-1), b.detach().reshape(-1), f"{name}: param {index} {GROUP_SHAPES[index]} vs its own optimizer")
     applied = [op for op in calls if op in APPLY_OPS]
     assert applied and len(applied) == len(set(applied)), f"{name}: apply kernels per step {applied}"
+
+
+# ---- CAME factor math: came_factor_update (csrc/cuda/came_factors.cu) ------------------------------
+# (R, C, matrices) in row order. Warp tasks at every group width (R = 1, 2, 3, 5, 7, 17, 32:
+# several matrices per warp, a partial last task, 70 matrices of one row), block matrices just
+# over the warp limit (R = 33), of one leaf pass (100) and of several (2500, 70000: rows past
+# 1024 fold into the leaves), C = 70000 columns (many grid-stride column blocks), the two paths
+# interleaved in the run order; an empty run.
+FACTOR_RUNS = [(1, 5, 70), (3, 4, 3), (33, 2, 2), (7, 9, 1), (32, 3, 5), (70000, 2, 1), (2, 70000, 1), (4, 6, 0), (100, 17, 3),
+               (5, 3, 13), (2500, 4, 2), (17, 6, 4)]
+LEAVES = 1024  # came_factors.cu: kLeaves
+
+
+def _factor_buffers(runs, gen) -> reference.FactorBuffers:
+    """Random positive factor state and sums of matrices given as runs (R, C, matrices), as the
+    CPU kernels' test makes them (tests/kernels/test_cpu_kernels.py)."""
+    row_counts = torch.cat([torch.full((R * k,), float(C)) for R, C, k in runs])
+    col_counts = torch.cat([torch.full((C * k,), float(R)) for R, C, k in runs])
+    rows, cols = row_counts.numel(), col_counts.numel()
+
+    def positive(n: int) -> torch.Tensor:
+        return torch.rand(n, generator=gen) * 4 + 1e-3
+
+    return reference.FactorBuffers(
+        positive(rows), positive(cols), positive(rows) * row_counts, positive(cols) * col_counts, row_counts, col_counts,
+        tuple((R, R * k) for R, _, k in runs), torch.empty(rows), torch.empty(cols), torch.empty(sum(k for _, _, k in runs)),
+    )  # fmt: skip
+
+
+def _cloned_buffers(buffers: reference.FactorBuffers) -> reference.FactorBuffers:
+    return reference.FactorBuffers(*(v.clone() if isinstance(v, torch.Tensor) else v for v in vars(buffers).values()))
+
+
+def _fixed_order_means(by_matrix: torch.Tensor) -> torch.Tensor:
+    """The kernel's documented order for the means of the rows of each matrix (k, R): row i into
+    float64 leaf i % 1024 in increasing order, then neighbours added level by level; fp32(sum / R)."""
+    k, R = by_matrix.shape
+    passes = -(-R // LEAVES)
+    padded = torch.zeros(k, passes * LEAVES, dtype=torch.float64)
+    padded[:, :R] = by_matrix.double()
+    leaves = torch.zeros(k, LEAVES, dtype=torch.float64)
+    for chunk in padded.view(k, passes, LEAVES).unbind(1):
+        leaves += chunk
+    while leaves.shape[1] > 1:
+        leaves = leaves[:, 0::2] + leaves[:, 1::2]
+    return (leaves[:, 0] / R).float()
+
+
+@pytest.mark.parametrize("beta", [0.999, 0.9])
+def test_came_factor_update(ext, ops, beta):
+    """The kernel against the torch ops (reference.came_factor_update) on the same inputs: row and
+    column state bit for bit (IEEE division, rounded product, one fused multiply-add, as torch's
+    CUDA mul_ / add_ with alpha); each mean bit for bit the documented fixed order (whichever path
+    computed it: this checks the values summed and the division; the order itself only moves the
+    last bits of a float64 sum of fp32 values, which the final fp32 rounding almost always hides),
+    and within the sum bound of torch's fp32 mean; the factors bit for bit the
+    emulation's rsqrtf of what torch's ops divide (the right value reaches rsqrtf), and within
+    8u of torch's CPU rsqrt: the emulated rsqrtf is correctly rounded, then moved up to 2 ulp (4u)
+    on purpose, and torch's CPU rsqrt rounds sqrt and 1/x (1.5u). On a GPU, where rsqrtf is the
+    instruction torch's own CUDA rsqrt uses, tests/gpu/test_cuda_kernels.py checks bit for bit."""
+    native = _factor_buffers(FACTOR_RUNS, _gen(3))
+    expected = _cloned_buffers(native)
+    atomics = torch.ops.dc_cuda_emu.float_atomics()
+    ops.came_factor_update(native, beta)
+    reference.came_factor_update(expected, beta)
+    assert torch.ops.dc_cuda_emu.float_atomics() == atomics, "came_factor_update used float atomics"
+    _bitwise(native.row_state, expected.row_state, "row state")
+    _bitwise(native.col_state, expected.col_state, "column state")
+    _bitwise(native.col_factor, torch.ops.dc_cuda_emu.rsqrtf(expected.col_state), "column factor vs rsqrtf(column state)")
+    _within(native.col_factor, expected.col_factor, 8 * U * expected.col_factor.double().abs(), "column factor vs torch.rsqrt")
+    first = matrix = 0
+    for R, _, k in FACTOR_RUNS:
+        rows, means = slice(first, first + R * k), slice(matrix, matrix + k)
+        by_matrix = native.row_state[rows].view(k, R)
+        _bitwise(native.means[means], _fixed_order_means(by_matrix), f"means of R={R} vs the fixed order")
+        ref_means = expected.means[means].double()
+        _within(native.means[means], expected.means[means], (R + 64) * U * ref_means.abs(), f"means of R={R} vs torch.mean")
+        divided = (by_matrix / native.means[means].view(k, 1)).reshape(-1)
+        _bitwise(native.row_factor[rows], torch.ops.dc_cuda_emu.rsqrtf(divided), f"row factor of R={R} vs rsqrtf(state / mean)")
+        _within(native.row_factor[rows], divided.rsqrt(), 8 * U * divided.rsqrt().double(), f"row factor of R={R} vs torch.rsqrt")
+        first, matrix = first + R * k, matrix + k
+
+
+def test_came_factor_update_in_float64_runs_the_reference(ops):
+    buffers = _factor_buffers([(3, 4, 2), (40, 2, 1)], _gen(4))
+    native = reference.FactorBuffers(*(v.double() if isinstance(v, torch.Tensor) else v for v in vars(buffers).values()))
+    expected = _cloned_buffers(native)
+    ops.came_factor_update(native, 0.99)
+    reference.came_factor_update(expected, 0.99)
+    for key, value in vars(native).items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, getattr(expected, key)), key
+
+
+def test_came_factor_update_without_rows_or_columns(ext):
+    """No factored matrix in the segment: nothing to do, nothing launched, no table."""
+    empty = torch.zeros(0)
+    ext.came_factor_update(empty, empty, empty, empty, empty, empty, [], [], 0.9, 0.1, empty, empty, empty)
+    ext.came_factor_update(empty, empty, empty, empty, empty, empty, [3], [0], 0.9, 0.1, empty, empty, empty)
+
+
+def test_came_factor_update_binding_checks(ext):
+    b = _factor_buffers([(3, 4, 2)], _gen(5))
+    args = [b.row_state, b.col_state, b.row_sums, b.col_sums, b.row_counts, b.col_counts]
+    outs = [b.row_factor, b.col_factor, b.means]
+    with pytest.raises(RuntimeError, match="whole matrices"):
+        ext.came_factor_update(*args, [4], [6], 0.9, 0.1, *outs)
+    with pytest.raises(RuntimeError, match="cover"):
+        ext.came_factor_update(*args, [3], [3], 0.9, 0.1, *outs)
+    with pytest.raises(RuntimeError, match="runs"):
+        ext.came_factor_update(*args, [3, 3], [6], 0.9, 0.1, *outs)
+    with pytest.raises(RuntimeError, match="means"):
+        ext.came_factor_update(*args, [3], [6], 0.9, 0.1, b.row_factor, b.col_factor, torch.empty(3))
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.came_factor_update(*args[:5], b.col_counts.double(), [3], [6], 0.9, 0.1, *outs)
+    with pytest.raises(RuntimeError, match="column factor"):
+        ext.came_factor_update(*args, [3], [6], 0.9, 0.1, b.row_factor, torch.empty(7), b.means)

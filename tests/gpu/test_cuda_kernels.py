@@ -451,3 +451,69 @@ def test_optimizers_native_equal_reference(name, monkeypatch):
     for a, b in zip(native, expected):
         # ALGORITHMS.md's bar for "the same optimizer": rtol 1e-4 after several steps
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# (R, C, matrices): warp-shared matrices (R <= 32) and block matrices (R > 32, up to 70000 rows,
+# several passes of the kernel's 1024 leaves), 70000 columns, the two paths interleaved.
+FACTOR_RUNS = [(1, 5, 70), (3, 4, 3), (33, 2, 2), (7, 9, 1), (32, 3, 5), (70000, 2, 1), (2, 70000, 1), (100, 17, 3), (5, 3, 13),
+               (2500, 4, 2), (17, 6, 4)]
+
+
+def _factor_buffers(runs, seed: int, dtype=torch.float32) -> reference.FactorBuffers:
+    gen = _generator(seed)
+    row_counts = torch.cat([torch.full((R * k,), float(C), device="cuda") for R, C, k in runs])
+    col_counts = torch.cat([torch.full((C * k,), float(R), device="cuda") for R, C, k in runs])
+    rows, cols = row_counts.numel(), col_counts.numel()
+
+    def positive(n: int) -> torch.Tensor:
+        return torch.rand(n, generator=gen, device="cuda") * 4 + 1e-3
+
+    buffers = reference.FactorBuffers(
+        positive(rows), positive(cols), positive(rows) * row_counts, positive(cols) * col_counts, row_counts, col_counts,
+        tuple((R, R * k) for R, _, k in runs), torch.empty(rows, device="cuda"), torch.empty(cols, device="cuda"),
+        torch.empty(sum(k for _, _, k in runs), device="cuda"),
+    )  # fmt: skip
+    return reference.FactorBuffers(*(v.to(dtype) if isinstance(v, torch.Tensor) else v for v in vars(buffers).values()))
+
+
+def _cloned_buffers(buffers: reference.FactorBuffers) -> reference.FactorBuffers:
+    return reference.FactorBuffers(*(v.clone() if isinstance(v, torch.Tensor) else v for v in vars(buffers).values()))
+
+
+@pytest.mark.parametrize("beta", [0.999, 0.9])
+def test_came_factor_update(ops, beta):
+    """The kernel against torch's own CUDA ops on the same inputs: row / column state and column
+    factor bit for bit (torch's CUDA rsqrt is rsqrtf, as the kernel's); the means within the sum
+    bound of torch's fp32 mean (the kernel sums in float64 in a fixed order); the row factor bit
+    for bit what torch's ops make of the kernel's own means; a second run repeats bit for bit."""
+    native = _factor_buffers(FACTOR_RUNS, 3)
+    expected = _cloned_buffers(native)
+    again = _cloned_buffers(native)
+    ops.came_factor_update(native, beta)
+    ops.came_factor_update(again, beta)
+    reference.came_factor_update(expected, beta)
+    for key in ("row_state", "col_state", "col_factor", "row_factor", "means"):
+        assert torch.equal(getattr(native, key), getattr(again, key)), f"{key}: a second run differs"
+    for key in ("row_state", "col_state", "col_factor"):
+        differ = int((getattr(native, key) != getattr(expected, key)).sum())
+        assert differ == 0, f"{key}: {differ} elements differ from torch's ops"
+    first = matrix = 0
+    for R, _, k in FACTOR_RUNS:
+        means = native.means[matrix : matrix + k]
+        ref_means = expected.means[matrix : matrix + k].double()
+        bound = (R + 64) * U * ref_means.abs()
+        assert bool(((means.double() - ref_means).abs() <= bound).all()), f"means of R={R}"
+        state = native.row_state[first : first + R * k].view(k, R)
+        row_factor = (state / means.view(k, 1)).rsqrt().view(-1)
+        assert torch.equal(native.row_factor[first : first + R * k], row_factor), f"row factor of R={R}"
+        first, matrix = first + R * k, matrix + k
+
+
+def test_came_factor_update_float64_runs_the_reference(ops):
+    native = _factor_buffers([(3, 4, 2), (40, 2, 1)], 4, torch.float64)
+    expected = _cloned_buffers(native)
+    ops.came_factor_update(native, 0.99)
+    reference.came_factor_update(expected, 0.99)
+    for key, value in vars(native).items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, getattr(expected, key)), key
