@@ -690,12 +690,6 @@ Tensor mask_scales(const Tensor& counts, const Tensor& sizes) {
   return out;
 }
 
-Tensor came_clip_divisors(const Tensor& sumsq, const Tensor& sqrt_sizes, double threshold) {
-  Tensor out = per_tensor_result(sumsq, sqrt_sizes, "sums of squares", "sqrt sizes");
-  dc::came_clip_divisors(sumsq.data_ptr<float>(), sqrt_sizes.data_ptr<float>(), static_cast<float>(threshold), out.data_ptr<float>(), sumsq.numel());
-  return out;
-}
-
 }  // namespace
 
 // The kernels as PyTorch custom ops, torch.ops.dist_cautious_cpu.*: through the dispatcher a
@@ -734,7 +728,6 @@ TORCH_LIBRARY(dist_cautious_cpu, m) {
       "Tensor col_counts, int[] run_rows_per_matrix, int[] run_rows, float beta, float one_minus_beta, Tensor(c!) row_factor, "
       "Tensor(d!) col_factor, Tensor(e!) means) -> ()");
   m.def("mask_scales(Tensor counts, Tensor sizes) -> Tensor");
-  m.def("came_clip_divisors(Tensor sumsq, Tensor sqrt_sizes, float threshold) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dist_cautious_cpu, CPU, m) {
@@ -751,7 +744,6 @@ TORCH_LIBRARY_IMPL(dist_cautious_cpu, CPU, m) {
   m.impl("came_apply", &came_apply);
   m.impl("came_factor_update", &came_factor_update);
   m.impl("mask_scales", &mask_scales);
-  m.impl("came_clip_divisors", &came_clip_divisors);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -778,5 +770,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("came_apply", &came_apply);
   m.def("came_factor_update", &came_factor_update);
   m.def("mask_scales", &mask_scales);
-  m.def("came_clip_divisors", &came_clip_divisors);
 }

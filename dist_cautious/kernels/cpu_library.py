@@ -45,7 +45,6 @@ OPS = (
     "came_apply",
     "came_factor_update",
     "mask_scales",
-    "came_clip_divisors",
 )
 
 
@@ -171,7 +170,7 @@ def _fake_came_factor_update(
 
 
 def _fake_per_tensor_values(values: Tensor, other: Tensor, *_: Any) -> Tensor:
-    """mask_scales(counts, sizes), came_clip_divisors(sumsq, sqrt_sizes, threshold)."""
+    """mask_scales(counts, sizes)."""
     if values.dim() != 1 or other.numel() != values.numel():
         _fail("per-tensor values", f"{values.numel()} values, {other.numel()} sizes")
     return torch.empty(values.numel(), dtype=torch.float32, device=values.device)
@@ -191,7 +190,6 @@ _FAKES = {
     "came_apply": _fake_came_apply,
     "came_factor_update": _fake_came_factor_update,
     "mask_scales": _fake_per_tensor_values,
-    "came_clip_divisors": _fake_per_tensor_values,
 }
 assert tuple(_FAKES) == OPS
 

@@ -201,12 +201,9 @@ class CpuOps:
             return mask_scales(counts, numels)
         return self._kernels().mask_scales(counts, numels)
 
-    def came_clip_divisors(self, sumsq: Tensor, sqrt_sizes: Tensor, clip_threshold: float) -> Tensor:
-        """``reference.came_clip_divisors`` in one native call (its square root IEEE's, see
-        csrc/cpu/step_scalars.h)."""
-        if not self._ok([], [sumsq, sqrt_sizes]):
-            return reference.came_clip_divisors(sumsq, sqrt_sizes, clip_threshold)
-        return self._kernels().came_clip_divisors(sumsq, sqrt_sizes, clip_threshold)
+    #: torch's ops: their CPU sqrt is MKL's, which no kernel of ours reproduces, and an ulp of
+    #: difference in a divisor moves CAME's trajectory visibly (csrc/cpu/step_scalars.h)
+    came_clip_divisors = staticmethod(reference.came_clip_divisors)
 
     # --- AdamW ---------------------------------------------------------------------------
     def adamw_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:

@@ -81,7 +81,7 @@ def test_new_grad_tensors_cost_no_op(name: str) -> None:
     assert new == same, f"{name}: {same} ops with the same grads, {new} with new ones"
 
 
-_CAME_KERNELS = ["came_factored_sq_sums", "came_vector_second_moment", "came_clip_divisors", "came_update_sumsq", "came_momentum", "came_apply"]
+_CAME_KERNELS = ["came_factored_sq_sums", "came_vector_second_moment", "came_update_sumsq", "came_momentum", "came_apply"]
 #: the native kernels one step runs: each a custom op, called once for all tensors of the group
 #: (a cautious step's mask scales once; CAME's factor math twice: after each reduction of row /
 #: column sums)
