@@ -158,7 +158,8 @@ class CAME(FragmentOptimizer):
                     [f.grad for f in batch.factored], batch.layouts, eps1, batch.row_sums[0], batch.col_sums[0],
                     row_states=batch.row_states, beta2=beta2, folded=batch.folded,
                 )  # fmt: skip
-            ops.came_vector_second_moment([f.grad for f in batch.vectors], batch.vector_exp_avg_sqs, beta2, eps1)
+            if batch.vectors:  # through the dispatcher (a mode, a tracer) an op needs a tensor argument
+                ops.came_vector_second_moment([f.grad for f in batch.vectors], batch.vector_exp_avg_sqs, beta2, eps1)
             folded_by_batch.append(folded)
         plan.reduce_sums(0, reducer)
         reducer.all_reduce()
