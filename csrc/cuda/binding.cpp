@@ -678,6 +678,41 @@ void came_factor_update(const Tensor& row_state, const Tensor& col_state, const 
                "came_factor_update");
 }
 
+// The per-tensor step scalars (step_scalars.cu): a new fp32 vector with one value per tensor of
+// the batch, from `values` and a second vector of the same length (the CPU kernels' checks).
+Tensor per_tensor_result(const Tensor& values, const Tensor& other, const char* what, const char* other_what) {
+  const at::Device device = values.device();
+  TORCH_CHECK(values.dim() == 1, "dist_cautious CUDA kernels: ", what, " must be a vector, got ", values.dim(), " dimensions");
+  check_state(values, what, device, -1);
+  check_state(other, other_what, device, values.numel());
+  return at::empty({values.numel()}, values.options());
+}
+
+// reference.mask_scales: 1 / max(counts / sizes, 1e-3) per tensor, in one launch.
+Tensor mask_scales(const Tensor& counts, const Tensor& sizes) {
+  const at::Device device = counts.device();
+  DeviceGuard guard(device);
+  Tensor out = per_tensor_result(counts, sizes, "counts", "sizes");
+  check_launch(dc::launch_mask_scales(counts.data_ptr<float>(), sizes.data_ptr<float>(), out.data_ptr<float>(), counts.numel(),
+                                      current_stream(device)),
+               "mask_scales");
+  return out;
+}
+
+// reference.came_clip_divisors: max(sqrt(sumsq) / sqrt_sizes / clip_threshold, 1) per tensor, in
+// one launch. torch divides a tensor by a Python scalar on CUDA as x * (1 / fp32(s)), the
+// reciprocal formed on the host in fp32 (div_true_kernel_cuda): the same factor here.
+Tensor came_clip_divisors(const Tensor& sumsq, const Tensor& sqrt_sizes, double clip_threshold) {
+  const at::Device device = sumsq.device();
+  DeviceGuard guard(device);
+  Tensor out = per_tensor_result(sumsq, sqrt_sizes, "sums of squares", "square roots of the sizes");
+  const float inv_threshold = 1.0f / static_cast<float>(clip_threshold);
+  check_launch(dc::launch_came_clip_divisors(sumsq.data_ptr<float>(), sqrt_sizes.data_ptr<float>(), inv_threshold, out.data_ptr<float>(),
+                                             sumsq.numel(), current_stream(device)),
+               "came_clip_divisors");
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -694,4 +729,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("came_factored_momentum", &came_factored_momentum, "CAME momentum, residual row/col sums and mask counts");
   m.def("came_factored_apply", &came_factored_apply, "CAME factored final update");
   m.def("came_factor_update", &came_factor_update, "CAME factor math between reductions: EMAs, per-matrix means, rsqrt factors");
+  m.def("mask_scales", &mask_scales, "cautious mask scales 1 / max(count / size, 1e-3) per tensor, one launch");
+  m.def("came_clip_divisors", &came_clip_divisors, "CAME RMS-clip divisors max(sqrt(sumsq) / sqrt(N) / d, 1) per tensor, one launch");
 }

@@ -213,4 +213,16 @@ FactorPlan dc_prepare_factor_runs(const int64_t* rows_per_matrix, const int64_t*
 cudaError_t launch_came_factor_update(const FactorSpans& spans, const FactorRun* runs, const FactorPlan& plan, float beta,
                                       float one_minus_beta, cudaStream_t stream);
 
+// --- Per-tensor step scalars from reduced values (step_scalars.cu) ---------------------------
+// One launch over n values each, a grid-stride loop; nothing launched for n == 0. Rounded as
+// torch's CUDA ops (see step_scalars.cu), so they match them bit for bit.
+// The floor of the mask's mean, as torch's clamp(min=1e-3) rounds it: fp32 of the double 1e-3.
+constexpr float kMaskScaleFloor = static_cast<float>(1e-3);
+// out = 1 / max(counts / sizes, kMaskScaleFloor) (NaN propagates)
+cudaError_t launch_mask_scales(const float* counts, const float* sizes, float* out, int64_t n, cudaStream_t stream);
+// out = max(sqrt(sumsq) / sqrt_sizes * inv_threshold, 1) (NaN propagates); inv_threshold is
+// 1.0f / fp32(clip_threshold), the factor torch's CUDA division by a Python scalar multiplies by.
+cudaError_t launch_came_clip_divisors(const float* sumsq, const float* sqrt_sizes, float inv_threshold, float* out, int64_t n,
+                                      cudaStream_t stream);
+
 }  // namespace dist_cautious

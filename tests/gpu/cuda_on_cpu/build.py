@@ -1,8 +1,9 @@
 """Build the CPU-emulated CUDA extension: the real ``csrc/cuda`` sources on host threads (tests only).
 
 ``load()`` JIT-compiles (``torch.utils.cpp_extension.load``, cached in torch's extension
-directory) the real ``csrc/cuda/elementwise.cu``, ``factored.cu``, ``came_factors.cu`` and ``binding.cpp`` with the
-host C++ compiler, against the CUDA-on-CPU headers in ``include/`` instead of the CUDA toolkit's.
+directory) the real ``csrc/cuda/elementwise.cu``, ``factored.cu``, ``came_factors.cu``,
+``step_scalars.cu`` and ``binding.cpp`` with the host C++ compiler, against the CUDA-on-CPU
+headers in ``include/`` instead of the CUDA toolkit's.
 The module has the shipped binding's entry points and checks, on CPU tensors, so
 ``CudaOps(load(), device_type="cpu")`` runs the whole CUDA path (wrapper, binding, launchers,
 kernels) on the CPU.
@@ -25,7 +26,7 @@ DEFINES = {"DC_THREADS": THREADS, "DC_CHUNK": CHUNK, "DC_ROW_ITERS": ROW_ITERS}
 # -ffp-contract=off: the host compiler must not fuse a*b+c where the kernels round each op (the
 # __f*_rn intrinsics); the kernels' own fused ops are explicit __fmaf_rn calls.
 FLAGS = ["-O2", "-std=c++20", "-ffp-contract=off", "-pthread"] + [f"-D{k}={v}" for k, v in DEFINES.items()]
-SOURCES = ["emu_elementwise.cpp", "emu_factored.cpp", "emu_came_factors.cpp", "emu_binding.cpp", "emu_probe.cpp"]
+SOURCES = ["emu_elementwise.cpp", "emu_factored.cpp", "emu_came_factors.cpp", "emu_step_scalars.cpp", "emu_binding.cpp", "emu_probe.cpp"]
 NAME = "dist_cautious_cuda_on_cpu"
 
 _module: Any = None
