@@ -74,6 +74,8 @@ SCHEMAS: dict[str, str] = {
         "int[] run_rows_per_matrix, int[] run_rows, float beta, float one_minus_beta, Tensor(c!) row_factor, Tensor(d!) col_factor, "
         "Tensor(e!) means) -> ()"
     ),
+    "mask_scales": "(Tensor counts, Tensor sizes) -> Tensor",
+    "came_clip_divisors": "(Tensor sumsq, Tensor sqrt_sizes, float clip_threshold) -> Tensor",
 }
 
 #: device type -> dispatch key of the real implementations
@@ -373,6 +375,23 @@ def _fake_came_factor_update(
         _state(name, tensor, what, device)
 
 
+def _per_tensor_values(name: str, values: Tensor, other: Tensor, what: str, other_what: str) -> Tensor:
+    """The step-scalar ops: a new fp32 vector, one value per tensor, from two of equal length."""
+    if values.dim() != 1:
+        _fail(name, f"{what} must be a vector, got {values.dim()} dimensions")
+    _state(name, values, what, values.device)
+    _state(name, other, other_what, values.device, values.numel())
+    return torch.empty(values.numel(), dtype=torch.float32, device=values.device)
+
+
+def _fake_mask_scales(counts: Tensor, sizes: Tensor) -> Tensor:
+    return _per_tensor_values("mask_scales", counts, sizes, "counts", "sizes")
+
+
+def _fake_came_clip_divisors(sumsq: Tensor, sqrt_sizes: Tensor, clip_threshold: float) -> Tensor:
+    return _per_tensor_values("came_clip_divisors", sumsq, sqrt_sizes, "sums of squares", "square roots of the sizes")
+
+
 _FAKES = {
     "lerp_mask_counts": _fake_lerp_mask_counts,
     "adamw_apply": _fake_adamw_apply,
@@ -386,6 +405,8 @@ _FAKES = {
     "came_factored_momentum": _fake_came_factored_momentum,
     "came_factored_apply": _fake_came_factored_apply,
     "came_factor_update": _fake_came_factor_update,
+    "mask_scales": _fake_mask_scales,
+    "came_clip_divisors": _fake_came_clip_divisors,
 }
 assert _FAKES.keys() == SCHEMAS.keys()
 

@@ -92,7 +92,6 @@ class CudaOps:
     """
 
     CameFactors = CameFactors
-    mask_scales = staticmethod(mask_scales)
 
     def __init__(self, ext: Any, device_type: str = "cuda") -> None:
         self._ext = ext
@@ -112,6 +111,23 @@ class CudaOps:
 
     def _ok(self, values: Sequence[Sequence[Optional[Tensor]]], states: Sequence[Sequence[Optional[Tensor]]]) -> bool:
         return _native_ok(values, states, self._device_type)
+
+    # --- per-tensor scalars from reduced values --------------------------------------------
+    def mask_scales(self, counts: Tensor, numels: Sequence[int] | Tensor) -> Tensor:
+        """``reference.mask_scales`` for all tensors of a batch in one launch (fp32 device counts
+        and the sizes tensor a step plan keeps), bit for bit torch's CUDA ops; a list of sizes,
+        float64 or other devices run the reference."""
+        if not isinstance(numels, Tensor) or counts.numel() == 0 or not self._ok([], [[counts, numels]]):
+            return mask_scales(counts, numels)
+        return self._kernels().mask_scales(counts, numels)
+
+    def came_clip_divisors(self, sumsq: Tensor, sqrt_sizes: Tensor, clip_threshold: float) -> Tensor:
+        """``reference.came_clip_divisors`` for all tensors of a batch in one launch, bit for bit
+        torch's CUDA ops (IEEE sqrtf and division, the scalar division as a product by
+        ``1 / fp32(d)``); float64 and other devices run the reference."""
+        if sumsq.numel() == 0 or not self._ok([], [[sumsq, sqrt_sizes]]):
+            return reference.came_clip_divisors(sumsq, sqrt_sizes, clip_threshold)
+        return self._kernels().came_clip_divisors(sumsq, sqrt_sizes, clip_threshold)
 
     # --- CautiousAdamW -------------------------------------------------------------------
     def adamw_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
@@ -333,12 +349,9 @@ class CudaOps:
             "adamw_mask_counts", "adamw_apply", "lion_mask_counts", "lion_apply", "lion_cautious_begin", "lion_cautious_finish",
             "came_factored_sq_sums",
             "came_vector_second_moment", "came_update_sumsq", "came_momentum", "came_apply", "came_cautious_begin", "came_cautious_finish",
-            "came_factored_sq_sums_begin", "came_factor_update",
+            "came_factored_sq_sums_begin", "came_factor_update", "mask_scales", "came_clip_divisors",
         ]
-        return SimpleNamespace(
-            CameFactors=CameFactors, mask_scales=mask_scales, came_clip_divisors=reference.came_clip_divisors, native="cuda",
-            **{name: getattr(self, name) for name in names},
-        )  # fmt: skip
+        return SimpleNamespace(CameFactors=CameFactors, native="cuda", **{name: getattr(self, name) for name in names})
 
 
 def _factor_tensors(factors: Sequence[CameFactors]) -> list[Optional[Tensor]]:

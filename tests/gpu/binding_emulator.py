@@ -238,3 +238,25 @@ class BindingEmulator:
             row_factor[first : first + n] = (by_matrix / means[matrix : matrix + k].view(k, 1)).rsqrt().view(-1)
             first, matrix = first + n, matrix + k
         torch.rsqrt(col_state, out=col_factor)
+
+    def mask_scales(self, counts, sizes) -> Tensor:
+        """1 / max(counts / sizes, 1e-3) with torch's ops, as the kernel rounds it (IEEE division,
+        clamp keeping NaN, IEEE reciprocal)."""
+        _check_per_tensor(counts, sizes, "counts", "sizes")
+        return 1.0 / (counts / sizes).clamp(min=1e-3)
+
+    def came_clip_divisors(self, sumsq, sqrt_sizes, clip_threshold) -> Tensor:
+        """max(sqrt(sumsq) / sqrt_sizes * (1 / fp32(d)), 1): the division by the threshold as the
+        binding passes it, a product by the fp32 reciprocal of fp32(d) (torch's CUDA division by
+        a Python scalar); the square root correctly rounded (a double root rounded to fp32),
+        as the kernel's sqrt.rn, not torch's CPU sqrt (MKL's)."""
+        _check_per_tensor(sumsq, sqrt_sizes, "sums of squares", "square roots of the sizes")
+        inv = _fp32(1.0 / _fp32(clip_threshold)) if _fp32(clip_threshold) != 0 else float("inf")
+        return (sumsq.double().sqrt().float() / sqrt_sizes * inv).clamp(min=1.0)
+
+
+def _check_per_tensor(values: Tensor, other: Tensor, what: str, other_what: str) -> None:
+    if values.dim() != 1:
+        raise ValueError(f"{what} must be a vector, got {values.dim()} dimensions")
+    _check_state(values, what)
+    _check_state(other, other_what, values.numel())

@@ -180,6 +180,29 @@ def test_came_factor_update_wiring(ops):
     assert calls == []
 
 
+def test_step_scalars_wiring(ops, monkeypatch):
+    """``mask_scales`` / ``came_clip_divisors``: an fp32 sizes tensor reaches the binding, one call,
+    in its argument order (the emulator's math is the reference's, the clip's square root and
+    scalar division in the CUDA form); a list of sizes, float64 values or non-contiguous ones
+    run the reference and never reach it."""
+    gen = torch.Generator().manual_seed(7)
+    sizes = torch.tensor([1.0, 7.0, 4099.0, 300.0])
+    counts = torch.tensor([0.0, 7.0, 2000.0, 0.1])
+    assert torch.equal(ops.mask_scales(counts, sizes), reference.mask_scales(counts, sizes))
+    sumsq = torch.rand(4, generator=gen) * sizes * 4
+    divisors = ops.came_clip_divisors(sumsq, sizes.sqrt(), 1.3)
+    _close(divisors, reference.came_clip_divisors(sumsq, sizes.sqrt(), 1.3), divisors, "clip divisors", 4)
+    calls = []
+    monkeypatch.setattr(BindingEmulator, "mask_scales", lambda *a: calls.append(a))
+    monkeypatch.setattr(BindingEmulator, "came_clip_divisors", lambda *a: calls.append(a))
+    unbound = CudaOps(BindingEmulator(), device_type="cpu").namespace()
+    assert torch.equal(unbound.mask_scales(counts, [1, 7, 4099, 300]), reference.mask_scales(counts, sizes))
+    assert torch.equal(unbound.mask_scales(counts.double(), sizes.double()), reference.mask_scales(counts.double(), sizes.double()))
+    assert torch.equal(unbound.mask_scales(torch.zeros(8)[::2], sizes), reference.mask_scales(torch.zeros(4), sizes))
+    assert torch.equal(unbound.came_clip_divisors(sumsq.double(), sizes.double().sqrt(), 1.3), reference.came_clip_divisors(sumsq.double(), sizes.double().sqrt(), 1.3))
+    assert calls == []
+
+
 def test_unsupported_inputs_run_the_reference(ops, monkeypatch):
     """float64 and non-contiguous inputs never reach the binding."""
     calls = []

@@ -17,7 +17,9 @@ checks, for the first step (state created) and the second (state reused):
 - dispatch: each of the optimizer's CUDA custom ops runs once per step, over every param, and
   nothing steps a param, a momentum or a second moment outside them (no reference fallback);
   CAME's factor math is ``came_factor_update``, twice per step (after each reduction of row /
-  column sums), and nothing else writes the factor state, the factors or the means.
+  column sums), and nothing else writes the factor state, the factors or the means; the per-tensor
+  scalars from reduced values are one call each over all tensors: ``mask_scales`` once per
+  cautious step, ``came_clip_divisors`` once per CAME step.
 """
 
 from __future__ import annotations
@@ -45,12 +47,16 @@ FACTORED = sum(len(shape) >= 2 for shape in SHAPES)
 FACTOR_UPDATES = 2
 #: ops that take no per-tensor lists: how many calls a step makes stands in for the tensors covered
 PER_CALL = {"came_factor_update"}
+#: ops over one value per tensor: the argument whose length is the number of tensors covered
+PER_TENSOR_VALUES = {"mask_scales": "counts", "came_clip_divisors": "sumsq"}
+#: cautious steps: the mask scales of all tensors from their reduced counts, one call
+SCALES = {"mask_scales": len(SHAPES)}
 
 #: (optimizer, kwargs, the custom ops one step runs, each with the number of tensors it covers)
 CASES = {
-    "adamw": (CautiousAdamW, dict(lr=1e-3, cautious=True), {"lerp_mask_counts": len(SHAPES), "adamw_apply": len(SHAPES)}),
+    "adamw": (CautiousAdamW, dict(lr=1e-3, cautious=True), {"lerp_mask_counts": len(SHAPES), "adamw_apply": len(SHAPES), **SCALES}),
     "adamw-plain": (CautiousAdamW, dict(lr=1e-3, cautious=False), {"adamw_apply": len(SHAPES)}),
-    "lion": (CautiousLion, dict(lr=1e-4, cautious=True), {"lerp_mask_counts": len(SHAPES), "lion_apply": len(SHAPES)}),
+    "lion": (CautiousLion, dict(lr=1e-4, cautious=True), {"lerp_mask_counts": len(SHAPES), "lion_apply": len(SHAPES), **SCALES}),
     "lion-plain": (CautiousLion, dict(lr=1e-4, cautious=False), {"lion_apply": len(SHAPES)}),
     **{
         name: (
@@ -61,7 +67,7 @@ CASES = {
                 "came_factored_sumsq": FACTORED, "came_vector_sumsq": len(SHAPES) - FACTORED,
                 "came_factored_momentum": FACTORED, "came_vector_momentum": len(SHAPES) - FACTORED,
                 "came_factored_apply": FACTORED, "came_vector_apply": len(SHAPES) - FACTORED,
-                "came_factor_update": FACTOR_UPDATES,
+                "came_factor_update": FACTOR_UPDATES, "came_clip_divisors": len(SHAPES), **(SCALES if cautious else {}),
             },
         )  # fmt: skip
         for name, cautious in (("came", False), ("came-cautious", True))
@@ -191,7 +197,10 @@ def test_step_allocates_on_the_device_and_runs_the_cuda_ops(optimizer_name: str,
         names = Counter(name for name, _ in calls)
         once = Counter({name: expected[name] if name in PER_CALL else 1 for name in expected})
         assert names == once, f"{where}: custom ops dispatched {dict(names)}, expected {dict(once)}"
-        covered = {name: names[name] if name in PER_CALL else len(named["grads"]) for name, named in calls}
+        covered = {
+            name: names[name] if name in PER_CALL else named[PER_TENSOR_VALUES[name]].numel() if name in PER_TENSOR_VALUES else len(named["grads"])
+            for name, named in calls
+        }
         assert covered == expected, f"{where}: tensors per op {covered}, expected {expected}"
         # nothing outside the custom ops writes params or per-element state (no reference fallback)
         for func, _, _, named in recorder.calls:
@@ -255,3 +264,20 @@ def test_fake_ops_check_what_the_binding_checks() -> None:
             torch.ops.dist_cautious.lion_apply([torch.zeros(4, device="cuda")], grads, [torch.zeros(4, device="cuda")], [1.0, 1.0], 0.1, 0.01, [-1e-3], None)
         counts = torch.ops.dist_cautious.lerp_mask_counts(grads * 3, [torch.zeros(4, device="cuda")] * 3, 0.1, True)
         assert (counts.shape, counts.dtype, counts.device) == ((3,), torch.int64, CUDA)
+
+
+def test_fake_step_scalar_ops_check_what_the_binding_checks() -> None:
+    """mask_scales / came_clip_divisors: two fp32 device vectors of one length in, a new fp32
+    vector of that length on their device out; anything else is rejected as the binding does."""
+    with FakeTensorMode():
+        values, sizes = torch.rand(4, device="cuda"), torch.full((4,), 9.0, device="cuda")
+        for out in (torch.ops.dist_cautious.mask_scales(values, sizes), torch.ops.dist_cautious.came_clip_divisors(values, sizes.sqrt(), 1.0)):
+            assert (out.shape, out.dtype, out.device) == ((4,), torch.float32, CUDA)
+        with pytest.raises(RuntimeError, match="expected 4"):
+            torch.ops.dist_cautious.mask_scales(values, torch.ones(5, device="cuda"))
+        with pytest.raises(RuntimeError, match="must be on"):
+            torch.ops.dist_cautious.came_clip_divisors(values, torch.ones(4), 1.0)
+        with pytest.raises(RuntimeError, match="must be one of"):
+            torch.ops.dist_cautious.mask_scales(values.double(), sizes.double())
+        with pytest.raises(RuntimeError, match="must be a vector"):
+            torch.ops.dist_cautious.came_clip_divisors(values.view(2, 2), sizes, 1.0)
