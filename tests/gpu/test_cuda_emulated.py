@@ -828,3 +828,93 @@ def test_came_factor_update_binding_checks(ext):
         ext.came_factor_update(*args[:5], b.col_counts.double(), [3], [6], 0.9, 0.1, *outs)
     with pytest.raises(RuntimeError, match="column factor"):
         ext.came_factor_update(*args, [3], [6], 0.9, 0.1, b.row_factor, torch.empty(7), b.means)
+
+
+# The per-tensor step scalars (step_scalars.cu): one value per tensor, grid-stride over 64-thread
+# blocks here, so lengths below, at and across block boundaries, up to 1000 (16 blocks).
+SCALAR_LENGTHS = [1, 2, 63, 64, 65, 129, 1000]
+
+
+def _mask_case(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sizes up to 2**27 (not all exact in fp32, as a step's are not), counts in [0, size], and
+    at fixed spots: count 0 (clamped), count == size, a mean just under and just over 1e-3,
+    a NaN count."""
+    sizes = torch.randint(1, 2**27, (n,), generator=gen).float()
+    counts = (torch.rand(n, generator=gen) * sizes).floor()
+    special = [(0, 0.0), (1, None), (2, "below"), (3, "above"), (4, float("nan"))]
+    for index, value in special:
+        if index >= n:
+            break
+        if value is None:
+            counts[index] = sizes[index]
+        elif value == "below":
+            sizes[index], counts[index] = 4000.0, 3.0
+        elif value == "above":
+            sizes[index], counts[index] = 4000.0, 5.0
+        else:
+            counts[index] = value
+    return counts, sizes
+
+
+@pytest.mark.parametrize("n", SCALAR_LENGTHS)
+def test_mask_scales(ext, ops, n):
+    """Bit for bit torch's ops (reference.mask_scales): the emulated IEEE division and clamp
+    round as torch's CPU ops do, and torch's CPU reciprocal is an IEEE 1 / x, as its CUDA one."""
+    counts, sizes = _mask_case(n, _gen(20 + n))
+    scales = ops.mask_scales(counts, sizes)
+    _bitwise(scales, reference.mask_scales(counts, sizes), f"mask scales of {n} tensors")
+    _bitwise(ext.mask_scales(counts, sizes), scales, "the binding called directly")
+    if n > 4:
+        assert scales[0].item() == (1.0 / torch.tensor(1e-3)).item() and scales[1].item() == 1.0  # fp32 1 / fp32(1e-3)
+        assert bool(scales[4].isnan()) and scales[2].item() == scales[0].item() and scales[3].item() < scales[0].item()
+
+
+def _clip_case(n: int, gen: torch.Generator, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMS values around the threshold (log-uniform over [d/16, 16 d]: divisors below 1, clamped,
+    and above), and at fixed spots: sumsq 0, NaN, inf, a divisor of exactly 1."""
+    sizes = torch.randint(1, 2**22, (n,), generator=gen).float()
+    rms = threshold * torch.exp2((torch.rand(n, generator=gen) - 0.5) * 8)
+    sumsq = (rms.double().square() * sizes.double()).float()
+    for index, value in enumerate([0.0, float("nan"), float("inf")]):
+        if index < n:
+            sumsq[index] = value
+    if n > 3:
+        sizes[3], sumsq[3] = 4.0, 4.0 * threshold * threshold
+    return sumsq, sizes.sqrt()
+
+
+# d = 1.1: fp32(1 / d) in double differs from 1.0f / fp32(d), so a reciprocal formed another way fails
+@pytest.mark.parametrize("threshold", [1.0, 1.1, 3.0])
+@pytest.mark.parametrize("n", SCALAR_LENGTHS)
+def test_came_clip_divisors(ext, ops, n, threshold):
+    """Bit for bit torch's CUDA formula computed with torch's CPU ops from correctly rounded
+    primitives: the square root as a float64 root rounded to fp32 (the correctly rounded fp32
+    root, which the kernel's sqrt.rn and torch's CUDA sqrtf are; torch's CPU sqrt is MKL's, up to
+    0.75 ulp off), then the IEEE division, then the product by fp32(1 / fp32(d)) (torch's CUDA
+    division by a Python scalar; its CPU one divides), then the clamp. Against the reference on
+    the CPU (torch's own ops), within the two roundings that differ: 4u of the divisor."""
+    sumsq, sqrt_sizes = _clip_case(n, _gen(40 + n), threshold)
+    divisors = ops.came_clip_divisors(sumsq, sqrt_sizes, threshold)
+    inv = float(torch.tensor(1.0 / float(torch.tensor(threshold, dtype=torch.float32)), dtype=torch.float32))
+    expected = (sumsq.double().sqrt().float() / sqrt_sizes * inv).clamp(min=1.0)
+    _bitwise(divisors, expected, f"clip divisors of {n} tensors, d={threshold}")
+    _bitwise(ext.came_clip_divisors(sumsq, sqrt_sizes, threshold), divisors, "the binding called directly")
+    ref = reference.came_clip_divisors(sumsq, sqrt_sizes, threshold)
+    _within(divisors, ref, 4 * U * ref.double().abs(), f"clip divisors of {n} tensors vs torch's CPU ops", exclude=ref.isinf() & (divisors == ref))
+    assert bool((divisors >= 1).all() | divisors.isnan().any())
+    if n > 3:
+        assert divisors[0].item() == 1.0 and bool(divisors[1].isnan()) and divisors[2].item() == math.inf and divisors[3].item() == 1.0
+        assert bool((divisors[4:] > 1).any()) and bool((divisors[4:] == 1).any()), "no divisor on one side of the clamp"
+
+
+def test_step_scalars_binding_checks(ext):
+    values, sizes = torch.rand(5), torch.full((5,), 3.0)
+    with pytest.raises(RuntimeError, match="expected 5"):
+        ext.mask_scales(values, torch.ones(4))
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.came_clip_divisors(values, sizes.double(), 1.0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.mask_scales(torch.rand(10)[::2], sizes)
+    with pytest.raises(RuntimeError, match="vector"):
+        ext.came_clip_divisors(torch.rand(2, 2), torch.ones(4), 1.0)
+    assert ext.mask_scales(torch.zeros(0), torch.zeros(0)).shape == (0,)

@@ -517,3 +517,65 @@ def test_came_factor_update_float64_runs_the_reference(ops):
     for key, value in vars(native).items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, getattr(expected, key)), key
+
+
+# The per-tensor step scalars (step_scalars.cu): one launch each, lengths up to several blocks of
+# 256 threads and past the 1024-block grid (grid-stride).
+SCALAR_LENGTHS = [1, 5, 255, 256, 257, 1000, 300_001]
+
+
+def _bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> int:
+    """Elements whose bits differ, NaN equal to NaN (payloads aside); 0 when bit for bit."""
+    same = (actual.view(torch.int32) == expected.view(torch.int32)) | (actual.isnan() & expected.isnan())
+    return int((~same).sum())
+
+
+@pytest.mark.parametrize("n", SCALAR_LENGTHS)
+def test_mask_scales(ops, n):
+    """Bit for bit torch's CUDA ops (``1.0 / (counts / sizes).clamp(min=1e-3)``): count 0 (clamped),
+    count == size, means either side of 1e-3, a NaN count, sizes not all exact in fp32."""
+    gen = _generator(60 + n)
+    sizes = torch.randint(1, 2**27, (n,), generator=gen, device="cuda").float()
+    counts = (torch.rand(n, generator=gen, device="cuda") * sizes).floor()
+    specials = torch.tensor([0.0, -1.0, 3.0, 5.0, float("nan")], device="cuda")[: min(n, 5)]
+    counts[: specials.numel()] = torch.where(specials == -1.0, sizes[: specials.numel()], specials)
+    if n >= 4:
+        sizes[2:4] = 4000.0
+    scales = ops.mask_scales(counts, sizes)
+    assert _bits_equal(scales, reference.mask_scales(counts, sizes)) == 0
+    assert _bits_equal(scales, 1.0 / (counts / sizes).clamp(min=1e-3)) == 0
+
+
+# d = 1.1: fp32(1 / d) in double differs from 1.0f / fp32(d), so a reciprocal formed another way fails
+@pytest.mark.parametrize("threshold", [1.0, 1.1, 3.0])
+@pytest.mark.parametrize("n", SCALAR_LENGTHS)
+def test_came_clip_divisors(ops, n, threshold):
+    """Bit for bit torch's CUDA ops (``(sumsq.sqrt() / sqrt_sizes / d).clamp(min=1.0)``: sqrtf, IEEE
+    division, the scalar division as x * (1 / fp32(d))), divisors either side of the clamp, sumsq
+    0, NaN and inf."""
+    gen = _generator(80 + n)
+    sizes = torch.randint(1, 2**22, (n,), generator=gen, device="cuda").float()
+    rms = threshold * torch.exp2((torch.rand(n, generator=gen, device="cuda") - 0.5) * 8)
+    sumsq = (rms.double().square() * sizes.double()).float()
+    specials = torch.tensor([0.0, float("nan"), float("inf")], device="cuda")[: min(n, 3)]
+    sumsq[: specials.numel()] = specials
+    sqrt_sizes = sizes.sqrt()
+    divisors = ops.came_clip_divisors(sumsq, sqrt_sizes, threshold)
+    assert _bits_equal(divisors, reference.came_clip_divisors(sumsq, sqrt_sizes, threshold)) == 0
+    inv = float(torch.tensor(1.0 / float(torch.tensor(threshold, dtype=torch.float32)), dtype=torch.float32))
+    assert _bits_equal(divisors, (sumsq.double().sqrt().float() / sqrt_sizes * inv).clamp(min=1.0)) == 0
+
+
+def test_step_scalars_launch_once(ops):
+    """One kernel each, whatever the number of tensors (torch's ops: three and four)."""
+    counts, sizes = torch.rand(1000, device="cuda") * 100, torch.full((1000,), 100.0, device="cuda")
+    sqrt_sizes = sizes.sqrt()
+    ops.mask_scales(counts, sizes)
+    ops.came_clip_divisors(counts, sqrt_sizes, 1.0)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.mask_scales(counts, sizes)
+        ops.came_clip_divisors(counts, sqrt_sizes, 1.0)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("mask_scales" in k for k in kernels) == 1 and sum("clip_divisors" in k for k in kernels) == 1, kernels
