@@ -323,7 +323,7 @@ class CudaOps:
         The run table the kernel reads is uploaded by the binding once per distinct list of runs
         (a plan keeps its buffers, so later steps copy nothing to the device)."""
         tensors = [buffers.row_state, buffers.col_state, buffers.row_sums, buffers.col_sums, buffers.row_counts, buffers.col_counts]
-        if not self._ok([], [*tensors, buffers.row_factor, buffers.col_factor, buffers.means]):
+        if not self._ok([], [[*tensors, buffers.row_factor, buffers.col_factor, buffers.means]]):
             reference.came_factor_update(buffers, beta)
             return
         self._kernels().came_factor_update(

@@ -203,6 +203,26 @@ def test_step_scalars_wiring(ops, monkeypatch):
     assert calls == []
 
 
+def test_came_factor_update_checks_buffers_not_their_elements(monkeypatch):
+    """The buffers' check looks at each buffer, not at each of its elements: a strided buffer runs
+    the reference instead of reaching the binding, and the check costs no Python per element (it
+    once iterated every row and column of the segment, twice per step)."""
+    calls = []
+    monkeypatch.setattr(BindingEmulator, "came_factor_update", lambda *a: calls.append(a))
+    wrapper = CudaOps(BindingEmulator(), device_type="cpu")
+    iterated = []
+    monkeypatch.setattr(torch.Tensor, "__iter__", lambda self: iterated.append(self.shape) or iter(self.unbind(0)))
+    rows, cols = 6, 4
+    strided = torch.ones(2 * rows)[::2]
+    buffers = reference.FactorBuffers(
+        strided, torch.ones(cols), torch.ones(rows), torch.ones(cols), torch.full((rows,), 4.0), torch.full((cols,), 3.0), ((3, rows),),
+        torch.empty(rows), torch.empty(cols), torch.empty(2),
+    )  # fmt: skip
+    wrapper.came_factor_update(buffers, 0.9)
+    assert calls == [] and iterated == []
+    assert torch.equal(buffers.col_factor, torch.ones(cols).mul_(0.9).add_(torch.full((cols,), 1 / 3), alpha=0.1).rsqrt())
+
+
 def test_unsupported_inputs_run_the_reference(ops, monkeypatch):
     """float64 and non-contiguous inputs never reach the binding."""
     calls = []
