@@ -37,6 +37,7 @@ from dist_cautious.kernels import cuda_library, reference
 from dist_cautious.kernels.cuda_ops import CudaOps
 from dist_cautious.kernels.layout import FactoredLayout
 from dist_cautious.kernels.reference import CameFactors
+from tests.factor_buffers import cloned, random_factor_buffers
 from tests.op_counter import StepRecorder
 
 pytestmark = pytest.mark.cuda_emulated
@@ -724,26 +725,6 @@ FACTOR_RUNS = [(1, 5, 70), (3, 4, 3), (33, 2, 2), (7, 9, 1), (32, 3, 5), (70000,
 LEAVES = 1024  # came_factors.cu: kLeaves
 
 
-def _factor_buffers(runs, gen) -> reference.FactorBuffers:
-    """Random positive factor state and sums of matrices given as runs (R, C, matrices), as the
-    CPU kernels' test makes them (tests/kernels/test_cpu_kernels.py)."""
-    row_counts = torch.cat([torch.full((R * k,), float(C)) for R, C, k in runs])
-    col_counts = torch.cat([torch.full((C * k,), float(R)) for R, C, k in runs])
-    rows, cols = row_counts.numel(), col_counts.numel()
-
-    def positive(n: int) -> torch.Tensor:
-        return torch.rand(n, generator=gen) * 4 + 1e-3
-
-    return reference.FactorBuffers(
-        positive(rows), positive(cols), positive(rows) * row_counts, positive(cols) * col_counts, row_counts, col_counts,
-        tuple((R, R * k) for R, _, k in runs), torch.empty(rows), torch.empty(cols), torch.empty(sum(k for _, _, k in runs)),
-    )  # fmt: skip
-
-
-def _cloned_buffers(buffers: reference.FactorBuffers) -> reference.FactorBuffers:
-    return reference.FactorBuffers(*(v.clone() if isinstance(v, torch.Tensor) else v for v in vars(buffers).values()))
-
-
 def _fixed_order_means(by_matrix: torch.Tensor) -> torch.Tensor:
     """The kernel's documented order for the means of the rows of each matrix (k, R): row i into
     float64 leaf i % 1024 in increasing order, then neighbours added level by level; fp32(sum / R)."""
@@ -771,8 +752,8 @@ def test_came_factor_update(ext, ops, beta):
     8u of torch's CPU rsqrt: the emulated rsqrtf is correctly rounded, then moved up to 2 ulp (4u)
     on purpose, and torch's CPU rsqrt rounds sqrt and 1/x (1.5u). On a GPU, where rsqrtf is the
     instruction torch's own CUDA rsqrt uses, tests/gpu/test_cuda_kernels.py checks bit for bit."""
-    native = _factor_buffers(FACTOR_RUNS, _gen(3))
-    expected = _cloned_buffers(native)
+    native = random_factor_buffers(FACTOR_RUNS, 3)
+    expected = cloned(native)
     atomics = torch.ops.dc_cuda_emu.float_atomics()
     ops.came_factor_update(native, beta)
     reference.came_factor_update(expected, beta)
@@ -795,9 +776,8 @@ def test_came_factor_update(ext, ops, beta):
 
 
 def test_came_factor_update_in_float64_runs_the_reference(ops):
-    buffers = _factor_buffers([(3, 4, 2), (40, 2, 1)], _gen(4))
-    native = reference.FactorBuffers(*(v.double() if isinstance(v, torch.Tensor) else v for v in vars(buffers).values()))
-    expected = _cloned_buffers(native)
+    native = random_factor_buffers([(3, 4, 2), (40, 2, 1)], 4, dtype=torch.float64)
+    expected = cloned(native)
     ops.came_factor_update(native, 0.99)
     reference.came_factor_update(expected, 0.99)
     for key, value in vars(native).items():
@@ -813,7 +793,7 @@ def test_came_factor_update_without_rows_or_columns(ext):
 
 
 def test_came_factor_update_binding_checks(ext):
-    b = _factor_buffers([(3, 4, 2)], _gen(5))
+    b = random_factor_buffers([(3, 4, 2)], 5)
     args = [b.row_state, b.col_state, b.row_sums, b.col_sums, b.row_counts, b.col_counts]
     outs = [b.row_factor, b.col_factor, b.means]
     with pytest.raises(RuntimeError, match="whole matrices"):

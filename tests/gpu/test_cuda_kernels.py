@@ -24,6 +24,7 @@ import torch
 from dist_cautious.kernels import reference
 from dist_cautious.kernels.layout import FactoredLayout
 from dist_cautious.kernels.reference import CameFactors
+from tests.factor_buffers import cloned, random_factor_buffers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -459,36 +460,15 @@ FACTOR_RUNS = [(1, 5, 70), (3, 4, 3), (33, 2, 2), (7, 9, 1), (32, 3, 5), (70000,
                (2500, 4, 2), (17, 6, 4)]
 
 
-def _factor_buffers(runs, seed: int, dtype=torch.float32) -> reference.FactorBuffers:
-    gen = _generator(seed)
-    row_counts = torch.cat([torch.full((R * k,), float(C), device="cuda") for R, C, k in runs])
-    col_counts = torch.cat([torch.full((C * k,), float(R), device="cuda") for R, C, k in runs])
-    rows, cols = row_counts.numel(), col_counts.numel()
-
-    def positive(n: int) -> torch.Tensor:
-        return torch.rand(n, generator=gen, device="cuda") * 4 + 1e-3
-
-    buffers = reference.FactorBuffers(
-        positive(rows), positive(cols), positive(rows) * row_counts, positive(cols) * col_counts, row_counts, col_counts,
-        tuple((R, R * k) for R, _, k in runs), torch.empty(rows, device="cuda"), torch.empty(cols, device="cuda"),
-        torch.empty(sum(k for _, _, k in runs), device="cuda"),
-    )  # fmt: skip
-    return reference.FactorBuffers(*(v.to(dtype) if isinstance(v, torch.Tensor) else v for v in vars(buffers).values()))
-
-
-def _cloned_buffers(buffers: reference.FactorBuffers) -> reference.FactorBuffers:
-    return reference.FactorBuffers(*(v.clone() if isinstance(v, torch.Tensor) else v for v in vars(buffers).values()))
-
-
 @pytest.mark.parametrize("beta", [0.999, 0.9])
 def test_came_factor_update(ops, beta):
     """The kernel against torch's own CUDA ops on the same inputs: row / column state and column
     factor bit for bit (torch's CUDA rsqrt is rsqrtf, as the kernel's); the means within the sum
     bound of torch's fp32 mean (the kernel sums in float64 in a fixed order); the row factor bit
     for bit what torch's ops make of the kernel's own means; a second run repeats bit for bit."""
-    native = _factor_buffers(FACTOR_RUNS, 3)
-    expected = _cloned_buffers(native)
-    again = _cloned_buffers(native)
+    native = random_factor_buffers(FACTOR_RUNS, 3, device="cuda")
+    expected = cloned(native)
+    again = cloned(native)
     ops.came_factor_update(native, beta)
     ops.came_factor_update(again, beta)
     reference.came_factor_update(expected, beta)
@@ -510,8 +490,8 @@ def test_came_factor_update(ops, beta):
 
 
 def test_came_factor_update_float64_runs_the_reference(ops):
-    native = _factor_buffers([(3, 4, 2), (40, 2, 1)], 4, torch.float64)
-    expected = _cloned_buffers(native)
+    native = random_factor_buffers([(3, 4, 2), (40, 2, 1)], 4, device="cuda", dtype=torch.float64)
+    expected = cloned(native)
     ops.came_factor_update(native, 0.99)
     reference.came_factor_update(expected, 0.99)
     for key, value in vars(native).items():

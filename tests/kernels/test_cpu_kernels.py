@@ -34,6 +34,7 @@ from dist_cautious import kernels
 from dist_cautious.kernels import reference as ref
 from dist_cautious.kernels.layout import FactoredLayout
 from dist_cautious.kernels.reference import CameFactors
+from tests.factor_buffers import cloned, random_factor_buffers
 
 EPS32 = 2.0**-24  # unit roundoff of fp32
 
@@ -378,25 +379,6 @@ def test_came_sums_add_into_existing_buffers(ops):
     _assert_sum_close(cols, whole_cols, 9, "col sums")
 
 
-def _factor_buffers(runs: list[tuple[int, int, int]], gen: torch.Generator) -> ref.FactorBuffers:
-    """Random positive factor state and sums of matrices given as runs (R, C, matrices)."""
-    row_counts = torch.cat([torch.full((R * k,), float(C)) for R, C, k in runs])
-    col_counts = torch.cat([torch.full((C * k,), float(R)) for R, C, k in runs])
-    rows, cols = row_counts.numel(), col_counts.numel()
-
-    def positive(n: int) -> torch.Tensor:
-        return torch.rand(n, generator=gen) * 4 + 1e-3
-
-    return ref.FactorBuffers(
-        positive(rows), positive(cols), positive(rows) * row_counts, positive(cols) * col_counts, row_counts, col_counts,
-        tuple((R, R * k) for R, _, k in runs), torch.empty(rows), torch.empty(cols), torch.empty(sum(k for _, _, k in runs)),
-    )  # fmt: skip
-
-
-def _cloned(buffers: ref.FactorBuffers) -> ref.FactorBuffers:
-    return ref.FactorBuffers(*(value.clone() if isinstance(value, torch.Tensor) else value for value in vars(buffers).values()))
-
-
 @pytest.mark.parametrize("beta", [0.999, 0.9])
 def test_came_factor_update_matches_reference(ops, beta):
     """The native factor math against the torch ops: the EMA'd row and column state and the
@@ -405,8 +387,8 @@ def test_came_factor_update_matches_reference(ops, beta):
     make of the kernel's own means. Runs of several matrices, R from 1 to 70000 (the rows and,
     with C = 70000, the columns cross the kernel's parallel threshold of 65536)."""
     runs = [(1, 5, 2), (3, 4, 3), (7, 9, 1), (33, 2, 2), (70000, 2, 1), (2, 70000, 1), (100, 17, 3)]
-    native = _factor_buffers(runs, torch.Generator().manual_seed(3))
-    expected = _cloned(native)
+    native = random_factor_buffers(runs, 3)
+    expected = cloned(native)
     ops.came_factor_update(native, beta)
     ref.came_factor_update(expected, beta)
     _assert_equal(native.row_state, expected.row_state, "row state")
@@ -422,9 +404,8 @@ def test_came_factor_update_matches_reference(ops, beta):
 
 
 def test_came_factor_update_in_float64_runs_the_reference(ops):
-    buffers = _factor_buffers([(3, 4, 2)], torch.Generator().manual_seed(4))
-    native = ref.FactorBuffers(*(value.double() if isinstance(value, torch.Tensor) else value for value in vars(buffers).values()))
-    expected = _cloned(native)
+    native = random_factor_buffers([(3, 4, 2)], 4, dtype=torch.float64)
+    expected = cloned(native)
     ops.came_factor_update(native, 0.99)
     ref.came_factor_update(expected, 0.99)
     for key, value in vars(native).items():
