@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dist_cautious.kernels import reference
 from dist_cautious.kernels.reference import FactorBuffers
 
 
@@ -38,3 +39,15 @@ def converted(buffers: FactorBuffers, dtype: torch.dtype) -> FactorBuffers:
 
 def cloned(buffers: FactorBuffers) -> FactorBuffers:
     return FactorBuffers(*(v.clone() if isinstance(v, torch.Tensor) else v for v in vars(buffers).values()))
+
+
+def assert_float64_factor_update_runs_the_reference(ops: object, device: str) -> None:
+    """A kernel set hands float64 buffers (float64 params' math) to the torch reference ops:
+    every buffer, outputs included, bit for bit what those ops make."""
+    native = random_factor_buffers([(3, 4, 2), (40, 2, 1)], 4, device=device, dtype=torch.float64)
+    expected = cloned(native)
+    ops.came_factor_update(native, 0.99)  # type: ignore[attr-defined]
+    reference.came_factor_update(expected, 0.99)
+    for key, value in vars(native).items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, getattr(expected, key)), key

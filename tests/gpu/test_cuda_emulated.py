@@ -37,7 +37,7 @@ from dist_cautious.kernels import cuda_library, reference
 from dist_cautious.kernels.cuda_ops import CudaOps
 from dist_cautious.kernels.layout import FactoredLayout
 from dist_cautious.kernels.reference import CameFactors
-from tests.factor_buffers import cloned, random_factor_buffers
+from tests.factor_buffers import assert_float64_factor_update_runs_the_reference, cloned, random_factor_buffers
 from tests.op_counter import StepRecorder
 
 pytestmark = pytest.mark.cuda_emulated
@@ -130,12 +130,12 @@ def _with_zeros(grad: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def _elem_case(param_dtype, grad_dtype, seed):
+def _elem_case(param_dtype, grad_dtype, seed, sizes=ELEM_SIZES):
     gen = _gen(seed)
-    params = [_randn(n, gen, param_dtype) for n in ELEM_SIZES]
-    grads = [_with_zeros(_randn(n, gen, grad_dtype, 0.1)) for n in ELEM_SIZES]
-    exp_avgs = [_randn(n, gen, scale=0.05) for n in ELEM_SIZES]
-    exp_avg_sqs = [torch.rand(n, generator=gen) * 1e-2 for n in ELEM_SIZES]
+    params = [_randn(n, gen, param_dtype) for n in sizes]
+    grads = [_with_zeros(_randn(n, gen, grad_dtype, 0.1)) for n in sizes]
+    exp_avgs = [_randn(n, gen, scale=0.05) for n in sizes]
+    exp_avg_sqs = [torch.rand(n, generator=gen) * 1e-2 for n in sizes]
     return params, grads, exp_avgs, exp_avg_sqs
 
 
@@ -447,12 +447,7 @@ PT_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
 
 
 def _pt_case(param_dtype, grad_dtype, seed):
-    gen = _gen(seed)
-    params = [_randn(n, gen, param_dtype) for n in PT_SIZES]
-    grads = [_with_zeros(_randn(n, gen, grad_dtype, 0.1)) for n in PT_SIZES]
-    exp_avgs = [_randn(n, gen, scale=0.05) for n in PT_SIZES]
-    exp_avg_sqs = [torch.rand(n, generator=gen) * 1e-2 for n in PT_SIZES]
-    return params, grads, exp_avgs, exp_avg_sqs
+    return _elem_case(param_dtype, grad_dtype, seed, sizes=PT_SIZES)
 
 
 def _one(scales, i):
@@ -776,13 +771,7 @@ def test_came_factor_update(ext, ops, beta):
 
 
 def test_came_factor_update_in_float64_runs_the_reference(ops):
-    native = random_factor_buffers([(3, 4, 2), (40, 2, 1)], 4, dtype=torch.float64)
-    expected = cloned(native)
-    ops.came_factor_update(native, 0.99)
-    reference.came_factor_update(expected, 0.99)
-    for key, value in vars(native).items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, getattr(expected, key)), key
+    assert_float64_factor_update_runs_the_reference(ops, "cpu")
 
 
 def test_came_factor_update_without_rows_or_columns(ext):

@@ -24,7 +24,7 @@ import torch
 from dist_cautious.kernels import reference
 from dist_cautious.kernels.layout import FactoredLayout
 from dist_cautious.kernels.reference import CameFactors
-from tests.factor_buffers import cloned, random_factor_buffers
+from tests.factor_buffers import assert_float64_factor_update_runs_the_reference, cloned, random_factor_buffers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -490,13 +490,7 @@ def test_came_factor_update(ops, beta):
 
 
 def test_came_factor_update_float64_runs_the_reference(ops):
-    native = random_factor_buffers([(3, 4, 2), (40, 2, 1)], 4, device="cuda", dtype=torch.float64)
-    expected = cloned(native)
-    ops.came_factor_update(native, 0.99)
-    reference.came_factor_update(expected, 0.99)
-    for key, value in vars(native).items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, getattr(expected, key)), key
+    assert_float64_factor_update_runs_the_reference(ops, "cuda")
 
 
 # The per-tensor step scalars (step_scalars.cu): one launch each, lengths up to several blocks of
