@@ -671,8 +671,7 @@ void came_factor_update(const Tensor& row_state, const Tensor& col_state, const 
                         cols,
                         run_rows_per_matrix.data(),
                         run_rows.data(),
-                        static_cast<int64_t>(run_rows.size()),
-                        threads()};
+                        static_cast<int64_t>(run_rows.size())};
   dc::came_factor_update(spans, static_cast<float>(beta), static_cast<float>(one_minus_beta));
 }
 

@@ -23,7 +23,6 @@ struct FactorSpans {
   const int64_t* run_rows_per_matrix;  // per run: R
   const int64_t* run_rows;             // per run: rows in the run (whole matrices)
   int64_t num_runs;
-  int threads;  // OpenMP threads for the large elementwise loops (torch's intra-op count)
 };
 
 // Torch's op sequence element for element: x = sums / counts; state = fma(x, 1 - beta, state * beta)
