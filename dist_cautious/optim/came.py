@@ -208,7 +208,7 @@ class CAME(FragmentOptimizer):
             ops = kernels_for_group(batch.group, batch.fragments)
             for segment in batch.segments:
                 segment.update("exp_avg_res", batch.group["betas"][2], ops)
-            scales.append(kernels_for_group(batch.group, batch.fragments).mask_scales(counts, batch.sizes) if batch.group["cautious"] else None)
+            scales.append(ops.mask_scales(counts, batch.sizes) if batch.group["cautious"] else None)
         return scales, [kept for _, kept in pending]
 
 
@@ -342,7 +342,8 @@ class _CameBatch:
 
     def __init__(self, source: Batch, owns_state: bool) -> None:
         self.source = source
-        self.group, self.fragments = source.group, fragments = source.group, source.fragments
+        self.group, self.fragments = source.group, source.fragments
+        fragments = self.fragments
         self.factored = [f for f in fragments if f.factored]
         self.vectors = [f for f in fragments if not f.factored]
         by_group: dict[Optional[dist.ProcessGroup], list[Fragment]] = {}
