@@ -169,11 +169,10 @@ def _fake_came_factor_update(
     )
 
 
-def _fake_per_tensor_values(values: Tensor, other: Tensor, *_: Any) -> Tensor:
-    """mask_scales(counts, sizes)."""
-    if values.dim() != 1 or other.numel() != values.numel():
-        _fail("per-tensor values", f"{values.numel()} values, {other.numel()} sizes")
-    return torch.empty(values.numel(), dtype=torch.float32, device=values.device)
+def _fake_mask_scales(counts: Tensor, sizes: Tensor) -> Tensor:
+    if counts.dim() != 1 or sizes.numel() != counts.numel():
+        _fail("mask_scales", f"{counts.numel()} counts, {sizes.numel()} sizes")
+    return torch.empty(counts.numel(), dtype=torch.float32, device=counts.device)
 
 
 _FAKES = {
@@ -189,7 +188,7 @@ _FAKES = {
     "came_momentum": _fake_came_momentum,
     "came_apply": _fake_came_apply,
     "came_factor_update": _fake_came_factor_update,
-    "mask_scales": _fake_per_tensor_values,
+    "mask_scales": _fake_mask_scales,
 }
 assert tuple(_FAKES) == OPS
 
