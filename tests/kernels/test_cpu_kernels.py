@@ -384,8 +384,8 @@ def test_came_factor_update_matches_reference(ops, beta):
     """The native factor math against the torch ops: the EMA'd row and column state and the
     column factor bit for bit; each matrix's mean within the sum bound of its R terms (torch sums
     in fp32 in its own order, the kernel in double); the row factor bit for bit what torch's ops
-    make of the kernel's own means. Runs of several matrices, R from 1 to 70000 (the rows and,
-    with C = 70000, the columns cross the kernel's parallel threshold of 65536)."""
+    make of the kernel's own means. Runs of several matrices, R from 1 to 70000 and C up to
+    70000, sizes that leave vector tails in every loop."""
     runs = [(1, 5, 2), (3, 4, 3), (7, 9, 1), (33, 2, 2), (70000, 2, 1), (2, 70000, 1), (100, 17, 3)]
     native = random_factor_buffers(runs, 3)
     expected = cloned(native)
