@@ -462,14 +462,10 @@ class CpuOps:
     def came_factor_update(self, buffers: FactorBuffers, beta: float) -> None:
         """One native call for a segment's factor math (fp32 buffers; float64 ones run the
         reference ops)."""
-        tensors = [buffers.row_state, buffers.col_state, buffers.row_sums, buffers.col_sums, buffers.row_counts, buffers.col_counts]
-        if not self._ok([], [*tensors, buffers.row_factor, buffers.col_factor, buffers.means]):
+        if not self._ok([], buffers.tensors()):
             reference.came_factor_update(buffers, beta)
             return
-        self._kernels().came_factor_update(
-            *tensors, [rows for rows, _ in buffers.runs], [count for _, count in buffers.runs], beta, 1 - beta,
-            buffers.row_factor, buffers.col_factor, buffers.means,
-        )  # fmt: skip
+        self._kernels().came_factor_update(*buffers.op_args(beta))
 
     # --- argument checks -----------------------------------------------------------------
     @staticmethod

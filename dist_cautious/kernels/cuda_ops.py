@@ -322,14 +322,10 @@ class CudaOps:
         kernel does not take (float64, off the device) run the reference's torch ops instead.
         The run table the kernel reads is uploaded by the binding once per distinct list of runs
         (a plan keeps its buffers, so later steps copy nothing to the device)."""
-        tensors = [buffers.row_state, buffers.col_state, buffers.row_sums, buffers.col_sums, buffers.row_counts, buffers.col_counts]
-        if not self._ok([], [[*tensors, buffers.row_factor, buffers.col_factor, buffers.means]]):
+        if not self._ok([], [buffers.tensors()]):
             reference.came_factor_update(buffers, beta)
             return
-        self._kernels().came_factor_update(
-            *tensors, [rows for rows, _ in buffers.runs], [count for _, count in buffers.runs], beta, 1 - beta,
-            buffers.row_factor, buffers.col_factor, buffers.means,
-        )  # fmt: skip
+        self._kernels().came_factor_update(*buffers.op_args(beta))
 
     def came_factored_sq_sums_begin(self, grads: Sequence[Tensor], layouts: Sequence[Any], eps1: float, row_sums: Sequence[Tensor], col_sums: Sequence[Tensor], **_: Any) -> list[Optional[Tensor]]:
         """The reference pairing: phase 1 here, phase 2 a pass of its own (nothing folded)."""

@@ -280,6 +280,18 @@ class FactorBuffers:
     col_factor: Tensor
     means: Tensor
 
+    def tensors(self) -> list[Tensor]:
+        """Every buffer, for a kernel set's check that it takes them all."""
+        return [self.row_state, self.col_state, self.row_sums, self.col_sums, self.row_counts, self.col_counts, self.row_factor, self.col_factor, self.means]
+
+    def op_args(self, beta: float) -> tuple[Any, ...]:
+        """The arguments of the kernels' ``came_factor_update`` op (CPU and CUDA share its
+        schema), in the schema's order."""
+        return (
+            self.row_state, self.col_state, self.row_sums, self.col_sums, self.row_counts, self.col_counts,
+            [rows for rows, _ in self.runs], [count for _, count in self.runs], beta, 1 - beta, self.row_factor, self.col_factor, self.means,
+        )  # fmt: skip
+
 
 def came_factor_update(buffers: FactorBuffers, beta: float) -> None:
     """CAME's factor math after a reduction of row / column sums, over all tensors of
