@@ -9,6 +9,7 @@ from dist_cautious.optim.base import (
     FragmentOptimizer, Work, cautious_decay_options, check_betas, check_flag, check_lr, check_nonnegative,
     global_mask_scales, kernels_for_group, refuse_torch_only_options,
 )  # fmt: skip
+from dist_cautious.optim.capturable import lr_and_decay
 
 
 class CautiousAdamW(FragmentOptimizer):
@@ -22,9 +23,11 @@ class CautiousAdamW(FragmentOptimizer):
     ``maximize`` and ``amsgrad`` have ``torch.optim.AdamW``'s exact meaning (both elementwise, so
     exact under every backend). ``cautious_weight_decay`` (CWD, arXiv 2510.12402) decays only
     where the update and the param agree in sign; independent of ``cautious``. With ``amsgrad``
-    or CWD the step runs the torch reference ops (``kernels.reference``), not the fused kernels. Of AdamW's implementation switches, ``foreach`` / ``fused`` None or True
-    and ``differentiable`` / ``capturable`` False are accepted (what this class always does);
-    other values raise ``ValueError``.
+    or CWD the step runs the torch reference ops (``kernels.reference``), not the fused kernels.
+    ``capturable=True`` keeps the step counts (and a tensor ``lr``) on the device, so a CUDA graph
+    can capture the step (``optim.capturable``). Of AdamW's other implementation switches,
+    ``foreach`` / ``fused`` None or True and ``differentiable`` False are accepted (what this
+    class always does); other values raise ``ValueError``.
     """
 
     partition_state_keys = ("exp_avg", "exp_avg_sq")
@@ -46,10 +49,10 @@ class CautiousAdamW(FragmentOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        refuse_torch_only_options(type(self).__name__, foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
+        refuse_torch_only_options(type(self).__name__, foreach=foreach, fused=fused, differentiable=differentiable)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, cautious=cautious,
-            cautious_weight_decay=cautious_weight_decay, amsgrad=amsgrad, maximize=maximize,
+            cautious_weight_decay=cautious_weight_decay, amsgrad=amsgrad, maximize=maximize, capturable=capturable,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -58,7 +61,7 @@ class CautiousAdamW(FragmentOptimizer):
         group["betas"] = check_betas(group["betas"], 2, self._owner)
         check_nonnegative(group["eps"], "eps", self._owner)
         check_nonnegative(group["weight_decay"], "weight_decay", self._owner)
-        for flag in ("cautious", "cautious_weight_decay", "amsgrad", "maximize"):
+        for flag in ("cautious", "cautious_weight_decay", "amsgrad", "maximize", "capturable"):
             check_flag(group.setdefault(flag, False), flag, self._owner)
 
     def step_fragments(self, work: Work) -> None:
@@ -79,9 +82,7 @@ class CautiousAdamW(FragmentOptimizer):
                 self.elementwise_states(fragments, "exp_avg_sq"),
                 self.step_counts(fragments),
             )
-            hyper = dict(
-                lr=batch.per_tensor("lr"), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=batch.per_tensor("weight_decay"), scales=scale
-            )
+            hyper = dict(lr_and_decay(batch), beta1=beta1, beta2=beta2, eps=group["eps"], scales=scale)
             hyper.update(cautious_decay_options(batch))
             if group["amsgrad"]:
                 hyper["max_exp_avg_sqs"] = self.elementwise_states(fragments, "max_exp_avg_sq")

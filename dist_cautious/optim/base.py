@@ -12,7 +12,7 @@ import itertools
 import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 
 from dist_cautious.kernels import ops_for, reference
 from dist_cautious.kernels.reference import PerTensor
+from dist_cautious.optim.capturable import check_capturable, check_plan, device_steps, negate_in_place
 from dist_cautious.optim.plan import _DTYPE, _GRAD, Plan, PlanCache, Work, reference_only
 from dist_cautious.shard.adapters import FragmentSource, default_fragments
 from dist_cautious.shard.fragment import Fragment, state_dtype
@@ -34,6 +35,10 @@ def check_lr(lr: Any, owner: str) -> None:
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError(f"{owner}: Tensor lr must be 1-element, got shape {tuple(lr.shape)}")  # torch.optim's error
+        if not lr.is_floating_point():
+            raise TypeError(f"{owner}: Tensor lr must be floating point, got {lr.dtype}")
+        if lr.device.type != "cpu":
+            return  # reading a device lr would wait for the device every step (and a captured step cannot)
         lr = lr.item()
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"{owner}: lr must be a finite number >= 0, got {lr!r}")
@@ -64,15 +69,14 @@ def refuse_torch_only_options(owner: str, **options: Any) -> None:
     """``torch.optim``'s implementation switches that ask for something these optimizers do not
     do raise ``ValueError`` naming the option; the values that ask for what they always do pass:
     ``foreach`` / ``fused`` None or True (every step is a multi-tensor fused kernel per param
-    group), ``differentiable`` / ``capturable`` False."""
-    wanted = {"foreach": (None, True), "fused": (None, True), "differentiable": (False,), "capturable": (False,)}
+    group), ``differentiable`` False."""
+    wanted = {"foreach": (None, True), "fused": (None, True), "differentiable": (False,)}
     for name, value in options.items():
         if value not in wanted[name]:
             why = {
                 "foreach": "every step already runs multi-tensor kernels; a per-tensor loop is not offered",
                 "fused": "every step already runs fused kernels; an unfused path is not offered",
                 "differentiable": "the step runs under no_grad in fused kernels; autograd through it is not supported",
-                "capturable": "lr and step counts live on the host; CUDA-graph capture of the step is not supported yet",
             }[name]
             raise ValueError(f"{owner}: {name}={value!r} is not supported ({why})")
 
@@ -195,7 +199,12 @@ class FragmentOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_before_step()
+        capturable = any(group.get("capturable") for group in self.param_groups)
+        if capturable:
+            check_capturable(self)
         self._plan_in_use = plan = self._plans.plan_for(self, self.fragment_source)
+        if capturable:
+            check_plan(self, plan)
         if plan is not None:
             plan.advance_steps()
             work = plan.work
@@ -203,12 +212,18 @@ class FragmentOptimizer(Optimizer):
             work = self._fresh_work()
         if work:
             maximizing = any(group.get("maximize") for group in self.param_groups)
-            restore = _negate_grads_to_maximize(work) if maximizing else []
+            if maximizing and capturable:  # in place: a captured step must not allocate new grads
+                restore = []
+                negate_in_place(work)
+            else:
+                restore = _negate_grads_to_maximize(work) if maximizing else []
             try:
                 self.step_fragments(work)
             finally:
                 for fragment, grad in restore:
                     fragment.grad = grad
+                if maximizing and capturable:
+                    negate_in_place(work)
             if plan is None:
                 for _, fragment in work:
                     fragment.commit()
@@ -223,12 +238,15 @@ class FragmentOptimizer(Optimizer):
             work.extend((group, fragment) for fragment in fragments if fragment.numel > 0)
         return work
 
-    def step_counts(self, fragments: Sequence[Fragment]) -> list[int]:
+    def step_counts(self, fragments: Sequence[Fragment]) -> Union[list[int], Tensor]:
         """Each fragment's step count for this step, advanced once per step: by the step plan
-        for all its fragments at once, else here per fragment (``step_count``)."""
+        for all its fragments at once, else here per fragment (``step_count``). Host ints, or
+        under ``capturable=True`` the plan's fp32 counts on the device (``capturable.device_steps``)."""
         plan = getattr(self, "_plan_in_use", None)
         if plan is not None:
             values = plan.step_values
+            if values is None:
+                return device_steps(plan, fragments)
             return [values[f.step_slot] for f in fragments]
         return [step_count(f.state) for f in fragments]
 

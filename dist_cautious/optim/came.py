@@ -27,6 +27,7 @@ from dist_cautious.kernels.reference import CameFactors, FactorBuffers, FactorLi
 from dist_cautious.optim.base import (
     Batch, FragmentOptimizer, Work, cautious_decay_options, check_betas, check_flag, check_lr, check_nonnegative, kernels_for_group,
 )  # fmt: skip
+from dist_cautious.optim.capturable import lr_and_decay
 from dist_cautious.shard.fragment import Fragment
 from dist_cautious.shard.reducer import BatchedReducer
 
@@ -58,6 +59,8 @@ class CAME(FragmentOptimizer):
     ``maximize=True`` steps on the negated gradient, as torch.optim's optimizers do.
     ``cautious_weight_decay`` (CWD, arXiv 2510.12402) decays only where the update and the param
     agree in sign; independent of ``cautious``; it runs the torch reference ops.
+    ``capturable=True``: a tensor ``lr`` and the step counts stay on the device, so a CUDA graph
+    can capture the step (``optim.capturable``).
     """
 
     #: only ``exp_avg`` is per element for every tensor: under ZeRO, the 1-D / 0-D tensors'
@@ -76,12 +79,13 @@ class CAME(FragmentOptimizer):
         *,
         cautious_weight_decay: bool = False,
         maximize: bool = False,
+        capturable: bool = False,
     ) -> None:
         if lr is None:
             raise ValueError("CAME: lr is required (there is no default; 2e-4 is typical)")
         defaults = dict(
             lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay, cautious=cautious,
-            cautious_weight_decay=cautious_weight_decay, maximize=maximize,
+            cautious_weight_decay=cautious_weight_decay, maximize=maximize, capturable=capturable,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -98,7 +102,7 @@ class CAME(FragmentOptimizer):
         threshold = group["clip_threshold"]
         if not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 0:
             raise ValueError(f"{self._owner}: clip_threshold must be a finite number > 0, got {threshold!r}")
-        for flag in ("cautious", "cautious_weight_decay", "maximize"):
+        for flag in ("cautious", "cautious_weight_decay", "maximize", "capturable"):
             check_flag(group.setdefault(flag, False), flag, self._owner)
 
     def step_fragments(self, work: Work) -> None:
@@ -112,10 +116,7 @@ class CAME(FragmentOptimizer):
             group, fragments = batch.group, batch.fragments
             ops = kernels_for_group(group, fragments)
             params, grads = [f.param for f in fragments], [f.grad for f in fragments]
-            hyper = dict(
-                lr=batch.source.per_tensor("lr"), weight_decay=batch.source.per_tensor("weight_decay"), scales=batch_scales,
-                **cautious_decay_options(batch.source),
-            )  # fmt: skip
+            hyper = dict(lr_and_decay(batch.source), scales=batch_scales, **cautious_decay_options(batch.source))
             if group["cautious"]:
                 ops.came_cautious_finish(batch_pending, params, grads, batch.exp_avgs, batch.confidence, **hyper)
             else:

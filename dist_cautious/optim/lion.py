@@ -9,6 +9,7 @@ from dist_cautious.optim.base import (
     FragmentOptimizer, Work, cautious_decay_options, check_betas, check_flag, check_lr, check_nonnegative,
     global_mask_scales, kernels_for_group,
 )  # fmt: skip
+from dist_cautious.optim.capturable import lr_and_decay
 
 
 class CautiousLion(FragmentOptimizer):
@@ -20,6 +21,8 @@ class CautiousLion(FragmentOptimizer):
     ``maximize=True`` steps on the negated gradient, as torch.optim's optimizers do.
     ``cautious_weight_decay`` (CWD, arXiv 2510.12402) decays only where the update and the param
     agree in sign; independent of ``cautious``; it runs the torch reference ops.
+    ``capturable=True``: a tensor ``lr`` and the step counts stay on the device, so a CUDA graph
+    can capture the step (``optim.capturable``).
     """
 
     def __init__(
@@ -32,15 +35,19 @@ class CautiousLion(FragmentOptimizer):
         *,
         cautious_weight_decay: bool = False,
         maximize: bool = False,
+        capturable: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, cautious=cautious, cautious_weight_decay=cautious_weight_decay, maximize=maximize)
+        defaults = dict(
+            lr=lr, betas=betas, weight_decay=weight_decay, cautious=cautious, cautious_weight_decay=cautious_weight_decay, maximize=maximize,
+            capturable=capturable,
+        )  # fmt: skip
         super().__init__(params, defaults)
 
     def check_hyperparameters(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"], self._owner)
         group["betas"] = check_betas(group["betas"], 2, self._owner)
         check_nonnegative(group["weight_decay"], "weight_decay", self._owner)
-        for flag in ("cautious", "cautious_weight_decay", "maximize"):
+        for flag in ("cautious", "cautious_weight_decay", "maximize", "capturable"):
             check_flag(group.setdefault(flag, False), flag, self._owner)
 
     def step_fragments(self, work: Work) -> None:
@@ -62,7 +69,7 @@ class CautiousLion(FragmentOptimizer):
             self.step_counts(fragments)  # advanced once per step
             params, grads = [f.param for f in fragments], [f.grad for f in fragments]
             exp_avgs = self.elementwise_states(fragments, "exp_avg")
-            hyper = dict(lr=batch.per_tensor("lr"), beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=batch.per_tensor("weight_decay"))
+            hyper = dict(lr_and_decay(batch), beta1=group["betas"][0], beta2=group["betas"][1])
             hyper.update(cautious_decay_options(batch))
             ops = kernels_for_group(group, fragments)
             if scale is None:

@@ -4,7 +4,8 @@ on the first step and kept, so a step's Python work does not grow with the numbe
 A plan holds the step's fragments (views, layouts, names, checks), the kernel namespace it
 checked their tensors for, and the step counts of all its fragments packed in one fp32 tensor
 (each ``state["step"]`` is a 0-d view into it, advanced by one op; the values are counted on
-the host alongside, never read back). Per-batch tensors the optimizers make once
+the host alongside, never read back; with ``capturable=True`` the tensor is on the params'
+device and nothing is counted on the host). Per-batch tensors the optimizers make once
 (``base.batch_sizes``, reduction positions, CAME's factor layout in ``kept``) live as long as
 the plan. ``still_valid`` is the cheap check made every step, which also binds the gradients
 of the step (a plan lets go of them after it: see ``StepPlan``).
@@ -64,11 +65,17 @@ class Plan:
         self.state = optimizer.state
         self.groups = [(group, list(group["params"])) for group in optimizer.param_groups]
         self.has_grad = [[p.grad is not None for p in params] for _, params in self.groups]
+        #: step counts on the device, read there by the kernels (``capturable=True``, see
+        #: ``optim.capturable``); else fp32 on the CPU with host ints alongside
+        self.capturable = any(group.get("capturable") for group in optimizer.param_groups)
+        self.step_values: Optional[list[int]] = None
 
     def _same_groups(self, optimizer: Any) -> bool:
         """``optimizer`` has the state dict and the param groups (the same dicts holding the same
         params, in order) this plan was made for, and the same of those params have a grad."""
         if optimizer.state is not self.state or len(optimizer.param_groups) != len(self.groups):
+            return False
+        if any(group.get("capturable") for group in optimizer.param_groups) != self.capturable:
             return False
         for group, (planned, params) in zip(optimizer.param_groups, self.groups):
             current = group["params"]
@@ -77,16 +84,32 @@ class Plan:
         return [[p.grad is not None for p in params] for _, params in self.groups] == self.has_grad
 
     def _pack_steps(self) -> None:
-        initial = [float(f.state["step"]) if "step" in f.state else 0.0 for _, f in self.work]
-        self.steps = torch.tensor(initial, dtype=torch.float32)
-        #: the counts as host ints, advanced alongside ``steps``: never read back from the tensor
-        self.step_values: list[int] = [int(value) for value in initial]
+        if self.capturable:
+            self._pack_device_steps()
+        else:
+            initial = [float(f.state["step"]) if "step" in f.state else 0.0 for _, f in self.work]
+            self.steps = torch.tensor(initial, dtype=torch.float32)
+            #: the counts as host ints, advanced alongside ``steps``: never read back from the tensor
+            self.step_values = [int(value) for value in initial]
         self.step_views: list[Tensor] = []
         for slot, (_, fragment) in enumerate(self.work):
             fragment.state["step"] = self.steps[slot]
             fragment.step_slot = slot
             self.step_views.append(fragment.state["step"])
         self.step_dicts = [fragment.state for _, fragment in self.work]
+
+    def _pack_device_steps(self) -> None:
+        """``capturable``: the counts live on the params' device (as ``torch.optim`` keeps
+        ``state["step"]`` when capturable) and are never counted on the host, since a replayed
+        CUDA graph advances them without running any Python; the kernels read them there
+        (``step_counts`` hands them out). Made from the saved counts by device ops, with no
+        read back (a plan may be made on fake tensors)."""
+        device = self.work[0][1].param.device if self.work else torch.device("cpu")  # one device: capturable.check_capturable
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        initial = [fragment.state["step"].to(device=device, dtype=torch.float32) if isinstance(fragment.state.get("step"), Tensor)
+                   else zero + float(fragment.state.get("step", 0.0)) for _, fragment in self.work]  # fmt: skip
+        self.steps = torch.stack(initial) if initial else zero.new_zeros(0)
+        self.step_values = None
 
     def _steps_installed(self) -> bool:
         """Every ``state["step"]`` is still this plan's view (a load or a full-state setter
@@ -107,7 +130,8 @@ class Plan:
         the host as well, so a step never reads tensor data back (``.tolist()`` would sync a
         device-resident counter, and raises on the fake tensors of tests/gpu/test_fake_cuda_step.py)."""
         self.steps.add_(1)
-        self.step_values = list(map((1).__add__, self.step_values))
+        if self.step_values is not None:
+            self.step_values = list(map((1).__add__, self.step_values))
 
     def commit(self) -> None:
         """After the step: what the plan writes back or lets go of (per plan kind)."""

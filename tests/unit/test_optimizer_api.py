@@ -163,10 +163,11 @@ def test_state_keys_and_defaults() -> None:
     assert set(came.state[matrix]) == {"step", "exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col"}
     assert came.state[matrix]["exp_avg_sq_row"].shape == (4,) and came.state[matrix]["exp_avg_sq_col"].shape == (3,)
     assert set(came.state[vector]) == {"step", "exp_avg", "exp_avg_sq"}
-    assert adamw.defaults == dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, cautious=True, cautious_weight_decay=False, amsgrad=False, maximize=False)
-    assert lion.defaults == dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, cautious=True, cautious_weight_decay=False, maximize=False)
+    assert adamw.defaults == dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, cautious=True, cautious_weight_decay=False, amsgrad=False, maximize=False, capturable=False)
+    assert lion.defaults == dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, cautious=True, cautious_weight_decay=False, maximize=False, capturable=False)
     assert came.defaults == dict(
-        lr=2e-4, eps=(1e-30, 1e-16), clip_threshold=1.0, betas=(0.9, 0.999, 0.9999), weight_decay=0.0, cautious=False, cautious_weight_decay=False, maximize=False
+        lr=2e-4, eps=(1e-30, 1e-16), clip_threshold=1.0, betas=(0.9, 0.999, 0.9999), weight_decay=0.0, cautious=False, cautious_weight_decay=False, maximize=False,
+        capturable=False,
     )
     assert all(float(adamw.state[p]["step"]) == 1.0 for p in (matrix, vector))
 

@@ -251,14 +251,14 @@ def test_cautious_amsgrad_masks_the_amsgrad_update() -> None:
 
 @pytest.mark.parametrize(
     "option,value",
-    [("foreach", False), ("fused", False), ("differentiable", True), ("capturable", True)],
+    [("foreach", False), ("fused", False), ("differentiable", True)],
 )
 def test_torch_implementation_switches_we_do_not_offer_are_refused(option: str, value: bool) -> None:
     with pytest.raises(ValueError, match=f"{option}={value}"):
         CautiousAdamW([torch.nn.Parameter(torch.randn(3))], **{option: value})
 
 
-@pytest.mark.parametrize("option,value", [("foreach", None), ("foreach", True), ("fused", None), ("fused", True), ("differentiable", False), ("capturable", False)])
+@pytest.mark.parametrize("option,value", [("foreach", None), ("foreach", True), ("fused", None), ("fused", True), ("differentiable", False), ("capturable", False), ("capturable", True)])
 def test_torch_implementation_switches_asking_for_what_we_do_are_accepted(option: str, value: object) -> None:
     CautiousAdamW([torch.nn.Parameter(torch.randn(3))], **{option: value})
 
