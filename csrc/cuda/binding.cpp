@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -191,6 +192,24 @@ const float* optional_scales(const std::optional<Tensor>& scales, const at::Devi
   return scales->data_ptr<float>();
 }
 
+// capturable=True: the apply ops' per-tensor step scalars from a device table (dc_kernels.h,
+// StepScalarColumn), fp32 [slots, 4], row out_index per tensor, instead of the host lists
+// `host_lists` (named `host_names`), which must then be empty: lr and step live on the device,
+// and the descriptors hold no value that changes from step to step (the same tensors give the
+// same descriptor bytes at every step). Null when no table is given (the host lists serve).
+const float* step_scalar_table(const std::optional<Tensor>& table, const at::Device& device, int64_t slots, const char* op,
+                               std::initializer_list<size_t> host_lists, const char* host_names) {
+  if (!table.has_value() || !table->defined()) return nullptr;
+  for (size_t length : host_lists) {
+    TORCH_CHECK(length == 0, "dist_cautious CUDA kernels: ", op, ": with step_scalars the host lists (", host_names,
+                ") must be empty, got one of ", length, " values");
+  }
+  check_state(*table, "step_scalars", device, -1);
+  TORCH_CHECK(table->dim() == 2 && table->size(0) == slots && table->size(1) == dc::kStepScalarColumns, "dist_cautious CUDA kernels: ", op,
+              ": step_scalars must have shape [", slots, ", ", dc::kStepScalarColumns, "], got ", table->sizes());
+  return table->data_ptr<float>();
+}
+
 Tensor lerp_mask_counts(const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs, double weight, bool lion) {
   TORCH_CHECK(!grads.empty(), "dist_cautious CUDA kernels: empty list");
   at::Device device = grads[0].device();
@@ -214,24 +233,28 @@ Tensor lerp_mask_counts(const std::vector<Tensor>& grads, const std::vector<Tens
 void adamw_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
                  const std::vector<Tensor>& exp_avg_sqs, const std::vector<double>& alphas, const std::vector<double>& bc2_sqrts,
                  const std::vector<double>& decays, double lerp_weight, double beta2, double one_minus_beta2, double eps,
-                 const std::optional<Tensor>& scales) {
+                 const std::optional<Tensor>& scales, const std::optional<Tensor>& step_scalars) {
   if (grads.empty()) return;
-  TORCH_CHECK(params.size() == grads.size() && exp_avgs.size() == grads.size() && exp_avg_sqs.size() == grads.size() &&
-                  alphas.size() == grads.size() && bc2_sqrts.size() == grads.size(),
-              "dist_cautious CUDA kernels: adamw_apply lists differ in length");
   at::Device device = grads[0].device();
   DeviceGuard guard(device);
+  const float* table = step_scalar_table(step_scalars, device, static_cast<int64_t>(grads.size()), "adamw_apply",
+                                         {alphas.size(), bc2_sqrts.size(), decays.size()}, "alphas, bc2_sqrts, decays");
+  TORCH_CHECK(params.size() == grads.size() && exp_avgs.size() == grads.size() && exp_avg_sqs.size() == grads.size() &&
+                  (table || (alphas.size() == grads.size() && bc2_sqrts.size() == grads.size())),
+              "dist_cautious CUDA kernels: adamw_apply lists differ in length");
   ElemLists lists;
   lists.params = &params;
   lists.grads = &grads;
   lists.exp_avgs = &exp_avgs;
   lists.exp_avg_sqs = &exp_avg_sqs;
-  lists.decays = &decays;
+  lists.decays = table ? nullptr : &decays;
   auto descs = elem_descs(lists, device);
-  for (auto& d : descs) {
-    // torch divides a tensor by a Python scalar on CUDA as x * (1 / fp32(s)).
-    d.alpha = static_cast<float>(alphas[d.out_index]);
-    d.inv_bc2_sqrt = 1.0f / static_cast<float>(bc2_sqrts[d.out_index]);
+  if (!table) {
+    for (auto& d : descs) {
+      // torch divides a tensor by a Python scalar on CUDA as x * (1 / fp32(s)).
+      d.alpha = static_cast<float>(alphas[d.out_index]);
+      d.inv_bc2_sqrt = 1.0f / static_cast<float>(bc2_sqrts[d.out_index]);
+    }
   }
   const float* scale_ptr = optional_scales(scales, device, static_cast<int64_t>(grads.size()));
   if (descs.empty()) return;
@@ -240,23 +263,25 @@ void adamw_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& g
   auto stream = current_stream(device);
   check_launch(dc::launch_adamw_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
                                       static_cast<float>(lerp_weight), static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
-                                      static_cast<float>(eps), scale_ptr, stream),
+                                      static_cast<float>(eps), scale_ptr, table, stream),
                "adamw_apply");
 }
 
 void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
                 const std::vector<double>& decays, double weight1, double weight2, const std::vector<double>& neg_lrs,
-                const std::optional<Tensor>& scales) {
+                const std::optional<Tensor>& scales, const std::optional<Tensor>& step_scalars) {
   if (grads.empty()) return;
   TORCH_CHECK(params.size() == grads.size() && exp_avgs.size() == grads.size(), "dist_cautious CUDA kernels: lion_apply lists differ in length");
   at::Device device = grads[0].device();
   DeviceGuard guard(device);
+  const float* table = step_scalar_table(step_scalars, device, static_cast<int64_t>(grads.size()), "lion_apply",
+                                         {decays.size(), neg_lrs.size()}, "decays, neg_lrs");
   ElemLists lists;
   lists.params = &params;
   lists.grads = &grads;
   lists.exp_avgs = &exp_avgs;
-  lists.decays = &decays;
-  lists.neg_lrs = &neg_lrs;
+  lists.decays = table ? nullptr : &decays;
+  lists.neg_lrs = table ? nullptr : &neg_lrs;
   auto descs = elem_descs(lists, device);
   const float* scale_ptr = optional_scales(scales, device, static_cast<int64_t>(grads.size()));
   if (descs.empty()) return;
@@ -264,7 +289,7 @@ void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
   Tensor meta = upload(descs, device);
   auto stream = current_stream(device);
   check_launch(dc::launch_lion_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
-                                     static_cast<float>(weight1), static_cast<float>(weight2), scale_ptr, stream),
+                                     static_cast<float>(weight1), static_cast<float>(weight2), scale_ptr, table, stream),
                "lion_apply");
 }
 
@@ -341,10 +366,11 @@ void came_vector_momentum(const std::vector<Tensor>& grads, const std::vector<Te
 void came_vector_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
                        const std::vector<Tensor>& preconds, const std::vector<bool>& has_precond, const std::vector<int64_t>& out_index,
                        const std::vector<double>& decays, const std::vector<double>& neg_lrs, const std::optional<Tensor>& scales,
-                       int64_t num_scales) {
+                       int64_t num_scales, const std::optional<Tensor>& step_scalars) {
   if (grads.empty()) return;
   at::Device device = grads[0].device();
   DeviceGuard guard(device);
+  const float* table = step_scalar_table(step_scalars, device, num_scales, "came_vector_apply", {decays.size(), neg_lrs.size()}, "decays, neg_lrs");
   ElemLists lists;
   lists.params = &params;
   lists.grads = &grads;
@@ -353,8 +379,8 @@ void came_vector_apply(const std::vector<Tensor>& params, const std::vector<Tens
   lists.has_exp_avg_sq = &has_precond;
   lists.out_index = &out_index;
   lists.out_limit = num_scales;
-  lists.decays = &decays;
-  lists.neg_lrs = &neg_lrs;
+  lists.decays = table ? nullptr : &decays;
+  lists.neg_lrs = table ? nullptr : &neg_lrs;
   auto descs = elem_descs(lists, device);
   const float* scale_ptr = optional_scales(scales, device, num_scales);
   if (descs.empty()) return;
@@ -362,7 +388,7 @@ void came_vector_apply(const std::vector<Tensor>& params, const std::vector<Tens
   Tensor meta = upload(descs, device);
   auto stream = current_stream(device);
   check_launch(dc::launch_came_vector_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
-                                            scale_ptr, stream),
+                                            scale_ptr, table, stream),
                "came_vector_apply");
 }
 
@@ -585,10 +611,11 @@ void came_factored_apply(const std::vector<Tensor>& params, const std::vector<Te
                          const std::vector<int64_t>& starts, const std::vector<int64_t>& batches, const std::vector<int64_t>& rows,
                          const std::vector<int64_t>& cols, const std::vector<Tensor>& row_factor, const std::vector<Tensor>& col_factor,
                          const std::vector<int64_t>& out_index, const std::vector<double>& decays, const std::vector<double>& neg_lrs,
-                         const std::optional<Tensor>& scales, int64_t num_scales) {
+                         const std::optional<Tensor>& scales, int64_t num_scales, const std::optional<Tensor>& step_scalars) {
   if (grads.empty()) return;
   at::Device device = grads[0].device();
   DeviceGuard guard(device);
+  const float* table = step_scalar_table(step_scalars, device, num_scales, "came_factored_apply", {decays.size(), neg_lrs.size()}, "decays, neg_lrs");
   TORCH_CHECK(params.size() == grads.size() && exp_avgs.size() == grads.size() && row_factor.size() == grads.size() &&
                   col_factor.size() == grads.size(),
               "dist_cautious CUDA kernels: came_factored_apply lists differ in length");
@@ -604,13 +631,13 @@ void came_factored_apply(const std::vector<Tensor>& params, const std::vector<Te
   lists.col_factor = &col_factor;
   lists.out_index = &out_index;
   lists.out_limit = num_scales;
-  lists.decays = &decays;
-  lists.neg_lrs = &neg_lrs;
+  lists.decays = table ? nullptr : &decays;
+  lists.neg_lrs = table ? nullptr : &neg_lrs;
   auto descs = factored_descs(lists, device);
   const float* scale_ptr = optional_scales(scales, device, num_scales);
   Prepared p = prepare_factored(descs, device);
   if (!p.count) return;
-  check_launch(dc::launch_came_factored_apply(p.ptr(), p.count, p.blocks, scale_ptr, p.stream),
+  check_launch(dc::launch_came_factored_apply(p.ptr(), p.count, p.blocks, scale_ptr, table, p.stream),
                "came_factored_apply");
 }
 
@@ -716,18 +743,31 @@ Tensor came_clip_divisors(const Tensor& sumsq, const Tensor& sqrt_sizes, double 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
   m.doc() = "dist_cautious fused multi-tensor CUDA kernels (see dist_cautious/kernels/cuda_ops.py)";
+  // The apply ops' last argument, step_scalars, defaults to None: a call without it behaves as
+  // before the argument existed. Their arguments carry the names of the op schemas
+  // (dist_cautious/kernels/cuda_library.py).
+  const auto no_table = py::arg("step_scalars") = py::none();
   m.def("lerp_mask_counts", &lerp_mask_counts, "int64 counts of lerp(m, g, w) * g > 0 (sign(...) for Lion), per tensor");
-  m.def("adamw_apply", &adamw_apply, "fused AdamW step over a list of flat tensors");
-  m.def("lion_apply", &lion_apply, "fused Lion step over a list of flat tensors");
+  m.def("adamw_apply", &adamw_apply, "fused AdamW step over a list of flat tensors", py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
+        py::arg("exp_avg_sqs"), py::arg("alphas"), py::arg("bc2_sqrts"), py::arg("decays"), py::arg("lerp_weight"), py::arg("beta2"),
+        py::arg("one_minus_beta2"), py::arg("eps"), py::arg("scales"), no_table);
+  m.def("lion_apply", &lion_apply, "fused Lion step over a list of flat tensors", py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
+        py::arg("decays"), py::arg("weight1"), py::arg("weight2"), py::arg("neg_lrs"), py::arg("scales"), no_table);
   m.def("came_vector_second_moment", &came_vector_second_moment, "CAME 1-D second moment");
   m.def("came_vector_sumsq", &came_vector_sumsq, "CAME 1-D update sum of squares (float64 accumulators)");
   m.def("came_vector_momentum", &came_vector_momentum, "CAME 1-D momentum and mask counts");
-  m.def("came_vector_apply", &came_vector_apply, "CAME 1-D final update");
+  m.def("came_vector_apply", &came_vector_apply, "CAME 1-D final update", py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
+        py::arg("preconds"), py::arg("has_precond"), py::arg("out_index"), py::arg("decays"), py::arg("neg_lrs"), py::arg("scales"),
+        py::arg("num_scales"), no_table);
   m.def("came_factored_sq_sums", &came_factored_sq_sums, "CAME row/col partial sums of g^2 + eps1");
   m.def("came_factored_sumsq", &came_factored_sumsq, "CAME factored update sum of squares");
   m.def("came_factored_momentum", &came_factored_momentum, "CAME momentum, residual row/col sums and mask counts");
-  m.def("came_factored_apply", &came_factored_apply, "CAME factored final update");
+  m.def("came_factored_apply", &came_factored_apply, "CAME factored final update", py::arg("params"), py::arg("grads"),
+        py::arg("exp_avgs"), py::arg("starts"), py::arg("batches"), py::arg("rows"), py::arg("cols"), py::arg("row_factor"),
+        py::arg("col_factor"), py::arg("out_index"), py::arg("decays"), py::arg("neg_lrs"), py::arg("scales"), py::arg("num_scales"),
+        no_table);
   m.def("came_factor_update", &came_factor_update, "CAME factor math between reductions: EMAs, per-matrix means, rsqrt factors");
   m.def("mask_scales", &mask_scales, "cautious mask scales 1 / max(count / size, 1e-3) per tensor, one launch");
   m.def("came_clip_divisors", &came_clip_divisors, "CAME RMS-clip divisors max(sqrt(sumsq) / sqrt(N) / d, 1) per tensor, one launch");

@@ -57,6 +57,12 @@ __device__ __forceinline__ float torch_sign(float x) {
 // The cautious mask: the product form, so a product that underflows to zero masks the entry.
 __device__ __forceinline__ bool agrees(float update, float grad) { return __fmul_rn(update, grad) > 0.0f; }
 
+// One of a tensor's step scalars (StepScalarColumn): from its row `out_index` of the device
+// table when the launch has one (capturable), else the descriptor's own field.
+__device__ __forceinline__ float step_scalar(const float* table, int32_t out_index, StepScalarColumn column, float field) {
+  return table ? table[(int64_t)out_index * kStepScalarColumns + column] : field;
+}
+
 // Index of the descriptor whose [first_block, next first_block) holds `block` (binary search).
 template <typename Desc>
 __device__ __forceinline__ int find_desc(const Desc* descs, int count, int64_t block) {

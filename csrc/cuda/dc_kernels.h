@@ -53,6 +53,8 @@ struct ElemDesc {
   float inv_bc2_sqrt;    // AdamW: 1 / fp32(sqrt(1 - beta2^t)), torch's scalar-division form
   // Apply kernels: the tensor's own lr and weight decay, so one launch spans param groups that
   // differ in them. The host forms both in double, exactly as the reference, and rounds to fp32.
+  // A launch with a step-scalars table (below) reads these four from it instead: the binding
+  // then leaves them at fixed values, so the descriptors do not change from step to step.
   float decay;           // AdamW, Lion, CAME: 1 - lr * wd
   float neg_lr;          // Lion, CAME: -lr
 };
@@ -96,6 +98,16 @@ struct FactoredDesc {
 };
 static_assert(sizeof(FactoredDesc) == 184 && alignof(FactoredDesc) == 8, "FactoredDesc layout");
 
+// capturable=True (lr and step live on the device, so a CUDA graph can capture the step): the
+// apply kernels read each tensor's step scalars from a device table instead of the descriptor
+// fields above. fp32, row-major [slots, kStepScalarColumns]; row `out_index` of a descriptor
+// holds its tensor's values in exactly the fp32 form of the fields (alpha, inv_bc2_sqrt, decay,
+// neg_lr), so a table and the fields with the same values give the same bits. A null table:
+// the descriptor fields. Columns an op does not use are ignored (Lion and CAME: alpha and
+// inv_bc2_sqrt).
+enum StepScalarColumn : int { kAlphaColumn = 0, kInvBc2SqrtColumn = 1, kDecayColumn = 2, kNegLrColumn = 3 };
+constexpr int kStepScalarColumns = 4;
+
 // Fill first_block for each descriptor and return the total number of blocks (host only).
 int64_t dc_prepare_elem(ElemDesc* descs, int count);
 int64_t dc_prepare_factored(FactoredDesc* descs, int count);
@@ -121,13 +133,14 @@ cudaError_t launch_lerp_mask_counts(const ElemDesc* descs, int count, int64_t bl
                                     unsigned long long* counts, cudaStream_t stream);
 
 // One AdamW step over the list; scales (per out_index, device) may be null (not cautious).
-// Per tensor (descriptor): alpha, inv_bc2_sqrt, decay.
+// Per tensor: alpha, inv_bc2_sqrt, decay, from step_scalars when not null, else the descriptor.
 cudaError_t launch_adamw_apply(const ElemDesc* descs, int count, int64_t blocks, float lerp_weight, float beta2,
-                               float one_minus_beta2, float eps, const float* scales, cudaStream_t stream);
+                               float one_minus_beta2, float eps, const float* scales, const float* step_scalars,
+                               cudaStream_t stream);
 
-// One Lion step over the list; scales may be null. Per tensor: decay, neg_lr.
+// One Lion step over the list; scales may be null. Per tensor: decay, neg_lr (step_scalars or descriptor).
 cudaError_t launch_lion_apply(const ElemDesc* descs, int count, int64_t blocks, float weight1, float weight2,
-                              const float* scales, cudaStream_t stream);
+                              const float* scales, const float* step_scalars, cudaStream_t stream);
 
 // --- CAME, 1-D / 0-D fragments (elementwise) ------------------------------------------------
 // v = beta2 v + (1 - beta2)(g^2 + eps1)
@@ -140,9 +153,10 @@ cudaError_t launch_came_vector_sumsq(const ElemDesc* descs, int count, int64_t b
 cudaError_t launch_came_vector_momentum(const ElemDesc* descs, int count, int64_t blocks, const float* divisors,
                                         float beta1, float one_minus_beta1, unsigned long long* counts,
                                         cudaStream_t stream);
-// u = precond * m (masked, scaled); p = p * decay; p += neg_lr * u (decay, neg_lr per descriptor)
+// u = precond * m (masked, scaled); p = p * decay; p += neg_lr * u (decay, neg_lr per tensor:
+// step_scalars or descriptor)
 cudaError_t launch_came_vector_apply(const ElemDesc* descs, int count, int64_t blocks, const float* scales,
-                                     cudaStream_t stream);
+                                     const float* step_scalars, cudaStream_t stream);
 
 // --- CAME, factored fragments (tiled: row and column known without divisions) -------------
 // `scratch` from dc_factored_scratch, slots allocated; the row_out / col_out buffers of one
@@ -156,9 +170,10 @@ cudaError_t launch_came_factored_sumsq(const FactoredDesc* descs, int count, int
 cudaError_t launch_came_factored_momentum(const FactoredDesc* descs, int count, int64_t blocks,
                                           const float* divisors, float beta1, float one_minus_beta1, float eps2,
                                           unsigned long long* counts, FactoredScratch scratch, cudaStream_t stream);
-// u = (row*col) * m (masked, scaled); p = p * decay + neg_lr * u (decay, neg_lr per descriptor)
+// u = (row*col) * m (masked, scaled); p = p * decay + neg_lr * u (decay, neg_lr per tensor:
+// step_scalars or descriptor)
 cudaError_t launch_came_factored_apply(const FactoredDesc* descs, int count, int64_t blocks, const float* scales,
-                                       cudaStream_t stream);
+                                       const float* step_scalars, cudaStream_t stream);
 
 
 // --- CAME factor math between reductions (came_factors.cu) ----------------------------------

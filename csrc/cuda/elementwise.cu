@@ -104,6 +104,7 @@ struct CountOp {
 struct AdamWArgs {
   float lerp_weight, beta2, one_minus_beta2, eps;
   const float* scales;
+  const float* step_scalars;  // may be null: the descriptor's alpha, inv_bc2_sqrt, decay
 };
 
 template <typename PT, typename GT>
@@ -119,7 +120,9 @@ struct AdamWOp {
   Acc acc{};
   __device__ AdamWOp(const ElemDesc& d, const AdamWArgs& args)
       : param(static_cast<PT*>(d.param)), grad(static_cast<const GT*>(d.grad)), m(d.exp_avg), v(d.exp_avg_sq),
-        a(args), alpha(d.alpha), inv_bc2(d.inv_bc2_sqrt), decay(d.decay), scale(args.scales ? args.scales[d.out_index] : 1.0f) {}
+        a(args), alpha(step_scalar(args.step_scalars, d.out_index, kAlphaColumn, d.alpha)),
+        inv_bc2(step_scalar(args.step_scalars, d.out_index, kInvBc2SqrtColumn, d.inv_bc2_sqrt)),
+        decay(step_scalar(args.step_scalars, d.out_index, kDecayColumn, d.decay)), scale(args.scales ? args.scales[d.out_index] : 1.0f) {}
   __device__ void load(int64_t i, Regs& r) {
     r.p = Elem<PT>::load(param, i); r.g = Elem<GT>::load(grad, i); r.m = m[i]; r.v = v[i];
   }
@@ -140,6 +143,7 @@ struct AdamWOp {
 struct LionArgs {
   float weight1, weight2;
   const float* scales;
+  const float* step_scalars;  // may be null: the descriptor's decay, neg_lr
 };
 
 template <typename PT, typename GT>
@@ -154,7 +158,8 @@ struct LionOp {
   Acc acc{};
   __device__ LionOp(const ElemDesc& d, const LionArgs& args)
       : param(static_cast<PT*>(d.param)), grad(static_cast<const GT*>(d.grad)), m(d.exp_avg), a(args),
-        decay(d.decay), neg_lr(d.neg_lr), scale(args.scales ? args.scales[d.out_index] : 1.0f) {}
+        decay(step_scalar(args.step_scalars, d.out_index, kDecayColumn, d.decay)),
+        neg_lr(step_scalar(args.step_scalars, d.out_index, kNegLrColumn, d.neg_lr)), scale(args.scales ? args.scales[d.out_index] : 1.0f) {}
   __device__ void load(int64_t i, Regs& r) { r.p = Elem<PT>::load(param, i); r.g = Elem<GT>::load(grad, i); r.m = m[i]; }
   __device__ void compute(int64_t i, const Regs& r) {
     const float p = __fmul_rn(r.p, decay);
@@ -249,6 +254,7 @@ struct VecMomentumOp {
 // ---- CAME, 1-D: the final (masked) update -------------------------------------------------
 struct VecApplyArgs {
   const float* scales;
+  const float* step_scalars;  // may be null: the descriptor's decay, neg_lr
 };
 
 template <typename PT, typename GT>
@@ -264,7 +270,8 @@ struct VecApplyOp {
   Acc acc{};
   __device__ VecApplyOp(const ElemDesc& d, const VecApplyArgs& args)
       : param(static_cast<PT*>(d.param)), grad(static_cast<const GT*>(d.grad)), v(d.exp_avg_sq), m(d.exp_avg), a(args),
-        decay(d.decay), neg_lr(d.neg_lr), scale(args.scales ? args.scales[d.out_index] : 1.0f) {}
+        decay(step_scalar(args.step_scalars, d.out_index, kDecayColumn, d.decay)),
+        neg_lr(step_scalar(args.step_scalars, d.out_index, kNegLrColumn, d.neg_lr)), scale(args.scales ? args.scales[d.out_index] : 1.0f) {}
   __device__ void load(int64_t i, Regs& r) {
     r.p = Elem<PT>::load(param, i); r.m = m[i];
     r.g = a.scales ? Elem<GT>::load(grad, i) : 0.0f;
@@ -307,13 +314,14 @@ cudaError_t launch_lerp_mask_counts(const ElemDesc* descs, int count, int64_t bl
 }
 
 cudaError_t launch_adamw_apply(const ElemDesc* descs, int count, int64_t blocks, float lerp_weight, float beta2,
-                               float one_minus_beta2, float eps, const float* scales, cudaStream_t stream) {
-  return launch<AdamWOp>(descs, count, blocks, AdamWArgs{lerp_weight, beta2, one_minus_beta2, eps, scales}, stream);
+                               float one_minus_beta2, float eps, const float* scales, const float* step_scalars,
+                               cudaStream_t stream) {
+  return launch<AdamWOp>(descs, count, blocks, AdamWArgs{lerp_weight, beta2, one_minus_beta2, eps, scales, step_scalars}, stream);
 }
 
 cudaError_t launch_lion_apply(const ElemDesc* descs, int count, int64_t blocks, float weight1, float weight2,
-                              const float* scales, cudaStream_t stream) {
-  return launch<LionOp>(descs, count, blocks, LionArgs{weight1, weight2, scales}, stream);
+                              const float* scales, const float* step_scalars, cudaStream_t stream) {
+  return launch<LionOp>(descs, count, blocks, LionArgs{weight1, weight2, scales, step_scalars}, stream);
 }
 
 cudaError_t launch_came_vector_second_moment(const ElemDesc* descs, int count, int64_t blocks, float beta2,
@@ -335,8 +343,8 @@ cudaError_t launch_came_vector_momentum(const ElemDesc* descs, int count, int64_
 }
 
 cudaError_t launch_came_vector_apply(const ElemDesc* descs, int count, int64_t blocks, const float* scales,
-                                     cudaStream_t stream) {
-  return launch<VecApplyOp>(descs, count, blocks, VecApplyArgs{scales}, stream);
+                                     const float* step_scalars, cudaStream_t stream) {
+  return launch<VecApplyOp>(descs, count, blocks, VecApplyArgs{scales, step_scalars}, stream);
 }
 
 }  // namespace dist_cautious

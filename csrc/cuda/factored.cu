@@ -44,7 +44,8 @@ struct TileArgs {
   float eps2;           // kMomentum
   float beta1, one_minus_beta1;
   const float* divisors;  // kMomentum, per out_index
-  const float* scales;  // kApply, may be null (decay and neg_lr: per descriptor)
+  const float* scales;  // kApply, may be null
+  const float* step_scalars;  // kApply, may be null: decay and neg_lr from the descriptor
   unsigned long long* counts;  // kMomentum
 };
 
@@ -86,8 +87,8 @@ __device__ __forceinline__ void run_tile(const FactoredDesc& d, const TileArgs& 
   if constexpr (M == kMomentum) divisor = a.divisors[d.out_index];
   if constexpr (M == kApply) {
     scale = a.scales ? a.scales[d.out_index] : 1.0f;
-    decay = d.decay;    // this tensor's 1 - lr * wd
-    neg_lr = d.neg_lr;  // and -lr
+    decay = step_scalar(a.step_scalars, d.out_index, kDecayColumn, d.decay);     // this tensor's 1 - lr * wd
+    neg_lr = step_scalar(a.step_scalars, d.out_index, kNegLrColumn, d.neg_lr);  // and -lr
   }
 
   int64_t col[kColsPerThread];
@@ -376,9 +377,10 @@ cudaError_t launch_came_factored_momentum(const FactoredDesc* descs, int count, 
 }
 
 cudaError_t launch_came_factored_apply(const FactoredDesc* descs, int count, int64_t blocks, const float* scales,
-                                       cudaStream_t stream) {
+                                       const float* step_scalars, cudaStream_t stream) {
   TileArgs args{};
   args.scales = scales;
+  args.step_scalars = step_scalars;
   return launch_tiles<kApply>(descs, count, blocks, args, stream);
 }
 

@@ -15,6 +15,11 @@ binds itself to ``"cpu"``. An op dispatched to a device with no backend bound ra
 does nothing. The fake implementations only check what the binding checks (lengths, devices,
 contiguity, dtypes, element counts, layouts, output slots) and make outputs of the right shape,
 dtype and device.
+
+The four apply ops end in an optional ``step_scalars`` (``capturable=True``): each tensor's
+lr- and step-dependent scalars from an fp32 device table ``[slots, 4]`` (row ``out_index``:
+alpha, inv_bc2_sqrt, decay, neg_lr, in the fp32 form the kernels use) instead of the host lists
+``alphas`` / ``bc2_sqrts`` / ``decays`` / ``neg_lrs``, which must then be empty.
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ SCHEMAS: dict[str, str] = {
     "lerp_mask_counts": "(Tensor[] grads, Tensor[] exp_avgs, float weight, bool lion) -> Tensor",
     "adamw_apply": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float[] alphas, "
-        "float[] bc2_sqrts, float[] decays, float lerp_weight, float beta2, float one_minus_beta2, float eps, Tensor? scales) -> ()"
+        "float[] bc2_sqrts, float[] decays, float lerp_weight, float beta2, float one_minus_beta2, float eps, Tensor? scales, "
+        "Tensor? step_scalars=None) -> ()"
     ),
     "lion_apply": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float[] decays, float weight1, float weight2, "
-        "float[] neg_lrs, Tensor? scales) -> ()"
+        "float[] neg_lrs, Tensor? scales, Tensor? step_scalars=None) -> ()"
     ),
     "came_vector_second_moment": "(Tensor[] grads, Tensor(a!)[] exp_avg_sqs, float beta2, float one_minus_beta2, float eps1) -> ()",
     "came_vector_sumsq": "(Tensor[] grads, Tensor[] preconds, bool[] has_precond, int[] out_index, Tensor(a!) sums) -> ()",
@@ -49,7 +55,7 @@ SCHEMAS: dict[str, str] = {
     ),
     "came_vector_apply": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] preconds, bool[] has_precond, int[] out_index, "
-        "float[] decays, float[] neg_lrs, Tensor? scales, int num_scales) -> ()"
+        "float[] decays, float[] neg_lrs, Tensor? scales, int num_scales, Tensor? step_scalars=None) -> ()"
     ),
     "came_factored_sq_sums": (
         "(Tensor[] grads, int[] starts, int[] batches, int[] rows, int[] cols, Tensor(a!)[] row_sums, Tensor(b!)[] col_sums, "
@@ -67,7 +73,7 @@ SCHEMAS: dict[str, str] = {
     "came_factored_apply": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, int[] starts, int[] batches, int[] rows, int[] cols, "
         "Tensor[] row_factor, Tensor[] col_factor, int[] out_index, float[] decays, float[] neg_lrs, Tensor? scales, "
-        "int num_scales) -> ()"
+        "int num_scales, Tensor? step_scalars=None) -> ()"
     ),
     "came_factor_update": (
         "(Tensor(a!) row_state, Tensor(b!) col_state, Tensor row_sums, Tensor col_sums, Tensor row_counts, Tensor col_counts, "
@@ -77,6 +83,10 @@ SCHEMAS: dict[str, str] = {
     "mask_scales": "(Tensor counts, Tensor sizes) -> Tensor",
     "came_clip_divisors": "(Tensor sumsq, Tensor sqrt_sizes, float clip_threshold) -> Tensor",
 }
+
+#: columns of the apply ops' step-scalars table (capturable): alpha, inv_bc2_sqrt, decay, neg_lr
+#: per tensor (csrc/cuda/dc_kernels.h, StepScalarColumn)
+STEP_SCALAR_COLUMNS = 4
 
 #: device type -> dispatch key of the real implementations
 _DISPATCH_KEYS = {"cuda": "CUDA", "cpu": "CPU"}
@@ -155,6 +165,23 @@ def _scales(name: str, scales: Optional[Tensor], device: torch.device, count: in
         _state(name, scales, "scales", device, count)
 
 
+def _host_scalars(
+    name: str, step_scalars: Optional[Tensor], device: torch.device, slots: int, **lists: Sequence[float]
+) -> dict[str, Sequence[float]]:
+    """The apply ops' host per-tensor lists that must have one value per tensor: all of ``lists``
+    without a step-scalars table; none with one (capturable: the scalars come from the device
+    table, fp32 ``[slots, STEP_SCALAR_COLUMNS]``, and the host lists must be empty)."""
+    if step_scalars is None:
+        return lists
+    given = {key: len(values) for key, values in lists.items() if len(values)}
+    if given:
+        _fail(name, f"with step_scalars the host lists must be empty, got {given}")
+    _state(name, step_scalars, "step_scalars", device)
+    if tuple(step_scalars.shape) != (slots, STEP_SCALAR_COLUMNS):
+        _fail(name, f"step_scalars must have shape [{slots}, {STEP_SCALAR_COLUMNS}], got {list(step_scalars.shape)}")
+    return {}
+
+
 def _elementwise(
     name: str, grads: Sequence[Tensor], device: torch.device, values: dict[str, Sequence[Tensor]], states: dict[str, Sequence[Tensor]]
 ) -> None:
@@ -211,28 +238,28 @@ def _fake_lerp_mask_counts(grads: list[Tensor], exp_avgs: list[Tensor], weight: 
 def _fake_adamw_apply(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], alphas: list[float],
     bc2_sqrts: list[float], decays: list[float], lerp_weight: float, beta2: float, one_minus_beta2: float, eps: float,
-    scales: Optional[Tensor],
+    scales: Optional[Tensor], step_scalars: Optional[Tensor] = None,
 ) -> None:  # fmt: skip
     name = "adamw_apply"
     if not grads:
         return
-    _same_length(
-        name, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, alphas=alphas, bc2_sqrts=bc2_sqrts, decays=decays
-    )  # fmt: skip
     device = grads[0].device
+    host = _host_scalars(name, step_scalars, device, len(grads), alphas=alphas, bc2_sqrts=bc2_sqrts, decays=decays)
+    _same_length(name, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, **host)
     _elementwise(name, grads, device, {"params": params}, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs})
     _scales(name, scales, device, len(grads))
 
 
 def _fake_lion_apply(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], decays: list[float], weight1: float, weight2: float,
-    neg_lrs: list[float], scales: Optional[Tensor],
+    neg_lrs: list[float], scales: Optional[Tensor], step_scalars: Optional[Tensor] = None,
 ) -> None:  # fmt: skip
     name = "lion_apply"
     if not grads:
         return
-    _same_length(name, params=params, grads=grads, exp_avgs=exp_avgs, decays=decays, neg_lrs=neg_lrs)
     device = grads[0].device
+    host = _host_scalars(name, step_scalars, device, len(grads), decays=decays, neg_lrs=neg_lrs)
+    _same_length(name, params=params, grads=grads, exp_avgs=exp_avgs, **host)
     _elementwise(name, grads, device, {"params": params}, {"exp_avgs": exp_avgs})
     _scales(name, scales, device, len(grads))
 
@@ -274,16 +301,16 @@ def _fake_came_vector_momentum(
 
 def _fake_came_vector_apply(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], preconds: list[Tensor], has_precond: list[bool], out_index: list[int],
-    decays: list[float], neg_lrs: list[float], scales: Optional[Tensor], num_scales: int,
+    decays: list[float], neg_lrs: list[float], scales: Optional[Tensor], num_scales: int, step_scalars: Optional[Tensor] = None,
 ) -> None:  # fmt: skip
     name = "came_vector_apply"
     if not grads:
         return
-    _same_length(
-        name, params=params, grads=grads, exp_avgs=exp_avgs, preconds=preconds, has_precond=has_precond, out_index=out_index,
-        decays=decays, neg_lrs=neg_lrs,
-    )  # fmt: skip
     device = grads[0].device
+    host = _host_scalars(name, step_scalars, device, num_scales, decays=decays, neg_lrs=neg_lrs)
+    _same_length(
+        name, params=params, grads=grads, exp_avgs=exp_avgs, preconds=preconds, has_precond=has_precond, out_index=out_index, **host
+    )  # fmt: skip
     _elementwise(name, grads, device, {"params": params}, {"exp_avgs": exp_avgs})
     _preconds(name, grads, preconds, has_precond, device)
     _scales(name, scales, device, num_scales)
@@ -341,16 +368,17 @@ def _fake_came_factored_momentum(
 def _fake_came_factored_apply(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], starts: list[int], batches: list[int], rows: list[int],
     cols: list[int], row_factor: list[Tensor], col_factor: list[Tensor], out_index: list[int], decays: list[float],
-    neg_lrs: list[float], scales: Optional[Tensor], num_scales: int,
+    neg_lrs: list[float], scales: Optional[Tensor], num_scales: int, step_scalars: Optional[Tensor] = None,
 ) -> None:  # fmt: skip
     name = "came_factored_apply"
     if not grads:
         return
+    device = grads[0].device
+    host = _host_scalars(name, step_scalars, device, num_scales, decays=decays, neg_lrs=neg_lrs)
     _same_length(
         name, params=params, grads=grads, exp_avgs=exp_avgs, starts=starts, batches=batches, rows=rows, cols=cols,
-        row_factor=row_factor, col_factor=col_factor, out_index=out_index, decays=decays, neg_lrs=neg_lrs,
+        row_factor=row_factor, col_factor=col_factor, out_index=out_index, **host,
     )  # fmt: skip
-    device = grads[0].device
     _elementwise(name, grads, device, {"params": params}, {"exp_avgs": exp_avgs})
     _factored(name, grads, starts, batches, rows, cols, device, {"row_factor": row_factor}, {"col_factor": col_factor})
     _scales(name, scales, device, num_scales)

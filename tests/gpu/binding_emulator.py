@@ -52,6 +52,32 @@ def _store(param: Tensor, value: Tensor) -> None:
     param.copy_(value)
 
 
+#: the step-scalars table's columns (csrc/cuda/dc_kernels.h, StepScalarColumn)
+ALPHA, INV_BC2_SQRT, DECAY, NEG_LR = range(4)
+
+
+def _host_lists(step_scalars, slots: int, *lists) -> tuple:
+    """The host per-tensor lists that must have one value per tensor: all of ``lists`` without a
+    step-scalars table; none with one, after the binding's checks of it (fp32 ``[slots, 4]``, the
+    host lists empty)."""
+    if step_scalars is None:
+        return lists
+    if any(len(values) for values in lists):
+        raise ValueError("with step_scalars the host lists must be empty")
+    _check_state(step_scalars, "step_scalars")
+    if tuple(step_scalars.shape) != (slots, 4):
+        raise ValueError(f"step_scalars must have shape [{slots}, 4], got {list(step_scalars.shape)}")
+    return ()
+
+
+def _per_tensor(step_scalars, slots, column: int, host_values) -> list[float]:
+    """Each tensor's step scalar: column ``column`` of its row (its slot) of the table, already
+    fp32; else its host value rounded to fp32."""
+    if step_scalars is None:
+        return [_fp32(value) for value in host_values]
+    return [float(step_scalars[slot, column]) for slot in slots]
+
+
 def _factored_ids(start: int, n: int, rows: int, cols: int, device) -> tuple[Tensor, Tensor]:
     flat = torch.arange(start, start + n, device=device, dtype=torch.int64)
     return flat // cols, (flat // (rows * cols)) * cols + flat % cols
@@ -75,35 +101,43 @@ class BindingEmulator:
             counts[index] = int((update * g > 0).sum())
         return counts
 
-    def adamw_apply(self, params, grads, exp_avgs, exp_avg_sqs, alphas, bc2_sqrts, decays, lerp_weight, beta2, one_minus_beta2, eps, scales) -> None:
-        _same_length(params, grads, exp_avgs, exp_avg_sqs, alphas, bc2_sqrts, decays)
+    def adamw_apply(self, params, grads, exp_avgs, exp_avg_sqs, alphas, bc2_sqrts, decays, lerp_weight, beta2, one_minus_beta2, eps, scales,
+                    step_scalars=None) -> None:
+        _same_length(params, grads, exp_avgs, exp_avg_sqs, *_host_lists(step_scalars, len(grads), alphas, bc2_sqrts, decays))
         if scales is not None:
             _check_state(scales, "scales", len(grads))
+        slots = range(len(grads))
+        alpha = _per_tensor(step_scalars, slots, ALPHA, alphas)
+        # 1 / fp32(sqrt(1 - beta2^t)): the double quotient rounded to fp32 is the fp32 quotient
+        inv_bc2_sqrt = _per_tensor(step_scalars, slots, INV_BC2_SQRT, [1.0 / _fp32(value) for value in bc2_sqrts])
+        decay = _per_tensor(step_scalars, slots, DECAY, decays)
         for index, (param, grad, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
             _check_value(param, "param", grad.numel())
             _check_state(m, "exp_avg", grad.numel())
             _check_state(v, "exp_avg_sq", grad.numel())
             g = grad.float()
-            p = param.float() * _fp32(decays[index])
+            p = param.float() * decay[index]
             m.copy_(_lerp(m, g, lerp_weight))
             v.mul_(_fp32(beta2)).add_(g * g, alpha=_fp32(one_minus_beta2))
-            denom = v.sqrt() * (1.0 / _fp32(bc2_sqrts[index])) + _fp32(eps)
+            denom = v.sqrt() * inv_bc2_sqrt[index] + _fp32(eps)
             numerator = m if scales is None else torch.where(m * g > 0, m * scales[index], torch.zeros_like(m))
-            _store(param, p + _fp32(alphas[index]) * (numerator / denom))
+            _store(param, p + alpha[index] * (numerator / denom))
 
-    def lion_apply(self, params, grads, exp_avgs, decays, weight1, weight2, neg_lrs, scales) -> None:
-        _same_length(params, grads, exp_avgs, decays, neg_lrs)
+    def lion_apply(self, params, grads, exp_avgs, decays, weight1, weight2, neg_lrs, scales, step_scalars=None) -> None:
+        _same_length(params, grads, exp_avgs, *_host_lists(step_scalars, len(grads), decays, neg_lrs))
         if scales is not None:
             _check_state(scales, "scales", len(grads))
+        slots = range(len(grads))
+        decay, neg_lr = _per_tensor(step_scalars, slots, DECAY, decays), _per_tensor(step_scalars, slots, NEG_LR, neg_lrs)
         for index, (param, grad, m) in enumerate(zip(params, grads, exp_avgs)):
             _check_value(param, "param", grad.numel())
             _check_state(m, "exp_avg", grad.numel())
             g = grad.float()
-            p = param.float() * _fp32(decays[index])
+            p = param.float() * decay[index]
             update = _lerp(m, g, weight1).sign()
             if scales is not None:
                 update = torch.where(update * g > 0, update * scales[index], torch.zeros_like(update))
-            _store(param, p + _fp32(neg_lrs[index]) * update)
+            _store(param, p + neg_lr[index] * update)
             m.copy_(_lerp(m, g, weight2))
 
     def came_vector_second_moment(self, grads, exp_avg_sqs, beta2, one_minus_beta2, eps1) -> None:
@@ -140,16 +174,18 @@ class BindingEmulator:
             m.mul_(_fp32(beta1)).add_(update, alpha=_fp32(one_minus_beta1))
             counts[slot] += int((m * g > 0).sum())
 
-    def came_vector_apply(self, params, grads, exp_avgs, preconds, has_precond, out_index, decays, neg_lrs, scales, num_scales) -> None:
-        _same_length(params, grads, exp_avgs, preconds, has_precond, out_index, decays, neg_lrs)
+    def came_vector_apply(self, params, grads, exp_avgs, preconds, has_precond, out_index, decays, neg_lrs, scales, num_scales,
+                          step_scalars=None) -> None:
+        _same_length(params, grads, exp_avgs, preconds, has_precond, out_index, *_host_lists(step_scalars, num_scales, decays, neg_lrs))
         if scales is not None:
             _check_state(scales, "scales", num_scales)
+        decays, neg_lrs = _per_tensor(step_scalars, out_index, DECAY, decays), _per_tensor(step_scalars, out_index, NEG_LR, neg_lrs)
         for param, grad, m, precond, has, slot, decay, neg_lr in zip(params, grads, exp_avgs, preconds, has_precond, out_index, decays, neg_lrs):
             _check_value(param, "param", grad.numel())
             update = self._precondition(precond, has, m)
             if scales is not None:
                 update = torch.where(m * grad.float() > 0, update * scales[slot], torch.zeros_like(update))
-            _store(param, param.float() * _fp32(decay) + _fp32(neg_lr) * update)
+            _store(param, param.float() * decay + neg_lr * update)
 
     @staticmethod
     def _check_layout(grad: Tensor, start: int, batches: int, rows: int, cols: int) -> None:
@@ -201,10 +237,13 @@ class BindingEmulator:
             col_out.index_add_(0, col_id, residual)
             counts[slot] += int((m * g > 0).sum())
 
-    def came_factored_apply(self, params, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, out_index, decays, neg_lrs, scales, num_scales) -> None:
-        _same_length(params, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, out_index, decays, neg_lrs)
+    def came_factored_apply(self, params, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, out_index, decays, neg_lrs, scales, num_scales,
+                            step_scalars=None) -> None:
+        _same_length(params, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, out_index,
+                     *_host_lists(step_scalars, num_scales, decays, neg_lrs))
         if scales is not None:
             _check_state(scales, "scales", num_scales)
+        decays, neg_lrs = _per_tensor(step_scalars, out_index, DECAY, decays), _per_tensor(step_scalars, out_index, NEG_LR, neg_lrs)
         for param, grad, m, start, b, r, c, rf, cf, slot, decay, neg_lr in zip(
             params, grads, exp_avgs, starts, batches, rows, cols, row_factor, col_factor, out_index, decays, neg_lrs
         ):
@@ -212,7 +251,7 @@ class BindingEmulator:
             update = self._factored_precond(grad, start, b, r, c, rf, cf) * m
             if scales is not None:
                 update = torch.where(m * grad.float() > 0, update * scales[slot], torch.zeros_like(update))
-            _store(param, param.float() * _fp32(decay) + _fp32(neg_lr) * update)
+            _store(param, param.float() * decay + neg_lr * update)
 
     def came_factor_update(self, row_state, col_state, row_sums, col_sums, row_counts, col_counts, run_rows_per_matrix, run_rows,
                            beta, one_minus_beta, row_factor, col_factor, means) -> None:
