@@ -1,7 +1,9 @@
 // The only torch-aware file of the CUDA kernels: checks tensors, packs their raw pointers and
-// sizes into descriptors, uploads the descriptors in one pinned host-to-device copy on the
-// current stream, and calls the launchers of csrc/cuda/*.cu with that stream. No call here
-// synchronises with the host: counts and sums stay on the device.
+// sizes into descriptors, keeps the descriptor tables in device memory (uploaded once per
+// distinct table, in one pinned host-to-device copy on the current stream, then reused), and
+// calls the launchers of csrc/cuda/*.cu with that stream. No call here synchronises with the
+// host: counts and sums stay on the device. A call that finds its tables already on the device
+// copies nothing from the host, so a warmed-up step can be captured in a CUDA graph.
 //
 // dist_cautious/kernels/cuda_ops.py wraps these functions into the signatures of
 // dist_cautious/kernels/reference.py; it computes every host-side scalar (bias corrections,
@@ -17,12 +19,14 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -41,12 +45,26 @@ bool on_device(const Tensor& t) { return t.is_cpu(); }
 struct DeviceGuard {
   explicit DeviceGuard(const at::Device&) {}
 };
-cudaStream_t current_stream(const at::Device&) { return nullptr; }
+// The emulated kernels run on no stream and nothing is captured; the tests set both by hand
+// (simulate_stream, simulate_capture) so that the descriptor cache's keys and its capture
+// checks run as in the CUDA build.
+cudaStream_t simulated_stream = nullptr;
+bool simulated_capture = false;
+cudaStream_t current_stream(const at::Device&) { return simulated_stream; }
+bool stream_capturing(cudaStream_t) { return simulated_capture; }
 // The emulated kernels run before the launcher returns: an ordinary host buffer will do.
 Tensor upload_bytes(const void* data, int64_t bytes, const at::Device&) {
   Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
   std::memcpy(host.data_ptr(), data, static_cast<size_t>(bytes));
   return host;
+}
+// Test hooks of the emulated build only.
+void def_emulation_hooks(pybind11::module_& m) {
+  m.def("simulate_capture", [](bool capturing) { simulated_capture = capturing; },
+        "test hook: calls from now on see their stream as capturing a CUDA graph (or not)");
+  m.def("simulate_stream", [](int64_t stream) { simulated_stream = reinterpret_cast<cudaStream_t>(stream); },
+        "test hook: calls from now on run on this stream handle (0: the default stream); only the "
+        "descriptor cache's keys see it");
 }
 }  // namespace
 #else
@@ -56,6 +74,13 @@ namespace {
 bool on_device(const Tensor& t) { return t.is_cuda(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
 cudaStream_t current_stream(const at::Device& device) { return c10::cuda::getCurrentCUDAStream(device.index()).stream(); }
+// Whether `stream` is capturing a CUDA graph (an invalidated capture counts: it is still open).
+bool stream_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t error = cudaStreamIsCapturing(stream, &status);
+  TORCH_CHECK(error == cudaSuccess, "dist_cautious CUDA kernels: cudaStreamIsCapturing failed: ", cudaGetErrorString(error));
+  return status != cudaStreamCaptureStatusNone;
+}
 // One pinned host buffer copied to the device on the current stream; the caching host allocator
 // keeps the pinned block alive until the copy has run.
 Tensor upload_bytes(const void* data, int64_t bytes, const at::Device& device) {
@@ -63,6 +88,7 @@ Tensor upload_bytes(const void* data, int64_t bytes, const at::Device& device) {
   std::memcpy(host.data_ptr(), data, static_cast<size_t>(bytes));
   return host.to(device, /*non_blocking=*/true);
 }
+void def_emulation_hooks(pybind11::module_&) {}
 }  // namespace
 #endif
 
@@ -89,10 +115,115 @@ void check_state(const Tensor& t, const char* what, const at::Device& device, in
   TORCH_CHECK(t.scalar_type() == at::kFloat, "dist_cautious CUDA kernels: ", what, " must be float32, got ", t.scalar_type());
 }
 
-// The descriptors in device memory, in one host-to-device copy on the current stream.
+// ---- Tables kept on the device ------------------------------------------------------------------
+// Why: a step captured in a CUDA graph must not copy from the host. A copy captured from a
+// pinned host buffer reads that buffer on every replay, and torch's host allocator frees and
+// reuses it after capture, so replays would launch with whatever it holds by then. A step plan
+// keeps its tensors, so its descriptor tables repeat byte for byte from step to step: each is
+// uploaded once (the first, warm-up step) and reused from then on, and a captured step finds
+// them all on the device.
+
+std::atomic<int64_t> table_uploads{0};
+
+// A descriptor or run table in device memory: one host-to-device copy on the current stream,
+// counted for the tests (descriptor_uploads()).
+Tensor upload_table(const void* data, size_t bytes, const at::Device& device) {
+  table_uploads.fetch_add(1);
+  return upload_bytes(data, static_cast<int64_t>(bytes), device);
+}
+
+// A table a capturing stream would have to upload: refused before anything is launched.
+void check_not_capturing(bool capturing, const char* what) {
+  TORCH_CHECK(!capturing, "dist_cautious CUDA kernels: a ", what,
+              " not seen before capture; run the optimizer step once (warm-up, with the same tensors) before capturing it");
+}
+
+// The descriptor tables of the kernel calls, keyed by content: a hit is a device copy of exactly
+// the bytes the call would upload, so reusing it can never launch with other descriptors. The
+// key holds the stream the entry was uploaded and allocated on: launches on that stream run
+// after its upload, and once it is evicted torch's caching allocator reuses its block on that
+// stream only, after those launches. Bounded: an entry past kMaxEntries evicts the least
+// recently used one, except entries used while their stream was capturing (a captured graph
+// reads them on every replay), which are kept for good. Never destroyed: device memory must not
+// be freed after the CUDA context at exit.
+class DescriptorTables {
+ public:
+  static constexpr size_t kMaxEntries = 256;  // evictable entries; a plan needs a few per step
+
+  Tensor find_or_upload(std::string bytes, const at::Device& device, cudaStream_t stream) {
+    const bool capturing = stream_capturing(stream);
+    std::lock_guard<std::mutex> lock(mutex_);
+    Key key{static_cast<int>(device.type()), static_cast<int>(device.index()), std::move(bytes), reinterpret_cast<uintptr_t>(stream)};
+    auto found = entries_.find(key);
+    if (found == entries_.end() && capturing) found = on_another_stream(key);
+    if (found != entries_.end()) return use(found->second, capturing);
+    check_not_capturing(capturing, "descriptor table");
+    Tensor table = upload_table(std::get<2>(key).data(), std::get<2>(key).size(), device);
+    evict_beyond(kMaxEntries - 1);
+    ++evictable_;
+    return use(entries_.emplace(std::move(key), Entry{std::move(table)}).first->second, false);
+  }
+
+ private:
+  // (device type, device index, bytes, stream): the bytes before the stream, so that the
+  // entries of one device and content are neighbours (on_another_stream).
+  using Key = std::tuple<int, int, std::string, uintptr_t>;
+  struct Entry {
+    Tensor table;
+    uint64_t last_use = 0;
+    bool captured = false;  // used while capturing: never evicted
+  };
+
+  Tensor use(Entry& entry, bool capturing) {
+    entry.last_use = ++clock_;
+    if (capturing && !entry.captured) {
+      entry.captured = true;
+      --evictable_;
+    }
+    return entry.table;
+  }
+
+  // A graph is captured on a stream of its own (torch.cuda.graph's), not the one its warm-up
+  // ran on: while capturing, the same device and bytes uploaded on another stream serve too.
+  // Safe: the capture is ordered after the warm-up (torch.cuda.graph synchronises the device
+  // before capture begins; CUDA graphs require it of every input anyway), so that upload is
+  // complete, and the entry, captured from now on, is never freed or reused.
+  std::map<Key, Entry>::iterator on_another_stream(const Key& key) {
+    auto first = entries_.lower_bound(Key{std::get<0>(key), std::get<1>(key), std::get<2>(key), 0});
+    const bool same = first != entries_.end() && std::get<0>(first->first) == std::get<0>(key) &&
+                      std::get<1>(first->first) == std::get<1>(key) && std::get<2>(first->first) == std::get<2>(key);
+    return same ? first : entries_.end();
+  }
+
+  // Evicts the least recently used evictable entries until at most `keep` are left.
+  void evict_beyond(size_t keep) {
+    while (evictable_ > keep) {
+      auto oldest = entries_.end();
+      for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+        if (!it->second.captured && (oldest == entries_.end() || it->second.last_use < oldest->second.last_use)) oldest = it;
+      }
+      entries_.erase(oldest);
+      --evictable_;
+    }
+  }
+
+  std::mutex mutex_;
+  std::map<Key, Entry> entries_;
+  size_t evictable_ = 0;
+  uint64_t clock_ = 0;
+};
+
+// The one cache of the process (its bound counts all kinds of descriptors together).
+DescriptorTables& descriptor_tables() {
+  static auto* tables = new DescriptorTables();
+  return *tables;
+}
+
+// The descriptors in device memory: the kept copy of these bytes, or one upload on `stream`.
 template <typename Desc>
-Tensor upload(const std::vector<Desc>& descs, const at::Device& device) {
-  return upload_bytes(descs.data(), static_cast<int64_t>(descs.size() * sizeof(Desc)), device);
+Tensor device_descriptors(const std::vector<Desc>& descs, const at::Device& device, cudaStream_t stream) {
+  std::string bytes(reinterpret_cast<const char*>(descs.data()), descs.size() * sizeof(Desc));
+  return descriptor_tables().find_or_upload(std::move(bytes), device, stream);
 }
 
 // A descriptor's out_index selects its slot in counts / sums / divisors / scales: it must lie in
@@ -222,8 +353,8 @@ Tensor lerp_mask_counts(const std::vector<Tensor>& grads, const std::vector<Tens
   Tensor counts = at::zeros({static_cast<int64_t>(grads.size())}, at::TensorOptions().dtype(at::kLong).device(device));
   if (descs.empty()) return counts;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
-  Tensor meta = upload(descs, device);
   auto stream = current_stream(device);
+  Tensor meta = device_descriptors(descs, device, stream);
   check_launch(dc::launch_lerp_mask_counts(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
                                            static_cast<float>(weight), lion, reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), stream),
                "lerp_mask_counts");
@@ -259,8 +390,8 @@ void adamw_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& g
   const float* scale_ptr = optional_scales(scales, device, static_cast<int64_t>(grads.size()));
   if (descs.empty()) return;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
-  Tensor meta = upload(descs, device);
   auto stream = current_stream(device);
+  Tensor meta = device_descriptors(descs, device, stream);
   check_launch(dc::launch_adamw_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
                                       static_cast<float>(lerp_weight), static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
                                       static_cast<float>(eps), scale_ptr, table, stream),
@@ -286,8 +417,8 @@ void lion_apply(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
   const float* scale_ptr = optional_scales(scales, device, static_cast<int64_t>(grads.size()));
   if (descs.empty()) return;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
-  Tensor meta = upload(descs, device);
   auto stream = current_stream(device);
+  Tensor meta = device_descriptors(descs, device, stream);
   check_launch(dc::launch_lion_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
                                      static_cast<float>(weight1), static_cast<float>(weight2), scale_ptr, table, stream),
                "lion_apply");
@@ -305,8 +436,8 @@ void came_vector_second_moment(const std::vector<Tensor>& grads, const std::vect
   auto descs = elem_descs(lists, device);
   if (descs.empty()) return;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
-  Tensor meta = upload(descs, device);
   auto stream = current_stream(device);
+  Tensor meta = device_descriptors(descs, device, stream);
   check_launch(dc::launch_came_vector_second_moment(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()),
                                                     blocks, static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
                                                     static_cast<float>(eps1), stream),
@@ -330,8 +461,8 @@ void came_vector_sumsq(const std::vector<Tensor>& grads, const std::vector<Tenso
   if (descs.empty()) return;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
   Tensor partials = sumsq_partials(blocks, out_index, sums.numel(), device);
-  Tensor meta = upload(descs, device);
   auto stream = current_stream(device);
+  Tensor meta = device_descriptors(descs, device, stream);
   check_launch(dc::launch_came_vector_sumsq(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
                                             sums.data_ptr<double>(), partials.data_ptr<double>(), stream),
                "came_vector_sumsq");
@@ -355,8 +486,8 @@ void came_vector_momentum(const std::vector<Tensor>& grads, const std::vector<Te
   auto descs = elem_descs(lists, device);
   if (descs.empty()) return;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
-  Tensor meta = upload(descs, device);
   auto stream = current_stream(device);
+  Tensor meta = device_descriptors(descs, device, stream);
   check_launch(dc::launch_came_vector_momentum(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
                                                divisors.data_ptr<float>(), static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
                                                reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), stream),
@@ -385,8 +516,8 @@ void came_vector_apply(const std::vector<Tensor>& params, const std::vector<Tens
   const float* scale_ptr = optional_scales(scales, device, num_scales);
   if (descs.empty()) return;
   const int64_t blocks = dc::dc_prepare_elem(descs.data(), static_cast<int>(descs.size()));
-  Tensor meta = upload(descs, device);
   auto stream = current_stream(device);
+  Tensor meta = device_descriptors(descs, device, stream);
   check_launch(dc::launch_came_vector_apply(reinterpret_cast<const dc::ElemDesc*>(meta.data_ptr()), static_cast<int>(descs.size()), blocks,
                                             scale_ptr, table, stream),
                "came_vector_apply");
@@ -506,8 +637,8 @@ Prepared prepare_factored(std::vector<dc::FactoredDesc>& descs, const at::Device
     prepared.scratch = at::empty({prepared.sizes.floats}, at::TensorOptions().dtype(at::kFloat).device(device));
     prepared.sizes.slots = prepared.scratch.data_ptr<float>();
   }
-  prepared.meta = upload(descs, device);
   prepared.stream = current_stream(device);
+  prepared.meta = device_descriptors(descs, device, prepared.stream);
   return prepared;
 }
 
@@ -643,12 +774,12 @@ void came_factored_apply(const std::vector<Tensor>& params, const std::vector<Te
 
 // The run table of came_factor_update in device memory: uploaded once per distinct list of runs
 // and device, then reused (a step plan keeps its runs, so every later call finds it here and
-// launches with no host-to-device copy). Keyed by content, so a caller needs no handle; the map
-// is never destroyed (device memory must not be freed after the CUDA context at exit) and holds
-// a few tables per model. The upload is ordered on the current stream before the first launch
-// that reads it; later launches only read it.
+// launches with no host-to-device copy; a capturing stream must find it, see check_not_capturing).
+// Keyed by content, so a caller needs no handle; the map is never destroyed (device memory must
+// not be freed after the CUDA context at exit) and holds a few tables per model. The upload is
+// ordered on `stream` before the first launch that reads it; later launches only read it.
 const Tensor& factor_run_table(const std::vector<int64_t>& run_rows_per_matrix, const std::vector<int64_t>& run_rows,
-                               const std::vector<dc::FactorRun>& table, const at::Device& device) {
+                               const std::vector<dc::FactorRun>& table, const at::Device& device, cudaStream_t stream) {
   using Key = std::tuple<int, int, std::vector<int64_t>>;
   static auto* tables = new std::map<Key, Tensor>();
   static std::mutex mutex;
@@ -657,7 +788,10 @@ const Tensor& factor_run_table(const std::vector<int64_t>& run_rows_per_matrix, 
   Key key{static_cast<int>(device.type()), static_cast<int>(device.index()), std::move(runs)};
   std::lock_guard<std::mutex> lock(mutex);
   auto found = tables->find(key);
-  if (found == tables->end()) found = tables->emplace(std::move(key), upload(table, device)).first;
+  if (found == tables->end()) {
+    check_not_capturing(stream_capturing(stream), "came_factor_update run table");
+    found = tables->emplace(std::move(key), upload_table(table.data(), table.size() * sizeof(dc::FactorRun), device)).first;
+  }
   return found->second;
 }
 
@@ -696,12 +830,13 @@ void came_factor_update(const Tensor& row_state, const Tensor& col_state, const 
   dc::FactorPlan plan = dc::dc_prepare_factor_runs(run_rows_per_matrix.data(), run_rows.data(), static_cast<int>(run_rows.size()), table.data());
   table.resize(static_cast<size_t>(plan.runs));
   if (rows == 0 && cols == 0) return;
+  const cudaStream_t stream = current_stream(device);
   const dc::FactorRun* runs = nullptr;
-  if (plan.runs > 0) runs = reinterpret_cast<const dc::FactorRun*>(factor_run_table(run_rows_per_matrix, run_rows, table, device).data_ptr());
+  if (plan.runs > 0) runs = reinterpret_cast<const dc::FactorRun*>(factor_run_table(run_rows_per_matrix, run_rows, table, device, stream).data_ptr());
   dc::FactorSpans spans{row_state.data_ptr<float>(), col_state.data_ptr<float>(), row_sums.data_ptr<float>(), col_sums.data_ptr<float>(),
                         row_counts.data_ptr<float>(), col_counts.data_ptr<float>(), row_factor.data_ptr<float>(), col_factor.data_ptr<float>(),
                         means.data_ptr<float>(), rows, cols};
-  check_launch(dc::launch_came_factor_update(spans, runs, plan, static_cast<float>(beta), static_cast<float>(one_minus_beta), current_stream(device)),
+  check_launch(dc::launch_came_factor_update(spans, runs, plan, static_cast<float>(beta), static_cast<float>(one_minus_beta), stream),
                "came_factor_update");
 }
 
@@ -771,4 +906,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("came_factor_update", &came_factor_update, "CAME factor math between reductions: EMAs, per-matrix means, rsqrt factors");
   m.def("mask_scales", &mask_scales, "cautious mask scales 1 / max(count / size, 1e-3) per tensor, one launch");
   m.def("came_clip_divisors", &came_clip_divisors, "CAME RMS-clip divisors max(sqrt(sumsq) / sqrt(N) / d, 1) per tensor, one launch");
+  m.def("descriptor_uploads", [] { return table_uploads.load(); },
+        "test hook: descriptor and run tables uploaded to the device so far (the rest were found kept there)");
+  def_emulation_hooks(m);
 }

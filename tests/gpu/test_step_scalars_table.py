@@ -1,10 +1,13 @@
-"""The apply ops' step-scalars table (issue 12).
+"""The apply ops' step-scalars table and the descriptor tables kept on the device (issue 12).
 
 With ``capturable=True`` lr and the step counts live on the device, so that a CUDA graph can
 capture a whole step. The four apply ops then read each tensor's scalars (alpha, inv_bc2_sqrt,
 decay, neg_lr) from an fp32 device table ``[slots, 4]``, row ``out_index``, instead of the host
-lists (which must be empty). Checked here through the CPU-thread build of the real sources
-(``tests/gpu/cuda_on_cpu``):
+lists (which must be empty), and the binding keeps its descriptor tables on the device instead of
+uploading them in every call: a captured copy from the host would replay from a pinned buffer
+that torch frees after capture. Checked here through the CPU-thread build of the real sources
+(``tests/gpu/cuda_on_cpu``), whose test hooks simulate the stream and its capture
+(``simulate_stream``, ``simulate_capture``) and count the uploads (``descriptor_uploads``):
 
 - each apply op with a table lands on the bits (params and state) of the call with host lists of
   the same values: distinct values per slot, an empty tensor (no descriptor) before others, CAME's
@@ -12,7 +15,15 @@ lists (which must be empty). Checked here through the CPU-thread build of the re
 - a table of the wrong shape, dtype or layout, or given with host lists, is refused before
   anything runs, by the binding and by the ops' fake implementations alike;
 - the binding's torch emulation (``binding_emulator.py``, for ``cuda_ops``' wiring tests) is held
-  to the same two rules.
+  to the same two rules;
+- a call finds its descriptor table kept (one upload for two calls; a table of other values
+  changes nothing the descriptors hold); while capturing, a call whose tables were seen runs
+  without an upload, also when the warm-up ran on another stream (``torch.cuda.graph`` captures
+  on a stream of its own), and a call with an unseen table raises and changes nothing; the
+  cache evicts the least recently used of at most 256 tables, never one a capture used.
+
+What needs a GPU: that ``cudaStreamIsCapturing`` sees the capture of ``torch.cuda.graph``, and a
+captured step replayed with new table values (``tests/gpu/test_cuda_kernels.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dist_cautious.kernels import cuda_library
+from tests.factor_buffers import cloned, random_factor_buffers
 from tests.gpu.binding_emulator import BindingEmulator
 
 pytestmark = pytest.mark.cuda_emulated
@@ -42,6 +54,14 @@ FACTORED_SLOTS = [6, 1, 8, 4]
 VECTOR = [2, 321, 0, 5]
 VECTOR_SLOTS = [2, 7, 9, 0]
 CAME_SLOTS = 10
+#: csrc/cuda/binding.cpp, DescriptorTables::kMaxEntries
+MAX_TABLES = 256
+NOT_SEEN = "not seen before capture; run the optimizer step once"
+
+#: Every tensor the cases make stays alive for the whole module, so no case reuses the memory
+#: of an earlier one: a case's descriptor tables are then new to the cache unless it ran before
+#: (the cache is keyed by the descriptors' bytes, pointers included).
+_KEPT: list[torch.Tensor] = []
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +80,25 @@ def backend(request, ext) -> tuple[Any, type[Exception] | tuple[type[Exception],
     return BindingEmulator(), (ValueError, TypeError)
 
 
+@pytest.fixture
+def hooks(ext):
+    """The emulated build's test hooks, back to the default stream and no capture afterwards."""
+    yield ext
+    ext.simulate_capture(False)
+    ext.simulate_stream(0)
+
+
+def _kept(tensor: torch.Tensor) -> torch.Tensor:
+    _KEPT.append(tensor)
+    return tensor
+
+
 def _randn(n: int, gen: torch.Generator, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(n, generator=gen) * scale).to(dtype)
+    return _kept((torch.randn(n, generator=gen) * scale).to(dtype))
 
 
 def _rand(n: int, gen: torch.Generator, low: float, high: float) -> torch.Tensor:
-    return torch.rand(n, generator=gen) * (high - low) + low
+    return _kept(torch.rand(n, generator=gen) * (high - low) + low)
 
 
 def _slot_scalars(slots: int) -> dict[str, list[float]]:
@@ -90,7 +123,7 @@ def _table(host: dict[str, list[float]], unused_nan: bool) -> torch.Tensor:
     table = torch.stack([f32["alphas"], inv_bc2_sqrt, f32["decays"], f32["neg_lrs"]], dim=1).contiguous()
     if unused_nan:
         table[:, :2] = math.nan
-    return table
+    return _kept(table)
 
 
 @dataclass
@@ -153,7 +186,7 @@ def _came_vector(ext, param_dtype: torch.dtype, cautious: bool) -> Apply:
     grads = [_randn(n, gen, scale=0.1) for n in VECTOR]
     ms = [_randn(n, gen, scale=0.05) for n in VECTOR]
     has = [i % 2 == 0 for i in range(len(VECTOR))]  # second moments and identities
-    preconds = [_rand(n, gen, 1e-4, 1e-2) if used else torch.empty(0) for n, used in zip(VECTOR, has)]
+    preconds = [_rand(n, gen, 1e-4, 1e-2) if used else _kept(torch.empty(0)) for n, used in zip(VECTOR, has)]
     host = _slot_scalars(CAME_SLOTS)
     decays, neg_lrs = [host["decays"][s] for s in VECTOR_SLOTS], [host["neg_lrs"][s] for s in VECTOR_SLOTS]
     args = [params, grads, ms, preconds, has, VECTOR_SLOTS, decays, neg_lrs, _scales(CAME_SLOTS, cautious, gen), CAME_SLOTS]
@@ -275,3 +308,136 @@ def test_opcheck_with_and_without_a_table(ext, op, with_table, monkeypatch):
     call = CASES[op](ext, torch.float32, True)
     args = call.table_args(call.table) if with_table else call.args + [None]
     torch.library.opcheck(getattr(torch.ops.dist_cautious, op).default, tuple(args), test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- descriptor tables kept on the device --------------------------------------------------------------
+def _uploads(ext, run: Callable[[], None]) -> int:
+    before = ext.descriptor_uploads()
+    run()
+    return ext.descriptor_uploads() - before
+
+
+def _stepped(ext, op: str, steps: int) -> list[torch.Tensor]:
+    """The op's case after ``steps`` plain calls with host lists (no hooks, no table)."""
+    call = CASES[op](ext, torch.float32, True)
+    for _ in range(steps):
+        call.run()
+    return call.written
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_the_same_call_uploads_its_descriptors_once(hooks, op):
+    ext = hooks
+    call = CASES[op](ext, torch.float32, True)
+    assert _uploads(ext, lambda: call.run(call.table)) == 1
+    assert _uploads(ext, lambda: call.run(call.table)) == 0
+    # the next step's values (lr, step) are the table's, not the descriptors': still no upload
+    assert _uploads(ext, lambda: call.run(torch.flip(call.table, [0]).contiguous())) == 0
+    # without a table the scalars are in the descriptors: other values, other bytes, one upload
+    host = CASES[op](ext, torch.float32, True)
+    assert _uploads(ext, host.run) == 1 and _uploads(ext, host.run) == 0
+    for position in host.list_at:
+        host.args[position] = [value * 0.5 for value in host.args[position]]
+    assert _uploads(ext, host.run) == 1
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_a_capture_after_the_warm_up_uploads_nothing(hooks, op):
+    ext = hooks
+    expected = _stepped(ext, op, 2)
+    call = CASES[op](ext, torch.float32, True)
+    call.run(call.table)  # the warm-up
+    ext.simulate_capture(True)
+    assert _uploads(ext, lambda: call.run(call.table)) == 0
+    _assert_equal(call.written, expected, f"{op}: warm-up and captured call vs two calls")
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_a_capture_with_an_unseen_table_raises_and_changes_nothing(hooks, op):
+    ext = hooks
+    expected = _stepped(ext, op, 2)
+    call = CASES[op](ext, torch.float32, True)
+    before = call.snapshot()
+    ext.simulate_capture(True)
+    uploads = ext.descriptor_uploads()
+    with pytest.raises(RuntimeError, match=f"a descriptor table {NOT_SEEN}"):
+        call.run(call.table)
+    assert ext.descriptor_uploads() == uploads
+    _assert_equal(call.written, before, f"{op} after a refused capture")
+    ext.simulate_capture(False)
+    call.run(call.table)  # the same call, warmed up, then captured
+    ext.simulate_capture(True)
+    call.run(call.table)
+    _assert_equal(call.written, expected, f"{op}: warm-up and capture after a refused capture")
+
+
+def test_a_capture_on_another_stream_finds_the_warm_up_tables(hooks):
+    """torch.cuda.graph captures on a stream of its own, not the warm-up's: while capturing, a
+    table kept for another stream serves. Outside capture each stream keeps its own (an entry is
+    read only by launches ordered after its upload, on its stream)."""
+    ext = hooks
+    expected = _stepped(ext, "adamw_apply", 4)
+    call = CASES["adamw_apply"](ext, torch.float32, True)
+    ext.simulate_stream(1)  # the warm-up's side stream
+    assert _uploads(ext, lambda: call.run(call.table)) == 1
+    ext.simulate_stream(2)  # the capture stream
+    ext.simulate_capture(True)
+    assert _uploads(ext, lambda: call.run(call.table)) == 0
+    ext.simulate_capture(False)
+    assert _uploads(ext, lambda: call.run(call.table)) == 1
+    ext.simulate_stream(0)
+    assert _uploads(ext, lambda: call.run(call.table)) == 1
+    _assert_equal(call.written, expected, "adamw_apply over three streams and a capture")
+
+
+def _new_tables(ext, count: int) -> None:
+    """``count`` tables the cache has not seen: one Lion call on one element, a new decay each."""
+    param, grad, m = _kept(torch.ones(1)), _kept(torch.ones(1)), _kept(torch.zeros(1))
+    for index in range(count):
+        ext.lion_apply([param], [grad], [m], [1.0 - (index + 1) * 2.0**-20], 0.1, 0.01, [-1e-3], None)
+
+
+def test_the_cache_keeps_what_a_capture_used_and_the_most_recent_tables(hooks):
+    ext = hooks
+    captured, recent, old = (CASES[op](ext, torch.float32, False) for op in ("adamw_apply", "lion_apply", "came_factored_apply"))
+    for call in (captured, recent, old):
+        call.run(call.table)
+    ext.simulate_capture(True)
+    captured.run(captured.table)  # used while capturing: kept for good
+    ext.simulate_capture(False)
+    _new_tables(ext, MAX_TABLES - 56)
+    recent.run(recent.table)  # used again: the least recently used is now `old`
+    assert _uploads(ext, lambda: _new_tables(ext, 100)) == 100
+    ext.simulate_capture(True)
+    assert _uploads(ext, lambda: (captured.run(captured.table), recent.run(recent.table))) == 0
+    with pytest.raises(RuntimeError, match=NOT_SEEN):
+        old.run(old.table)
+    ext.simulate_capture(False)
+    _new_tables(ext, 2 * MAX_TABLES)
+    ext.simulate_capture(True)
+    assert _uploads(ext, lambda: captured.run(captured.table)) == 0
+
+
+def _assert_same_buffers(actual, expected, what: str) -> None:
+    """Bit for bit: the outputs start as torch.empty memory, which may hold NaNs."""
+    for key, value in vars(actual).items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value.view(torch.int32), getattr(expected, key).view(torch.int32)), f"{what}: {key}"
+
+
+def test_came_factor_update_run_table_under_capture(hooks):
+    """The run table is kept per distinct list of runs (never evicted): a capture before the
+    first call raises and changes nothing; after it, a capture runs with no upload."""
+    ext = hooks
+    before = random_factor_buffers([(11, 3, 29), (2, 5, 3), (40, 2, 2)], 31)  # runs no other test uses
+    refused = cloned(before)
+    ext.simulate_capture(True)
+    with pytest.raises(RuntimeError, match=f"came_factor_update run table {NOT_SEEN}"):
+        ext.came_factor_update(*refused.op_args(0.9))
+    _assert_same_buffers(refused, before, "after a refused capture")
+    ext.simulate_capture(False)
+    warm_up, captured = cloned(before), cloned(before)
+    assert _uploads(ext, lambda: ext.came_factor_update(*warm_up.op_args(0.9))) == 1
+    ext.simulate_capture(True)
+    assert _uploads(ext, lambda: ext.came_factor_update(*captured.op_args(0.9))) == 0
+    _assert_same_buffers(captured, warm_up, "captured vs warm-up")
