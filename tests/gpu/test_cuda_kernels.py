@@ -553,3 +553,53 @@ def test_step_scalars_launch_once(ops):
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert sum("mask_scales" in k for k in kernels) == 1 and sum("clip_divisors" in k for k in kernels) == 1, kernels
+
+
+# ---- capturable: the step-scalars table and a real CUDA-graph capture ----------------------------
+def _adamw_step_table(lrs: list[float], weight_decay: float, step: int) -> torch.Tensor:
+    """adamw_apply's step-scalars table on the device, one row per tensor: fp32 alpha,
+    1 / fp32(sqrt(1 - beta2^t)), decay, -lr, formed as the host path forms and rounds them."""
+    bc2_sqrt = torch.tensor([math.sqrt(1 - 0.999**step)] * len(lrs), dtype=torch.float32)
+    alpha = torch.tensor([-(lr / (1 - 0.9**step)) for lr in lrs], dtype=torch.float32)
+    decay = torch.tensor([1 - lr * weight_decay for lr in lrs], dtype=torch.float32)
+    neg_lr = torch.tensor([-lr for lr in lrs], dtype=torch.float32)
+    return torch.stack([alpha, torch.div(torch.ones_like(bc2_sqrt), bc2_sqrt), decay, neg_lr], dim=1).cuda()
+
+
+def test_adamw_apply_captured_in_a_cuda_graph_replays_new_table_values():
+    """capturable=True: adamw_apply with a step-scalars table, warmed up on a side stream, captured
+    by torch.cuda.graph (on a stream of its own: the binding finds the warm-up's descriptor table
+    and uploads nothing) and replayed after the table's values changed in place, lands on the bits
+    of eager calls with those values. An unseen call inside a capture raises."""
+    from dist_cautious.kernels.build import load
+
+    ext = load("cuda")
+    sizes, lrs = [1, 1023, 65537, 7], [1e-4, 3e-3, 1e-2, 5e-4]
+    params, grads, ms, vs = _elementwise_case(sizes, torch.bfloat16, torch.float32, seed=31)
+    eager = [_clone(params), _clone(ms), _clone(vs)]
+
+    def call(p, m, v, table):
+        ext.adamw_apply(p, grads, m, v, [], [], [], 0.1, 0.999, 0.001, 1e-8, None, table)
+
+    static = _adamw_step_table(lrs, 0.01, 1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call(params, ms, vs, static)  # the warm-up: step 1
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    uploads = ext.descriptor_uploads()
+    with torch.cuda.graph(graph):
+        call(params, ms, vs, static)
+    assert ext.descriptor_uploads() == uploads, "the capture uploaded a descriptor table"
+    for step in (2, 3, 4):
+        static.copy_(_adamw_step_table(lrs, 0.01, step))
+        graph.replay()
+    for step in (1, 2, 3, 4):
+        call(*eager, _adamw_step_table(lrs, 0.01, step))
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(params + ms + vs, eager[0] + eager[1] + eager[2]))
+    unseen = [_clone(params), _clone(ms), _clone(vs)]
+    with pytest.raises(RuntimeError, match="not seen before capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            call(*unseen, static)
