@@ -58,6 +58,10 @@ Tensor upload_bytes(const void* data, int64_t bytes, const at::Device&) {
   std::memcpy(host.data_ptr(), data, static_cast<size_t>(bytes));
   return host;
 }
+// A table uploaded while (simulated) capturing: as upload_bytes; the CUDA build's differs.
+Tensor upload_bytes_for_capture(const void* data, int64_t bytes, const at::Device& device, cudaStream_t) {
+  return upload_bytes(data, bytes, device);
+}
 // Test hooks of the emulated build only.
 void def_emulation_hooks(pybind11::module_& m) {
   m.def("simulate_capture", [](bool capturing) { simulated_capture = capturing; },
@@ -68,6 +72,7 @@ void def_emulation_hooks(pybind11::module_& m) {
 }
 }  // namespace
 #else
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 namespace {
@@ -87,6 +92,24 @@ Tensor upload_bytes(const void* data, int64_t bytes, const at::Device& device) {
   Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), data, static_cast<size_t>(bytes));
   return host.to(device, /*non_blocking=*/true);
+}
+// A table uploaded while `stream` is capturing a CUDA graph: the copy is captured and replayed,
+// so it reads its source on every replay; that source is a pinned host buffer made for it and
+// never freed or written again (torch's pinned blocks are reused once freed). cudaHostAlloc is
+// not a stream operation; it runs in relaxed capture mode, as torch's allocators allocate
+// during capture. The device table comes from the capture's memory pool.
+Tensor upload_bytes_for_capture(const void* data, int64_t bytes, const at::Device& device, cudaStream_t stream) {
+  void* host = nullptr;
+  {
+    c10::cuda::CUDAStreamCaptureModeGuard relaxed{cudaStreamCaptureModeRelaxed};
+    const cudaError_t error = cudaHostAlloc(&host, static_cast<size_t>(bytes), cudaHostAllocDefault);
+    TORCH_CHECK(error == cudaSuccess, "dist_cautious CUDA kernels: cudaHostAlloc of a captured table failed: ", cudaGetErrorString(error));
+  }
+  std::memcpy(host, data, static_cast<size_t>(bytes));
+  Tensor table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  const cudaError_t error = cudaMemcpyAsync(table.data_ptr(), host, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, stream);
+  TORCH_CHECK(error == cudaSuccess, "dist_cautious CUDA kernels: captured table copy failed: ", cudaGetErrorString(error));
+  return table;
 }
 void def_emulation_hooks(pybind11::module_&) {}
 }  // namespace
@@ -116,26 +139,23 @@ void check_state(const Tensor& t, const char* what, const at::Device& device, in
 }
 
 // ---- Tables kept on the device ------------------------------------------------------------------
-// Why: a step captured in a CUDA graph must not copy from the host. A copy captured from a
-// pinned host buffer reads that buffer on every replay, and torch's host allocator frees and
-// reuses it after capture, so replays would launch with whatever it holds by then. A step plan
-// keeps its tensors, so its descriptor tables repeat byte for byte from step to step: each is
-// uploaded once (the first, warm-up step) and reused from then on, and a captured step finds
-// them all on the device.
+// Why: a step captured in a CUDA graph must not copy from a host buffer that changes. A copy
+// captured from a pinned host buffer reads that buffer on every replay, and torch's host
+// allocator frees and reuses it after capture, so replays would launch with whatever it holds by
+// then. A step plan keeps its tensors, so its descriptor tables repeat byte for byte from step to
+// step: each is uploaded once (the first, warm-up step) and reused from then on, and a captured
+// step finds them on the device. Tables first needed while capturing (grads a captured backward
+// allocates) are copied from host buffers kept for good (upload_bytes_for_capture).
 
 std::atomic<int64_t> table_uploads{0};
 
-// A descriptor or run table in device memory: one host-to-device copy on the current stream,
-// counted for the tests (descriptor_uploads()).
-Tensor upload_table(const void* data, size_t bytes, const at::Device& device) {
+// A descriptor or run table in device memory: one host-to-device copy on `stream`, from a
+// buffer kept for good when the stream is capturing (upload_bytes_for_capture), counted for the
+// tests (descriptor_uploads()).
+Tensor upload_table(const void* data, size_t bytes, const at::Device& device, cudaStream_t stream, bool capturing) {
   table_uploads.fetch_add(1);
+  if (capturing) return upload_bytes_for_capture(data, static_cast<int64_t>(bytes), device, stream);
   return upload_bytes(data, static_cast<int64_t>(bytes), device);
-}
-
-// A table a capturing stream would have to upload: refused before anything is launched.
-void check_not_capturing(bool capturing, const char* what) {
-  TORCH_CHECK(!capturing, "dist_cautious CUDA kernels: a ", what,
-              " not seen before capture; run the optimizer step once (warm-up, with the same tensors) before capturing it");
 }
 
 // The descriptor tables of the kernel calls, keyed by content: a hit is a device copy of exactly
@@ -157,11 +177,14 @@ class DescriptorTables {
     auto found = entries_.find(key);
     if (found == entries_.end() && capturing) found = on_another_stream(key);
     if (found != entries_.end()) return use(found->second, capturing);
-    check_not_capturing(capturing, "descriptor table");
-    Tensor table = upload_table(std::get<2>(key).data(), std::get<2>(key).size(), device);
-    evict_beyond(kMaxEntries - 1);
-    ++evictable_;
-    return use(entries_.emplace(std::move(key), Entry{std::move(table)}).first->second, false);
+    // A miss while capturing: tensors the warm-up did not have (grads a captured backward
+    // allocates from the graph's pool). Uploaded from a kept host buffer and never evicted.
+    Tensor table = upload_table(std::get<2>(key).data(), std::get<2>(key).size(), device, stream, capturing);
+    if (!capturing) {
+      evict_beyond(kMaxEntries - 1);
+      ++evictable_;
+    }
+    return use(entries_.emplace(std::move(key), Entry{std::move(table), 0, capturing}).first->second, false);
   }
 
  private:
@@ -330,7 +353,14 @@ const float* optional_scales(const std::optional<Tensor>& scales, const at::Devi
 // same descriptor bytes at every step). Null when no table is given (the host lists serve).
 const float* step_scalar_table(const std::optional<Tensor>& table, const at::Device& device, int64_t slots, const char* op,
                                std::initializer_list<size_t> host_lists, const char* host_names) {
-  if (!table.has_value() || !table->defined()) return nullptr;
+  if (!table.has_value() || !table->defined()) {
+    // Host scalars in the descriptors would be fixed into a captured graph: every replay would
+    // step with this step's lr and bias corrections.
+    TORCH_CHECK(!stream_capturing(current_stream(device)), "dist_cautious CUDA kernels: ", op,
+                " with host scalars cannot be captured in a CUDA graph (lr and the step counts would be fixed into it); "
+                "construct the optimizer with capturable=True");
+    return nullptr;
+  }
   for (size_t length : host_lists) {
     TORCH_CHECK(length == 0, "dist_cautious CUDA kernels: ", op, ": with step_scalars the host lists (", host_names,
                 ") must be empty, got one of ", length, " values");
@@ -774,7 +804,8 @@ void came_factored_apply(const std::vector<Tensor>& params, const std::vector<Te
 
 // The run table of came_factor_update in device memory: uploaded once per distinct list of runs
 // and device, then reused (a step plan keeps its runs, so every later call finds it here and
-// launches with no host-to-device copy; a capturing stream must find it, see check_not_capturing).
+// launches with no host-to-device copy; one first needed while capturing is copied from a kept
+// host buffer, see upload_bytes_for_capture).
 // Keyed by content, so a caller needs no handle; the map is never destroyed (device memory must
 // not be freed after the CUDA context at exit) and holds a few tables per model. The upload is
 // ordered on `stream` before the first launch that reads it; later launches only read it.
@@ -789,8 +820,8 @@ const Tensor& factor_run_table(const std::vector<int64_t>& run_rows_per_matrix, 
   std::lock_guard<std::mutex> lock(mutex);
   auto found = tables->find(key);
   if (found == tables->end()) {
-    check_not_capturing(stream_capturing(stream), "came_factor_update run table");
-    found = tables->emplace(std::move(key), upload_table(table.data(), table.size() * sizeof(dc::FactorRun), device)).first;
+    found = tables->emplace(std::move(key), upload_table(table.data(), table.size() * sizeof(dc::FactorRun), device, stream,
+                                                         stream_capturing(stream))).first;
   }
   return found->second;
 }
