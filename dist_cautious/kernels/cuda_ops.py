@@ -72,6 +72,29 @@ def _batch_rows_cols(layout: FactoredLayout) -> tuple[int, int, int]:
     return math.prod(layout.shape[:-2]), layout.rows, layout.cols
 
 
+def _step_scalars(
+    lrs: Tensor, weight_decays: Tensor, steps: Optional[Tensor] = None, beta1: float = 0.0, beta2: float = 0.0
+) -> Tensor:
+    """``capturable``: the table the apply kernels read per tensor instead of host scalars, made
+    on the device by tensor ops (no copy from the host, so a CUDA graph can capture it): one row
+    per tensor, fp32 ``(alpha, inv_bc2_sqrt, decay, neg_lr)`` = ``-(lr / (1 - beta1^t))``,
+    ``1 / fp32(sqrt(1 - beta2^t))``, ``1 - lr * wd``, ``-lr``, each formed in float64 by the
+    reference's op order and rounded once, as the host path forms and rounds them (alpha and
+    inv_bc2_sqrt only with ``steps``: AdamW). ``lrs`` / ``weight_decays``: float64 per tensor.
+    Equal to the host path's scalars bit for bit wherever the device's float64 ``pow`` equals the
+    host's C ``pow`` (the CPU's does); an ulp of difference there reaches fp32 only when it
+    crosses a rounding boundary."""
+    decays = torch.rsub(lrs * weight_decays, 1).to(torch.float32)
+    neg_lrs = torch.neg(lrs).to(torch.float32)
+    if steps is None:
+        alphas, inv_bc2_sqrts = torch.zeros_like(decays), torch.ones_like(decays)
+    else:
+        powers = steps.to(torch.float64)
+        alphas = torch.neg(lrs / torch.rsub(torch.pow(beta1, powers), 1)).to(torch.float32)
+        inv_bc2_sqrts = torch.reciprocal(torch.sqrt(torch.rsub(torch.pow(beta2, powers), 1)).to(torch.float32))
+    return torch.stack([alphas, inv_bc2_sqrts, decays, neg_lrs], dim=1)
+
+
 def _lrs_and_decays(lr: PerTensor, weight_decay: PerTensor, count: int) -> tuple[list[float], list[float]]:
     """Per tensor, ``lr`` and the decay factor ``1 - lr * weight_decay``, in Python double as the
     reference forms them (the binding rounds each to fp32)."""
@@ -153,15 +176,18 @@ class CudaOps:
         if not grads:
             return
         if not self._ok([params, grads], [exp_avgs, exp_avg_sqs]):
+            _refuse_on_device(lr, "adamw_apply")
             reference.adamw_apply(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scales=scales)
+            return
+        scalars = (1 - beta1, beta2, 1 - beta2, eps, _device_scales(scales, grads[0].device))
+        if isinstance(lr, Tensor):
+            table = _step_scalars(lr, weight_decay, steps, beta1, beta2)
+            self._kernels().adamw_apply(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [], [], [], *scalars, table)
             return
         lrs, decays = _lrs_and_decays(lr, weight_decay, len(grads))
         alphas = [-(lr_i / (1 - beta1**step)) for lr_i, step in zip(lrs, steps)]
         bc2_sqrts = [math.sqrt(1 - beta2**step) for step in steps]
-        self._kernels().adamw_apply(
-            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), alphas, bc2_sqrts,
-            decays, 1 - beta1, beta2, 1 - beta2, eps, _device_scales(scales, grads[0].device),
-        )
+        self._kernels().adamw_apply(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), alphas, bc2_sqrts, decays, *scalars, None)
 
     # --- CautiousLion ----------------------------------------------------------------------
     def lion_mask_counts(self, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], beta1: float) -> Tensor:
@@ -184,13 +210,16 @@ class CudaOps:
         if not grads:
             return
         if not self._ok([params, grads], [exp_avgs]):
+            _refuse_on_device(lr, "lion_apply")
             reference.lion_apply(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, scales=scales)
             return
+        device_scales = _device_scales(scales, grads[0].device)
+        if isinstance(lr, Tensor):
+            table = _step_scalars(lr, weight_decay)
+            self._kernels().lion_apply(list(params), list(grads), list(exp_avgs), [], 1 - beta1, 1 - beta2, [], device_scales, table)
+            return
         lrs, decays = _lrs_and_decays(lr, weight_decay, len(grads))
-        self._kernels().lion_apply(
-            list(params), list(grads), list(exp_avgs), decays, 1 - beta1, 1 - beta2, [-lr_i for lr_i in lrs],
-            _device_scales(scales, grads[0].device),
-        )
+        self._kernels().lion_apply(list(params), list(grads), list(exp_avgs), decays, 1 - beta1, 1 - beta2, [-lr_i for lr_i in lrs], device_scales, None)
 
     def lion_cautious_begin(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], *, beta1: float, beta2: float
@@ -297,23 +326,35 @@ class CudaOps:
         if not grads:
             return
         if not self._ok([params, grads], [exp_avgs, _factor_tensors(confidence)]):
+            _refuse_on_device(lr, "came_apply")
             reference.came_apply(params, grads, exp_avgs, confidence, lr=lr, weight_decay=weight_decay, scales=scales)
             return
         device = grads[0].device
         device_scales = _device_scales(scales, device)
-        lrs, decays = _lrs_and_decays(lr, weight_decay, len(grads))
+        table: Optional[Tensor] = None
+        if isinstance(lr, Tensor):
+            table = _step_scalars(lr, weight_decay)
+            decays: list[float] = []
+            neg_lrs: list[float] = []
+        else:
+            lrs, decays = _lrs_and_decays(lr, weight_decay, len(grads))
+            neg_lrs = [-lr_i for lr_i in lrs]
+
+        def pick(values: list[float], positions: list[int]) -> list[float]:
+            return [values[i] for i in positions] if values else []
+
         factored, vector = _split(confidence)
         if factored:
             self._kernels().came_factored_apply(
                 [params[i] for i in factored], [grads[i] for i in factored], [exp_avgs[i] for i in factored],
                 *_layout_lists(confidence, factored), [confidence[i].row for i in factored], [confidence[i].col for i in factored],
-                factored, [decays[i] for i in factored], [-lrs[i] for i in factored], device_scales, len(grads),
+                factored, pick(decays, factored), pick(neg_lrs, factored), device_scales, len(grads), table,
             )
         if vector:
             preconds, has = _vector_preconds(confidence, vector, grads)
             self._kernels().came_vector_apply(
                 [params[i] for i in vector], [grads[i] for i in vector], [exp_avgs[i] for i in vector], preconds, has, vector,
-                [decays[i] for i in vector], [-lrs[i] for i in vector], device_scales, len(grads),
+                pick(decays, vector), pick(neg_lrs, vector), device_scales, len(grads), table,
             )
 
     def came_factor_update(self, buffers: FactorBuffers, beta: float) -> None:
@@ -347,7 +388,14 @@ class CudaOps:
             "came_vector_second_moment", "came_update_sumsq", "came_momentum", "came_apply", "came_cautious_begin", "came_cautious_finish",
             "came_factored_sq_sums_begin", "came_factor_update", "mask_scales", "came_clip_divisors",
         ]
-        return SimpleNamespace(CameFactors=CameFactors, native="cuda", **{name: getattr(self, name) for name in names})
+        return SimpleNamespace(CameFactors=CameFactors, native="cuda", capturable=True, **{name: getattr(self, name) for name in names})
+
+
+def _refuse_on_device(lr: Any, op: str) -> None:
+    """The reference ops take lr and steps as host numbers: a capturable call (a device ``lr``)
+    whose tensors the kernels do not take raises rather than read them back."""
+    if isinstance(lr, Tensor):
+        raise ValueError(f"dist_cautious CUDA kernels: {op} with capturable=True needs contiguous fp32 / bf16 / fp16 tensors on one device")
 
 
 def _factor_tensors(factors: Sequence[CameFactors]) -> list[Optional[Tensor]]:

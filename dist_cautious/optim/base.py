@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 
 from dist_cautious.kernels import ops_for, reference
 from dist_cautious.kernels.reference import PerTensor
-from dist_cautious.optim.capturable import check_capturable, check_plan, device_steps, negate_in_place
+from dist_cautious.optim.capturable import check_capturable, check_plan, device_steps, negate_in_place, refuse_capture
 from dist_cautious.optim.plan import _DTYPE, _GRAD, Plan, PlanCache, Work, reference_only
 from dist_cautious.shard.adapters import FragmentSource, default_fragments
 from dist_cautious.shard.fragment import Fragment, state_dtype
@@ -202,6 +202,8 @@ class FragmentOptimizer(Optimizer):
         capturable = any(group.get("capturable") for group in self.param_groups)
         if capturable:
             check_capturable(self)
+        else:
+            refuse_capture(self)
         self._plan_in_use = plan = self._plans.plan_for(self, self.fragment_source)
         if capturable:
             check_plan(self, plan)

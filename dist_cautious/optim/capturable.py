@@ -62,6 +62,19 @@ def check_capturable(optimizer: Any) -> None:
             raise ValueError(f"{owner}: capturable=True needs a Tensor lr on the params' device {device}, got one on {lr.device}")
 
 
+def refuse_capture(optimizer: Any) -> None:
+    """A step without ``capturable`` while the current CUDA stream is capturing a graph raises
+    ``RuntimeError``, as ``torch.optim``'s optimizers do: its lr and bias corrections are host
+    numbers that would be fixed into the graph (the binding refuses them under capture too)."""
+    if capturing():
+        raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of {optimizer._owner} but param_groups' capturable is False.")
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def check_plan(optimizer: Any, plan: Optional[Plan]) -> None:
     """After the plan lookup: a capturable step runs on a kept plan (the params' storage and
     grads stepped in place; a plan that is not usable installed nothing)."""

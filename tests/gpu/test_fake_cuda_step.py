@@ -9,8 +9,9 @@ checks, for the first step (state created) and the second (state reused):
 
 - placement: every tensor the step allocates or computes is on the CUDA device. Exempt are the
   host step counters (``state["step"]``, kept on the host like ``torch.optim.AdamW``'s when not
-  ``capturable``; the binding takes bias corrections as host scalars in its descriptors) and the
-  host constants that ``torch.tensor`` lifts, which the transfer check judges if they move;
+  ``capturable``; the binding takes bias corrections as host scalars in its descriptors; with
+  ``capturable=True`` they are on the device, and not exempt) and the host constants that
+  ``torch.tensor`` lifts, which the transfer check judges if they move;
 - no host synchronisation: no ``.item()`` / ``.tolist()`` of device data (fake tensors raise
   there) and no copy between host and device (``torch.tensor(list, device="cuda")`` is a
   pageable copy the host waits for);
@@ -106,13 +107,18 @@ def _storage(tensor: torch.Tensor) -> StorageWeakRef:
     return StorageWeakRef(tensor.untyped_storage())
 
 
-def _fake_step_records(optimizer_name: str, dtype_name: str) -> tuple[list[StepRecorder], torch.optim.Optimizer, list[torch.Tensor]]:
-    """Two steps on fake CUDA params of every shape; the recorder of each step."""
+def _fake_step_records(
+    optimizer_name: str, dtype_name: str, capturable: bool = False
+) -> tuple[list[StepRecorder], torch.optim.Optimizer, list[torch.Tensor]]:
+    """Two steps on fake CUDA params of every shape; the recorder of each step. ``capturable``:
+    with ``capturable=True`` and the lr a tensor on the device."""
     cls, kwargs, _ = CASES[optimizer_name]
     dtype = DTYPES[dtype_name]
     records = []
     with kernels.ops_override("cuda", cuda_ops.fake_namespace()), FakeTensorMode():
         params = [torch.nn.Parameter(torch.randn(shape, device="cuda", dtype=dtype)) for shape in SHAPES]
+        if capturable:
+            kwargs = dict(kwargs, capturable=True, lr=torch.full((), kwargs["lr"], device="cuda"))
         optimizer = cls(params, **kwargs)
         for _ in range(2):
             for param in params:
@@ -233,6 +239,34 @@ def test_step_never_synchronises_the_host(optimizer_name: str, dtype_name: str) 
     for index, recorder in enumerate(records[1:], start=2):
         found = _transfers(recorder, uploads=True)
         assert not found, f"step {index}: {found}"
+
+
+#: the apply ops, which with ``capturable=True`` read each tensor's scalars from a device table
+APPLY_OPS = {"adamw_apply", "lion_apply", "came_factored_apply", "came_vector_apply"}
+#: their per-tensor host lists, empty when the table is given
+HOST_SCALAR_LISTS = {"alphas", "bc2_sqrts", "decays", "neg_lrs"}
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("optimizer_name", list(CASES))
+def test_capturable_step_keeps_lr_and_steps_on_the_device(optimizer_name: str, dtype_name: str) -> None:
+    """``capturable=True`` with a device lr: every tensor the step makes is on the device, the
+    step counters included (no exemption, unlike the host-scalar step above); from the second
+    step on nothing crosses between host and device; every apply op takes its scalars from a
+    device table, with no host list."""
+    records, optimizer, _ = _fake_step_records(optimizer_name, dtype_name, capturable=True)
+    assert all(state["step"].device == CUDA for state in optimizer.state.values())
+    for index, recorder in enumerate(records, start=1):
+        off_device = _off_device(recorder, set())
+        assert not off_device, f"step {index}: tensors made off the CUDA device: {off_device}"
+        found = _transfers(recorder, uploads=index > 1)  # the plan's first step may upload its constant tables
+        assert not found, f"step {index}: {found}"
+        applied = [(name, named) for name, named in recorder.custom_ops(cuda_library.NAMESPACE) if name in APPLY_OPS]
+        assert applied, f"step {index}: no apply op ran"
+        for name, named in applied:
+            table = named.get("step_scalars")
+            assert isinstance(table, torch.Tensor) and table.device == CUDA, f"step {index}: {name} without a device table"
+            assert not any(named.get(key) for key in HOST_SCALAR_LISTS), f"step {index}: {name} took host scalars"
 
 
 def test_ops_refuse_real_tensors_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
