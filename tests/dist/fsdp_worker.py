@@ -2,7 +2,7 @@
 
 Every rank trains on the whole global batch (see ``train``). A case is a dict: ``optimizer``, ``cautious``, ``mesh`` ("fsdp" 1-D, "hsdp" 2-D replicate x
 shard, or "ddp": plain tensors), ``steps``, ``mixed_precision``, ``offload``, ``model`` ("awkward" or "deep": more
-tensors), ``options`` (the optimizer's keyword flags, as (name, value) pairs), ``dtype`` ("float64": params, data and returned weights in float64; default fp32), and optionally ``load_from`` / ``save_to`` (a torch.distributed.checkpoint directory)
+tensors), ``options`` (the optimizer's keyword flags, as (name, value) pairs), ``cuda_emulated`` (see ``train``), ``dtype`` ("float64": params, data and returned weights in float64; default fp32), and optionally ``load_from`` / ``save_to`` (a torch.distributed.checkpoint directory)
 with ``first_step``. Every rank returns, per case, the full weights (``full_tensor``) and how
 many all-reduces each ``optimizer.step()`` issued.
 """
@@ -95,7 +95,20 @@ def count_all_reduces(optimizer: torch.optim.Optimizer) -> list[int]:
 
 
 def train(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
-    """``world_size == 0`` trains the plain single-process reference on the global batch."""
+    """``world_size == 0`` trains the plain single-process reference on the global batch. A case
+    with ``cuda_emulated`` steps CPU tensors with the CUDA kernels' sources built for CPU threads
+    (``tests/gpu/cuda_on_cpu``), the path ``capturable=True`` needs."""
+    if not case.get("cuda_emulated"):
+        return _train(case, rank, world_size)
+    from dist_cautious import kernels
+    from dist_cautious.kernels.cuda_ops import CudaOps
+    from tests.gpu.cuda_on_cpu.build import load
+
+    with kernels.ops_override("cpu", CudaOps(load(), device_type="cpu").namespace()):
+        return _train(case, rank, world_size)
+
+
+def _train(case: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
     model = build(case, world_size)
     optimizer = make_optimizer(case["optimizer"], case["cautious"], model.parameters(), **dict(case.get("options", ())))
     first = case.get("first_step", 0)

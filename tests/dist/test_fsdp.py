@@ -177,3 +177,24 @@ def test_float64_keeps_float64_state_and_matches_single_process_to_float64_round
         assert reference["wide.weight"].dtype == torch.float64
         assert not torch.equal(reference["wide.weight"], initial["wide.weight"]), "the reference did not train"
         assert_same_weights(result["weights"], reference, f"float64 world {world_size} {case}", rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
+
+
+def test_capturable_steps_give_the_host_scalar_steps_bits_under_fsdp2_and_hsdp() -> None:
+    """``capturable=True`` (step counts and lr on the device, the kernels' scalars from a device
+    table) on sharded DTensors, through the CUDA kernels' sources built for CPU threads: every
+    optimizer lands on the bits of the same run with host scalars, with the same all-reduces,
+    and on the single-process weights to the tolerance above."""
+    pairs = [(name, cautious, "fsdp") for name, cautious in CASES] + [("adamw", True, "hsdp"), ("came", True, "hsdp")]
+    cases = [
+        dict(optimizer=name, cautious=cautious, steps=STEPS, mesh=mesh, cuda_emulated=True, options=(("capturable", capturable),))
+        for name, cautious, mesh in pairs
+        for capturable in (False, True)
+    ]
+    results = run_ranks(run_cases, 2, cases)[0]
+    for index, (name, cautious, mesh) in enumerate(pairs):
+        host, device = results[2 * index], results[2 * index + 1]
+        label = f"{name} cautious={cautious} {mesh}"
+        assert device["all_reduces"] == host["all_reduces"], label
+        for key, expected in host["weights"].items():
+            assert torch.equal(device["weights"][key], expected), f"{label}: {key} capturable vs host scalars"
+        assert_same_weights(device["weights"], single_process(name, cautious), f"{label} capturable vs single process")
