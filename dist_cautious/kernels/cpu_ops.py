@@ -180,6 +180,9 @@ class CpuOps:
     def _ok(values: Sequence[Optional[Tensor]], state: Sequence[Optional[Tensor]] = ()) -> bool:
         return _native_ok(values, state)
 
+    #: the check ``trusted`` skips, for a caller to make once (the step plan)
+    native_ok = staticmethod(_native_ok)
+
     def trusted(self) -> "CpuOps":
         """The same kernels without the per-call, per-tensor ``_native_ok`` check, for a caller
         that has checked its tensors once and keeps them (the optimizers' step plan): that check

@@ -116,11 +116,26 @@ class CudaOps:
 
     CameFactors = CameFactors
 
-    def __init__(self, ext: Any, device_type: str = "cuda") -> None:
+    def __init__(self, ext: Any, device_type: str = "cuda", trusted: bool = False) -> None:
         self._ext = ext
         self._device_type = device_type
+        self._trusted = trusted
+        self._trusted_namespace: Optional[SimpleNamespace] = None
         self._ops = cuda_library.ops()
         self._kernels()
+
+    def native_ok(self, values: Sequence[Optional[Tensor]], state: Sequence[Optional[Tensor]]) -> bool:
+        """The check each call makes (``_native_ok``) over these tensors, made once by a caller
+        that keeps them (the step plan), who may then call ``trusted()``'s kernels."""
+        return _native_ok([values], [state], self._device_type)
+
+    def trusted(self) -> SimpleNamespace:
+        """The same kernels without the per-call Python loop over every tensor (``_ok``): on a
+        GPU host time is the step. A call the kernels cannot take then raises in the binding
+        (which checks every tensor in C++) instead of running the reference."""
+        if self._trusted_namespace is None:
+            self._trusted_namespace = CudaOps(self._ext, self._device_type, trusted=True).namespace()
+        return self._trusted_namespace
 
     def _kernels(self) -> Any:
         """``ext`` itself when no dispatch mode or tracer must see the call, else
@@ -133,7 +148,7 @@ class CudaOps:
         return self._ops
 
     def _ok(self, values: Sequence[Sequence[Optional[Tensor]]], states: Sequence[Sequence[Optional[Tensor]]]) -> bool:
-        return _native_ok(values, states, self._device_type)
+        return self._trusted or _native_ok(values, states, self._device_type)
 
     # --- per-tensor scalars from reduced values --------------------------------------------
     def mask_scales(self, counts: Tensor, numels: Sequence[int] | Tensor) -> Tensor:
@@ -388,6 +403,7 @@ class CudaOps:
             "came_vector_second_moment", "came_update_sumsq", "came_momentum", "came_apply", "came_cautious_begin", "came_cautious_finish",
             "came_factored_sq_sums_begin", "came_factor_update", "mask_scales", "came_clip_divisors",
         ]
+        names += ["native_ok", "trusted"]
         return SimpleNamespace(CameFactors=CameFactors, native="cuda", capturable=True, **{name: getattr(self, name) for name in names})
 
 
@@ -418,12 +434,12 @@ def _layout_lists(factors: Sequence[CameFactors], positions: list[int]) -> tuple
 def _vector_preconds(factors: Sequence[CameFactors], positions: list[int], grads: Sequence[Tensor]) -> tuple[list[Tensor], list[bool]]:
     """The elementwise second moments (``rsqrt`` applied in the kernel) or, for the identity, a
     placeholder that the kernel never reads."""
-    preconds, has = [], []
-    for i in positions:
-        elementwise = factors[i].elementwise
-        preconds.append(elementwise if elementwise is not None else grads[i].new_empty(0, dtype=torch.float32))
-        has.append(elementwise is not None)
-    return preconds, has
+    elementwise = [factors[i].elementwise for i in positions]
+    has = [tensor is not None for tensor in elementwise]
+    if all(has):
+        return elementwise, has
+    placeholder = grads[positions[0]].new_empty(0, dtype=torch.float32)  # one for all: never read
+    return [placeholder if tensor is None else tensor for tensor in elementwise], has
 
 
 def load() -> SimpleNamespace:

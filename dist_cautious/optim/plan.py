@@ -36,16 +36,16 @@ Work = list[tuple[dict[str, Any], Fragment]]
 
 
 def _native_checked(fragments: Sequence[Fragment]) -> Any:
-    """``ops_for``'s native CPU kernels without per-call tensor checks (``CpuOps.trusted``)
-    when every tensor of ``fragments`` passes them now, else ``None`` (check per call)."""
-    if not fragments or fragments[0].param.device.type != "cpu":
+    """``ops_for``'s native kernels without per-call tensor checks (``CpuOps.trusted``,
+    ``CudaOps.trusted``) when every tensor of ``fragments`` passes their check (``native_ok``)
+    now, else ``None`` (checked per call). A plan rebinds only grads that still fit what it
+    checked here (``StepPlan._bind_grads``)."""
+    if not fragments:
         return None
     ops = ops_for(fragments[0].param.device)
-    trusted = getattr(ops, "trusted", None)
-    if trusted is None:
+    trusted, native_ok = getattr(ops, "trusted", None), getattr(ops, "native_ok", None)
+    if trusted is None or native_ok is None:
         return None
-    from dist_cautious.kernels.cpu_ops import native_ok
-
     values, state = [], []
     for fragment in fragments:
         values += [fragment.param, fragment.grad]

@@ -269,6 +269,58 @@ def test_a_step_without_capturable_under_capture_raises_as_torchs(monkeypatch: p
     _assert_refused_as(optimizer, params, RuntimeError, "Attempting CUDA graph capture of step\\(\\) for an instance of CautiousLion but param_groups' capturable is False")
 
 
+# ---- host cost and checkpoints --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("new_grads", [False, True], ids=["same grads", "new grads"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_same_dispatch_count_for_10_and_100_tensors(ops: Any, name: str, new_grads: bool) -> None:
+    """The device-side scalars cost ops per batch, not per tensor (issue 12's dispatch-count
+    test, on the CUDA path with a device lr)."""
+    from tests.unit.test_dispatch_count import _ops_in_second_step
+
+    def factory(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return CASES[name]([{"params": params, "lr": torch.tensor(1e-3)}], capturable=True)
+
+    with kernels.ops_override("cpu", ops):
+        counts = [_ops_in_second_step(factory, count, new_grads) for count in (10, 100)]
+    assert counts[0] == counts[1], f"{name}: {counts[0]} ops for 10 tensors, {counts[1]} for 100"
+
+
+@pytest.mark.parametrize("name", ["CautiousAdamW", "CAME, cautious"])
+def test_resume_from_a_state_dict_lands_on_the_uninterrupted_run(ops: Any, name: str) -> None:
+    """Two steps, ``state_dict`` into a new capturable optimizer (the counts move to the params'
+    device with the plan), one more step: the bits of three uninterrupted steps. The checkpoint
+    of a host-scalar optimizer resumes the same way."""
+    with kernels.ops_override("cpu", ops):
+        expected = _run(name, capturable=True)
+        for saved_capturable in (True, False):
+            params = _params()
+            lr_tensor = torch.tensor(LRS[0][0])
+            first = CASES[name](_groups(params, lr_tensor), capturable=saved_capturable)
+            gen = torch.Generator().manual_seed(11)
+            for param in params:
+                param.grad = torch.zeros_like(param)
+
+            def step(optimizer: torch.optim.Optimizer, index: int) -> None:
+                lr_tensor.fill_(LRS[index][0])
+                optimizer.param_groups[1]["lr"] = LRS[index][1]
+                for param in params:
+                    param.grad.copy_(torch.randn(param.shape, generator=gen))
+                optimizer.step()
+
+            step(first, 0)
+            step(first, 1)
+            saved = first.state_dict()
+            resumed = CASES[name](_groups(params, lr_tensor), capturable=True)
+            resumed.load_state_dict(saved)
+            resumed.param_groups[0]["lr"] = lr_tensor  # a loaded group holds the saved lr value
+            resumed.param_groups[0]["capturable"] = resumed.param_groups[1]["capturable"] = True
+            step(resumed, 2)
+            _assert_bitwise([p.detach() for p in params], expected[0], f"{name}: resumed from capturable={saved_capturable}")
+            _assert_bitwise(_state(resumed), expected[1], f"{name}: state resumed from capturable={saved_capturable}")
+
+
 # ---- on a GPU: the real capture --------------------------------------------------------------
 
 
