@@ -68,22 +68,36 @@ def _state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [value.detach().clone() for state in optimizer.state.values() for _, value in sorted(state.items()) if isinstance(value, torch.Tensor)]
 
 
-def _run(name: str, capturable: bool, dtype: torch.dtype = torch.float32, steps: int = len(LRS), **options: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``steps`` steps with grads written in place (a captured step reads the same grad tensors)
-    and both groups' lr changed between steps: the tensor one in place, the float one replaced."""
-    params = _params(dtype)
-    lr_tensor = torch.tensor(LRS[0][0])
-    optimizer = CASES[name](_groups(params, lr_tensor, **options), capturable=capturable)
-    gen = torch.Generator().manual_seed(11)
-    for param in params:
-        param.grad = torch.zeros_like(param)
-    for step in range(steps):
-        lr_tensor.fill_(LRS[step][0])
-        optimizer.param_groups[1]["lr"] = LRS[step][1]
-        for param in params:
-            param.grad.copy_(torch.randn(param.shape, generator=gen))
+class _Run:
+    """Params with grads, a tensor lr for the first group and a stream of grads: ``step`` sets
+    step ``index``'s lrs (the tensor in place, the float replaced) and grads (written in place:
+    a captured step reads the same grad tensors), then steps."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.params = _params(dtype)
+        self.lr_tensor = torch.tensor(LRS[0][0])
+        self.gen = torch.Generator().manual_seed(11)
+        for param in self.params:
+            param.grad = torch.zeros_like(param)
+
+    def optimizer(self, name: str, capturable: bool, **options: Any) -> torch.optim.Optimizer:
+        return CASES[name](_groups(self.params, self.lr_tensor, **options), capturable=capturable)
+
+    def step(self, optimizer: torch.optim.Optimizer, index: int) -> None:
+        self.lr_tensor.fill_(LRS[index][0])
+        optimizer.param_groups[1]["lr"] = LRS[index][1]
+        for param in self.params:
+            param.grad.copy_(torch.randn(param.shape, generator=self.gen))
         optimizer.step()
-    return [p.detach().clone() for p in params], _state(optimizer)
+
+
+def _run(name: str, capturable: bool, dtype: torch.dtype = torch.float32, steps: int = len(LRS), **options: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Params and state after ``steps`` steps of ``_Run``, lr changing between steps."""
+    run = _Run(dtype)
+    optimizer = run.optimizer(name, capturable, **options)
+    for index in range(steps):
+        run.step(optimizer, index)
+    return [p.detach().clone() for p in run.params], _state(optimizer)
 
 
 def _assert_bitwise(actual: list[torch.Tensor], expected: list[torch.Tensor], what: str) -> None:
@@ -198,27 +212,19 @@ def test_a_warmed_up_step_uploads_nothing_under_capture(ext: Any, ops: Any, name
     kernels read is kept on the device from step 1), and the result is the eager one's."""
     with kernels.ops_override("cpu", ops):
         expected = _run(name, capturable=True)
-        params = _params()
-        lr_tensor = torch.tensor(LRS[0][0])
-        optimizer = CASES[name](_groups(params, lr_tensor), capturable=True)
-        gen = torch.Generator().manual_seed(11)
-        for param in params:
-            param.grad = torch.zeros_like(param)
+        run = _Run()
+        optimizer = run.optimizer(name, capturable=True)
         uploads = []
-        for step in range(len(LRS)):
-            lr_tensor.fill_(LRS[step][0])
-            optimizer.param_groups[1]["lr"] = LRS[step][1]
-            for param in params:
-                param.grad.copy_(torch.randn(param.shape, generator=gen))
-            ext.simulate_capture(step > 0)
+        for index in range(len(LRS)):
+            ext.simulate_capture(index > 0)
             try:
                 before = ext.descriptor_uploads()
-                optimizer.step()
+                run.step(optimizer, index)
                 uploads.append(ext.descriptor_uploads() - before)
             finally:
                 ext.simulate_capture(False)
     assert uploads[0] > 0 and uploads[1:] == [0, 0], f"{name}: descriptor tables uploaded per step {uploads}"
-    _assert_bitwise([p.detach() for p in params], expected[0], f"{name}: params")
+    _assert_bitwise([p.detach() for p in run.params], expected[0], f"{name}: params")
     _assert_bitwise(_state(optimizer), expected[1], f"{name}: state")
 
 
@@ -295,29 +301,16 @@ def test_resume_from_a_state_dict_lands_on_the_uninterrupted_run(ops: Any, name:
     with kernels.ops_override("cpu", ops):
         expected = _run(name, capturable=True)
         for saved_capturable in (True, False):
-            params = _params()
-            lr_tensor = torch.tensor(LRS[0][0])
-            first = CASES[name](_groups(params, lr_tensor), capturable=saved_capturable)
-            gen = torch.Generator().manual_seed(11)
-            for param in params:
-                param.grad = torch.zeros_like(param)
-
-            def step(optimizer: torch.optim.Optimizer, index: int) -> None:
-                lr_tensor.fill_(LRS[index][0])
-                optimizer.param_groups[1]["lr"] = LRS[index][1]
-                for param in params:
-                    param.grad.copy_(torch.randn(param.shape, generator=gen))
-                optimizer.step()
-
-            step(first, 0)
-            step(first, 1)
-            saved = first.state_dict()
-            resumed = CASES[name](_groups(params, lr_tensor), capturable=True)
-            resumed.load_state_dict(saved)
-            resumed.param_groups[0]["lr"] = lr_tensor  # a loaded group holds the saved lr value
+            run = _Run()
+            first = run.optimizer(name, capturable=saved_capturable)
+            run.step(first, 0)
+            run.step(first, 1)
+            resumed = run.optimizer(name, capturable=True)
+            resumed.load_state_dict(first.state_dict())
+            resumed.param_groups[0]["lr"] = run.lr_tensor  # a loaded group holds the saved lr value
             resumed.param_groups[0]["capturable"] = resumed.param_groups[1]["capturable"] = True
-            step(resumed, 2)
-            _assert_bitwise([p.detach() for p in params], expected[0], f"{name}: resumed from capturable={saved_capturable}")
+            run.step(resumed, 2)
+            _assert_bitwise([p.detach() for p in run.params], expected[0], f"{name}: resumed from capturable={saved_capturable}")
             _assert_bitwise(_state(resumed), expected[1], f"{name}: state resumed from capturable={saved_capturable}")
 
 
