@@ -95,15 +95,6 @@ def _step_scalars(
     return torch.stack([alphas, inv_bc2_sqrts, decays, neg_lrs], dim=1)
 
 
-def _lrs_and_decays(lr: PerTensor, weight_decay: PerTensor, count: int) -> tuple[list[float], list[float]]:
-    """Per tensor, ``lr`` and the decay factor ``1 - lr * weight_decay``, in Python double as the
-    reference forms them (the binding rounds each to fp32)."""
-    if isinstance(lr, (int, float)) and isinstance(weight_decay, (int, float)):  # one group: no per-tensor loop
-        return [float(lr)] * count, [1 - lr * weight_decay] * count
-    lrs, wds = reference.per_tensor(lr, count), reference.per_tensor(weight_decay, count)
-    return lrs, [1 - lr_i * wd_i for lr_i, wd_i in zip(lrs, wds)]
-
-
 class CudaOps:
     """The reference functions, run by the ops ``torch.ops.dist_cautious.*`` with ``ext`` bound
     as their implementation on real ``device_type`` tensors.
@@ -199,7 +190,8 @@ class CudaOps:
             table = _step_scalars(lr, weight_decay, steps, beta1, beta2)
             self._kernels().adamw_apply(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [], [], [], *scalars, table)
             return
-        lrs, decays = _lrs_and_decays(lr, weight_decay, len(grads))
+        lrs = reference.per_tensor(lr, len(grads))
+        decays, _ = reference.decays_and_neg_lrs(lr, weight_decay, len(grads))
         alphas = [-(lr_i / (1 - beta1**step)) for lr_i, step in zip(lrs, steps)]
         bc2_sqrts = [math.sqrt(1 - beta2**step) for step in steps]
         self._kernels().adamw_apply(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), alphas, bc2_sqrts, decays, *scalars, None)
@@ -233,8 +225,8 @@ class CudaOps:
             table = _step_scalars(lr, weight_decay)
             self._kernels().lion_apply(list(params), list(grads), list(exp_avgs), [], 1 - beta1, 1 - beta2, [], device_scales, table)
             return
-        lrs, decays = _lrs_and_decays(lr, weight_decay, len(grads))
-        self._kernels().lion_apply(list(params), list(grads), list(exp_avgs), decays, 1 - beta1, 1 - beta2, [-lr_i for lr_i in lrs], device_scales, None)
+        decays, neg_lrs = reference.decays_and_neg_lrs(lr, weight_decay, len(grads))
+        self._kernels().lion_apply(list(params), list(grads), list(exp_avgs), decays, 1 - beta1, 1 - beta2, neg_lrs, device_scales, None)
 
     def lion_cautious_begin(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], *, beta1: float, beta2: float
@@ -352,8 +344,7 @@ class CudaOps:
             decays: list[float] = []
             neg_lrs: list[float] = []
         else:
-            lrs, decays = _lrs_and_decays(lr, weight_decay, len(grads))
-            neg_lrs = [-lr_i for lr_i in lrs]
+            decays, neg_lrs = reference.decays_and_neg_lrs(lr, weight_decay, len(grads))
 
         def pick(values: list[float], positions: list[int]) -> list[float]:
             return [values[i] for i in positions] if values else []
