@@ -273,6 +273,73 @@ static void came_fold_segment_t(const GT* g, int64_t off, int64_t len, float a, 
   });
 }
 
+// Phase 1, factored, K consecutive whole rows of `len` elements (the first at local offset `off`)
+// walked in step: came_sq_segment for each row, as K read streams instead of one (one core reads
+// a single stream at about half the rate of four). Each row's sum (sums[k]) is formed exactly as
+// came_sq_segment forms it, and each column receives its rows' q in row order, so the results are
+// bit for bit those of K came_sq_segment calls. FOLD: the same walk also does came_fold_segment
+// for the previous group's kCameSqRows rows (at fold_off, weights fold_a, into fold_acc, row by
+// row): they are still in cache, and their arithmetic then overlaps this group's loads instead of
+// leaving the memory idle between rows.
+template <class V, int K, bool FOLD, class GT>
+static void came_sq_rows_t(const GT* g, int64_t off, int64_t len, float eps1, float* col_acc, double* sums, int64_t fold_off,
+                           const float* fold_a, float* fold_acc) {
+  const GT* rows = g + off;
+  const GT* folded = g + fold_off;
+  auto column = [&](auto t, int64_t j, auto&& take) {
+    using T = decltype(t);
+    auto c = T::load(col_acc + j);
+    for (int k = 0; k < K; ++k) {
+      auto gf = T::load(rows + k * len + j);
+      auto q = T::add(T::mul(gf, gf), T::set1(eps1));
+      c = T::add(c, q);
+      take(k, q);
+    }
+    T::store(col_acc + j, c);
+    if constexpr (FOLD) {
+      auto f = T::load(fold_acc + j);
+      for (int k = 0; k < kCameSqRows; ++k) {
+        auto gf = T::load(folded + k * len + j);
+        f = T::fma(T::mul(gf, gf), T::set1(fold_a[k]), f);
+      }
+      T::store(fold_acc + j, f);
+    }
+  };
+  // sum_each's order for every row: fp32 lanes over runs of kLaneRun vectors, then double
+  using R = typename V::R;
+  typename V::D acc[K];
+  R part[K];
+  for (int k = 0; k < K; ++k) acc[k] = V::dzero();
+  int64_t j = 0;
+  while (j + V::W <= len) {
+    const int64_t stop = std::min(len - V::W, j + (kLaneRun - 1) * V::W);
+    column(V{}, j, [&](int k, R q) { part[k] = q; });
+    for (j += V::W; j <= stop; j += V::W) column(V{}, j, [&](int k, R q) { part[k] = V::add(part[k], q); });
+    for (int k = 0; k < K; ++k) acc[k] = V::dadd(acc[k], part[k]);
+  }
+  double tail[K] = {};
+  for (; j < len; ++j) column(Scalar{}, j, [&](int k, float q) { tail[k] += static_cast<double>(q); });
+  for (int k = 0; k < K; ++k) sums[k] = V::dsum(acc[k]) + tail[k];
+}
+
+// came_sq_rows for any group: the fused walk for a full group folding a full group, otherwise
+// the previous group's folds first, then the rows (the same order, so the same bits).
+template <class V, class GT>
+static void came_sq_rows_any(const GT* g, int64_t off, int64_t len, int rows, float eps1, float* col_acc, double* sums, int64_t fold_off,
+                             int fold_rows, const float* fold_a, float* fold_acc) {
+  if (rows == kCameSqRows && fold_rows == kCameSqRows) {
+    came_sq_rows_t<V, kCameSqRows, true>(g, off, len, eps1, col_acc, sums, fold_off, fold_a, fold_acc);
+    return;
+  }
+  for (int k = 0; k < fold_rows; ++k) came_fold_segment_t<V>(g, fold_off + k * len, len, fold_a[k], fold_acc);
+  switch (rows) {
+    case 1: return came_sq_rows_t<V, 1, false>(g, off, len, eps1, col_acc, sums, 0, nullptr, nullptr);
+    case 2: return came_sq_rows_t<V, 2, false>(g, off, len, eps1, col_acc, sums, 0, nullptr, nullptr);
+    case 3: return came_sq_rows_t<V, 3, false>(g, off, len, eps1, col_acc, sums, 0, nullptr, nullptr);
+    default: return came_sq_rows_t<V, kCameSqRows, false>(g, off, len, eps1, col_acc, sums, 0, nullptr, nullptr);
+  }
+}
+
 // Phase 1, 1-D / 0-D: v = beta2 v + (1 - beta2)(g^2 + eps1). Read g, v; write v (12 B/element).
 template <class V, class GT>
 static void came_vector_moment_t(const GT* g, float* v, int64_t lo, int64_t hi, float beta2, float one_minus_beta2, float eps1) {
@@ -468,6 +535,10 @@ struct Entry {
   static void came_fold_segment(const void* g, int gt, int64_t off, int64_t len, float a, float* col_acc) {
     with_dtype(gt, g, [&](auto gp) { came_fold_segment_t<V>(gp, off, len, a, col_acc); });
   }
+  static void came_sq_rows(const void* g, int gt, int64_t off, int64_t len, int rows, float eps1, float* col_acc, double* sums,
+                           int64_t fold_off, int fold_rows, const float* fold_a, float* fold_acc) {
+    with_dtype(gt, g, [&](auto gp) { came_sq_rows_any<V>(gp, off, len, rows, eps1, col_acc, sums, fold_off, fold_rows, fold_a, fold_acc); });
+  }
   static void came_vector_moment(const void* g, int gt, float* v, int64_t lo, int64_t hi, float b2, float omb2, float eps1) {
     with_dtype(gt, g, [&](auto gp) { came_vector_moment_t<V>(gp, v, lo, hi, b2, omb2, eps1); });
   }
@@ -512,6 +583,6 @@ struct Entry {
 #define DIST_CAUTIOUS_KERNEL_TABLE(E, NAME)                                                         \
   KernelTable{NAME,                 E::W,                  &E::adamw_count,          &E::adamw_apply, \
               &E::lion_count,       &E::lion_apply,        &E::lion_encode,          &E::lion_decode_apply, \
-              &E::came_sq_segment,      &E::came_fold_segment,  &E::came_vector_moment, \
+              &E::came_sq_segment,      &E::came_fold_segment,  &E::came_sq_rows,           &E::came_vector_moment, \
               &E::came_sumsq_segment, &E::came_sumsq_elem, &E::came_momentum_segment, &E::came_momentum_elem, \
               &E::came_apply_segment, &E::came_apply_pair, &E::came_apply_elem}

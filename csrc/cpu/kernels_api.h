@@ -92,6 +92,9 @@ inline uint32_t mask_bits_at(const uint8_t* mask, int64_t e, int nbits) {
   return static_cast<uint32_t>((x >> (e & 7)) & ((uint64_t{1} << nbits) - 1));
 }
 
+// Whole rows that CAME's phase 1 walks in step (came_sq_rows).
+constexpr int kCameSqRows = 4;
+
 struct KernelTable {
   const char* name;
   int width;  // fp32 lanes per vector
@@ -108,6 +111,12 @@ struct KernelTable {
   // into double every few rows). "elem": 1-D / 0-D path, `v` null means identity.
   double (*came_sq_segment)(const void* g, int gt, int64_t off, int64_t len, float eps1, float* col_acc);
   void (*came_fold_segment)(const void* g, int gt, int64_t off, int64_t len, float a, float* col_acc);
+  // `rows` (1..kCameSqRows) consecutive whole rows of `len` elements from `off`, walked in step:
+  // came_sq_segment of each (row sums into sums[0..rows)), after came_fold_segment of the
+  // `fold_rows` rows from `fold_off` (weights fold_a, into fold_acc), bit for bit; a full group
+  // folding a full group does both in one walk.
+  void (*came_sq_rows)(const void* g, int gt, int64_t off, int64_t len, int rows, float eps1, float* col_acc, double* sums,
+                       int64_t fold_off, int fold_rows, const float* fold_a, float* fold_acc);
   void (*came_vector_moment)(const void* g, int gt, float* v, int64_t lo, int64_t hi, float beta2, float one_minus_beta2, float eps1);
   double (*came_sumsq_segment)(const void* g, int gt, int64_t off, int64_t len, float rowf, const float* colf);
   double (*came_sumsq_elem)(const void* g, int gt, const float* v, int64_t lo, int64_t hi);

@@ -339,6 +339,49 @@ def test_came_sumsq_folded_into_phase_one(isa_ops, shape, start, end, grad_dtype
     _assert_sum_close(with_fold, expected, n + 20, "folded update sumsq")
 
 
+# phase 1's row groups: whole runs of 64 rows and shorter ones, groups cut by a matrix's end, by
+# a ZeRO cut and by the 64-row column runs, rows narrower than a vector, rows wider than a tile
+ROW_GROUP_LAYOUTS = LAYOUTS + [
+    ((130, 64), 0, 8320),
+    ((3, 70, 33), 40, 6900),
+    ((67, 129), 129 * 3 + 5, 67 * 129 - 2),
+    ((9, 40000), 0, 360000),
+]
+
+
+@pytest.mark.parametrize("shape,start,end", ROW_GROUP_LAYOUTS)
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fold", [False, True])
+def test_came_phase_one_rows_in_step_are_bitwise_one_row_at_a_time(isa_ops, shape, start, end, grad_dtype, fold):
+    """Phase 1 walks whole rows four at a time (and folds a group during the next group's walk):
+    row sums, column sums and folded column sums are bit for bit those of the one-row walk, which
+    test_came_factored_phases and test_came_sumsq_folded_into_phase_one hold to the reference."""
+    layout = FactoredLayout(shape, start, end)
+    _, g, _, _ = _data(end - start, torch.float32, grad_dtype)
+    row_state = torch.rand(layout.num_row_factors, generator=torch.Generator().manual_seed(3)) * 1e-2 + 1e-3
+
+    def phase_one(rows_in_step):
+        isa_ops.module.set_came_sq_rows(rows_in_step)
+        try:
+            sums = (torch.zeros(layout.num_row_factors), torch.zeros(layout.num_col_factors))
+            if not fold:
+                isa_ops.came_factored_sq_sums([g], [layout], 1e-30, *([s] for s in sums))
+                return sums
+            (folded,) = isa_ops.came_factored_sq_sums_begin([g], [layout], 1e-30, *([s] for s in sums), row_states=[row_state], beta2=0.999)
+            return (*sums, folded)
+        finally:
+            isa_ops.module.set_came_sq_rows(4)
+
+    for one, grouped, what in zip(phase_one(1), phase_one(4), ("row sums", "column sums", "folded column sums")):
+        assert torch.equal(one.view(torch.int32), grouped.view(torch.int32)), what
+
+
+def test_came_phase_one_rows_in_step_are_checked(ops):
+    for bad in (0, 5):
+        with pytest.raises(RuntimeError, match="rows in step must be 1 to 4"):
+            ops.module.set_came_sq_rows(bad)
+
+
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("param_dtype,grad_dtype", DTYPES)
 def test_came_vector_phases(isa_ops, n, param_dtype, grad_dtype):
