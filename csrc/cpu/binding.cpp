@@ -223,6 +223,7 @@ int64_t walk_row_col_sums(const Layout& l, int64_t n, float* row_sums, float* co
   const int64_t m0 = g0 / R, m1 = g1 / R;                      // matrices, inclusive
   auto run_rows = [&](int64_t ra, int64_t rb, int64_t first_matrix, double* col_acc, BlockOut* out) {
     out->bits.words = mask_words;
+    out->bits.owned_from = std::max(l.start, ra * C) - l.start;
     auto walker = make_walker();
     const int64_t group = std::min(walker.group(), kMaxGroup);
     std::vector<float> run(S, 0.0f);

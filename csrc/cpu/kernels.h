@@ -385,10 +385,12 @@ static double came_sumsq_elem_t(const GT* g, const float* v, int64_t lo, int64_t
 // every vector would load and store the accumulator).
 template <class V, bool KEEP, class GT>
 static double came_momentum_segment_t(const GT* g, float* m, int64_t off, int64_t len, float rowf, const float* colf,
-                                      const CameMomentumParams& a, float* col_acc, int64_t* count, MaskBits* bits) {
+                                      const CameMomentumParams& params, float* col_acc, int64_t* count, MaskBits* bits) {
+  const CameMomentumParams a = params;  // a local copy: the stores through m and col_acc cannot change it
   int64_t agree = 0;
   MaskBits kept;
   if constexpr (KEEP) kept = *bits;
+  const bool aligned = off % V::W == 0;  // vectors never straddle a mask word
   double row = sum_each<V>(0, len, [&](auto t, int64_t j) {
     using T = decltype(t);
     auto gf = T::load(g + off + j);
@@ -400,7 +402,13 @@ static double came_momentum_segment_t(const GT* g, float* m, int64_t off, int64_
     T::store(col_acc + j, T::add(T::load(col_acc + j), res));
     auto phi = T::gt0(T::mul(m1, gf));
     agree += T::count(phi);
-    if constexpr (KEEP) kept.put(off + j, T::bits(phi), T::W);
+    if constexpr (KEEP) {
+      if (aligned) {
+        kept.put_aligned(off + j, T::bits(phi), T::W);
+      } else {
+        kept.put(off + j, T::bits(phi), T::W);
+      }
+    }
     return res;
   });
   if constexpr (KEEP) *bits = kept;
@@ -452,7 +460,8 @@ static inline typename T::R came_apply_at(const PT* p, const GT* g, const float*
 // p (12 B/element; 12.125 B cautious with the bits, 16 B reading g).
 template <class V, class PT, class GT>
 static void came_apply_segment_t(PT* p, const GT* g, const float* m, int64_t off, int64_t len, float rowf, const float* colf,
-                                 const CameApplyParams& a, const uint8_t* mask) {
+                                 const CameApplyParams& params, const uint8_t* mask) {
+  const CameApplyParams a = params;  // a local copy: the param stores cannot change it
   for_each<V>(0, len, [&](auto t, int64_t j) {
     using T = decltype(t);
     store_param<T>(p, off + j, came_apply_at<T>(p, g, m, off + j, rowf, colf + j, a, mask));
@@ -464,7 +473,8 @@ static void came_apply_segment_t(PT* p, const GT* g, const float* m, int64_t off
 // before either store, so that two halves a multiple of 4 KiB apart do not alias.
 template <class V, class PT, class GT>
 static void came_apply_pair_t(PT* p, const GT* g, const float* m, const int64_t* off, int64_t len, const float* rowf,
-                              const float* const* colf, const CameApplyParams& a, const uint8_t* mask) {
+                              const float* const* colf, const CameApplyParams& params, const uint8_t* mask) {
+  const CameApplyParams a = params;  // a local copy: the param stores cannot change it
   for_each<V>(0, len, [&](auto t, int64_t j) {
     using T = decltype(t);
     auto first = came_apply_at<T>(p, g, m, off[0] + j, rowf[0], colf[0] + j, a, mask);

@@ -6,6 +6,7 @@
 // dtype codes for params and grads: 0 = fp32, 1 = bf16, 2 = fp16. State is always fp32.
 #pragma once
 
+#include <climits>
 #include <cstdint>
 
 namespace dist_cautious_cpu {
@@ -82,6 +83,31 @@ struct MaskBits {
   void flush() {
     if (word >= 0 && acc != 0) __atomic_fetch_or(words + word, acc, __ATOMIC_RELAXED);
     acc = 0;
+  }
+
+  // Elements from here on are walked by this MaskBits alone, in order (a row block's first element):
+  // a word that starts here or later has no other writer.
+  int64_t owned_from = INT64_MAX;
+
+  // put() for `nbits` (a power of two, at most 64) bits at an element e that is a multiple of
+  // nbits, so that they never straddle a word. A word completed here is stored as it is, without
+  // the atomic OR (a locked instruction, which waits for every store before it), when no other
+  // walk writes into it.
+  void put_aligned(int64_t e, uint64_t bits, int nbits) {
+    const int64_t w = e >> 6;
+    if (w != word) {
+      flush();
+      word = w;
+    }
+    acc |= bits << (e & 63);
+    if (((e + nbits) & 63) == 0) {
+      if ((w << 6) >= owned_from) {
+        words[w] = acc;
+        acc = 0;
+      } else {
+        flush();
+      }
+    }
   }
 };
 

@@ -310,6 +310,26 @@ def _check_came_kept_mask(ops, p, g, m_start, factors, clip, res_rows, res_cols,
     _assert_equal(p_native, p_ref, "kept-mask param")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape,start,end", [((300, 200), 0, 60000), ((300, 200), 123, 59999), ((130, 64), 0, 8320), ((2, 100, 700), 5000, 139993)])
+def test_came_kept_mask_words_shared_by_row_blocks(isa_ops, threads, shape, start, end):
+    """The momentum pass stores a mask word without the atomic OR only when its row block owns the
+    whole word. With rows of 200 elements, row blocks meet inside words; with one thread the later
+    block completes such a word after the earlier block OR-ed its part in, so storing it would
+    lose those bits (and the params would move where the mask says no)."""
+    layout = FactoredLayout(shape, start, end)
+    p, g, m, _ = _data(end - start, torch.float32, torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    factors = CameFactors(layout, torch.rand(layout.num_row_factors, generator=gen) + 0.5, torch.rand(layout.num_col_factors, generator=gen) + 0.5)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows, cols = layout.num_row_factors, layout.num_col_factors
+        _check_came_kept_mask(isa_ops, p, g, m, [factors], torch.tensor([1.3]), [torch.zeros(rows)], [torch.zeros(cols)], math.prod(shape))
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("shape,start,end", LAYOUTS)
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 def test_came_sumsq_folded_into_phase_one(isa_ops, shape, start, end, grad_dtype):
