@@ -206,12 +206,13 @@ struct SegmentWalker {
   void settle(float*) {}
 };
 
-// Partial row and column sums over a factored fragment, each row block walked by its own
-// walker from make_walker() (see SegmentWalker). Rows are never split between blocks. Column contributions are added in fp32 over runs
-// of at most kColRun rows of one matrix, then into a per-block double accumulator, and blocks are
-// added in block order: the result is independent of the thread count, and each fp32 run carries
-// a relative error of at most kColRun * 2^-24. Returns the sum of the per-block counts; each
-// block flushes its mask bits into `mask_words` (may be null).
+// Partial row and column sums over a factored fragment, each row block walked by its own walker
+// from make_walker() (see SegmentWalker). Rows are never split between blocks. Column
+// contributions are added in fp32 over runs of at most kColRun rows of one matrix, then into a
+// per-block double accumulator, and blocks are added in block order: the result is independent
+// of the thread count, and each fp32 run carries a relative error of at most kColRun * 2^-24.
+// Returns the sum of the per-block counts; each block flushes its mask bits into `mask_words`
+// (may be null).
 template <class MakeWalker>
 int64_t walk_row_col_sums(const Layout& l, int64_t n, float* row_sums, float* col_sums, MakeWalker&& make_walker, uint64_t* mask_words,
                           float* col_sums2) {
