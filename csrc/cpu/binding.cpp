@@ -188,13 +188,14 @@ struct BlockOut {
   dc::MaskBits bits;
 };
 
-// How a row block of row_col_sums walks its rows: segment(row, c0, off, len, col_acc, out)
+// How a row block of walk_row_col_sums walks its rows: segment(row, c0, off, len, col_acc, out)
 // processes one row segment, adds into col_acc[0..len) (fp32, starting at column c0) and, when a
 // second column output is given, into col_acc[C..C + len), and returns the segment's row sum.
 // A walker whose group() is positive takes whole rows through rows() instead, up to group() (at
-// most kMaxGroup) consecutive whole rows of one run at once: rows(row, count, off, run, out, sums), the rows' sums into
-// sums[0..count). settle(run) ends what it has left pending in `run` before the run is flushed.
-// Each block makes its own walker. SegmentWalker: one segment at a time, through a stateless `seg`.
+// most kMaxGroup) consecutive whole rows of one run at once: rows(row, count, off, run, out,
+// sums), the rows' sums into sums[0..count). settle(run) ends what it has left pending in `run`
+// before the run is flushed. Each block makes its own walker. SegmentWalker: one segment at a
+// time, through a stateless `seg`; its rows() is never called.
 constexpr int64_t kMaxGroup = dc::kCameSqRows;
 
 template <class Seg>
