@@ -497,11 +497,11 @@ void set_came_sq_rows(int64_t rows) {
 
 // Phase 1's walker (walk_row_col_sums): whole rows in groups of dc::kCameSqRows through
 // came_sq_rows, partial rows (where a ZeRO cut falls) one segment each. With the row state
-// (`r_old`), each whole row also folds g^2 / R_i into the second column output; a full group's
-// fold is left pending and done in the walk of the next full group (settle() does it otherwise),
-// so that its arithmetic overlaps that group's loads.
+// (`r_old`), each whole row also folds g^2 / R_i into the second column output; a group's fold is
+// left pending and handed to the next came_sq_rows call (which does it in the same walk when both
+// groups are full), or done by settle() before the run is flushed, so that its arithmetic overlaps
+// that group's loads.
 struct SqSumWalker {
-  static constexpr int64_t kRows = dc::kCameSqRows;
   int64_t rows_in_step;  // came_sq_rows_in_step() when the pass began
   const dc::KernelTable* k;
   const void* g;
@@ -510,7 +510,8 @@ struct SqSumWalker {
   float eps1;
   const float* r_old;  // null: no fold
   float beta2, one_minus_beta2;
-  int64_t pending_off = -1;  // local offset of the full group whose fold is pending
+  int64_t pending_off = 0;  // local offset of the group whose fold is pending
+  int pending_rows = 0;
   float pending_a[dc::kCameSqRows];
 
   int64_t group() const { return rows_in_step; }
@@ -523,19 +524,12 @@ struct SqSumWalker {
       if (r_old != nullptr) k->came_fold_segment(g, gt, off, cols, 1.0f / new_row_state(row, sums[0]), run + cols);
       return;
     }
-    const bool fused = pending_off >= 0 && count == kRows;
-    if (!fused) settle(run);
-    k->came_sq_rows(g, gt, off, cols, static_cast<int>(count), eps1, run, sums, fused ? pending_off : 0, fused ? kRows : 0, pending_a, run + cols);
-    pending_off = -1;
+    k->came_sq_rows(g, gt, off, cols, static_cast<int>(count), eps1, run, sums, pending_off, pending_rows, pending_a, run + cols);
+    pending_rows = 0;
     if (r_old == nullptr) return;
-    float a[dc::kCameSqRows];
-    for (int64_t i = 0; i < count; ++i) a[i] = 1.0f / new_row_state(row + i, sums[i]);
-    if (count == kRows) {
-      pending_off = off;
-      std::copy(a, a + kRows, pending_a);
-    } else {
-      for (int64_t i = 0; i < count; ++i) k->came_fold_segment(g, gt, off + i * cols, cols, a[i], run + cols);
-    }
+    for (int64_t i = 0; i < count; ++i) pending_a[i] = 1.0f / new_row_state(row + i, sums[i]);
+    pending_off = off;
+    pending_rows = static_cast<int>(count);
   }
 
   // R_i as the optimizer will update it; torch: rows.mul_(beta2).add_(row_sums / C, alpha=1 - beta2)
@@ -544,9 +538,8 @@ struct SqSumWalker {
   }
 
   void settle(float* run) {
-    if (pending_off < 0) return;
-    for (int64_t i = 0; i < kRows; ++i) k->came_fold_segment(g, gt, pending_off + i * cols, cols, pending_a[i], run + cols);
-    pending_off = -1;
+    for (int i = 0; i < pending_rows; ++i) k->came_fold_segment(g, gt, pending_off + i * cols, cols, pending_a[i], run + cols);
+    pending_rows = 0;
   }
 };
 
