@@ -188,6 +188,25 @@ def test_syncthreads_with_threads_that_returned_early(ext):
     assert torch.ops.dc_cuda_emu.early_exit(2, 64, 0, 3).tolist() == [-1] * 6
 
 
+def test_a_missing_syncthreads_gives_wrong_values(ext):
+    """Thread `writer` fills shared memory and every thread reads it: with the barrier each reads
+    its block's value; without it (a race) the emulation's alternating thread order makes the
+    readers that run before the writer see what the previous block left, whichever thread writes."""
+    blocks, threads = 4, 64
+    expected = (torch.arange(blocks * threads) // threads + 1).tolist()
+    for writer in (0, threads - 1, 17):
+        assert torch.ops.dc_cuda_emu.broadcast(blocks, threads, writer, True).tolist() == expected, writer
+        assert torch.ops.dc_cuda_emu.broadcast(blocks, threads, writer, False).tolist() != expected, writer
+
+
+def test_a_barrier_that_cannot_complete_is_a_launch_error(ext):
+    """Half a warp at __syncthreads, the other half in a full-warp shuffle: a GPU hangs; the
+    emulation reports a launch failure (and clears it) instead of hanging the test run."""
+    message = torch.ops.dc_cuda_emu.split_barrier(64, 16)
+    assert "never reach" in message
+    assert torch.ops.dc_cuda_emu.split_barrier(64, 0) == "no error"
+
+
 def test_warp_shuffles(ext):
     down, xored = torch.ops.dc_cuda_emu.shuffles(2, 64, 5, 6)
     lane = torch.arange(128) % 32

@@ -7,6 +7,9 @@
 #include <ATen/ops/full.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
 #include "cuda_runtime.h"
 
 namespace {
@@ -76,6 +79,42 @@ __global__ void shuffle_kernel(int delta, int mask, int* down, int* xored) {
   xored[blockIdx.x * blockDim.x + threadIdx.x] = __shfl_xor_sync(0xffffffffu, value, mask);
 }
 
+// Thread `writer` stores blockIdx.x + 1 in shared memory, every thread reads it back; with
+// `sync` there is a __syncthreads between the two, as CUDA requires, without it a data race.
+__global__ void broadcast_kernel(int writer, int sync, int* out) {
+  __shared__ int value[1];
+  if ((int)threadIdx.x == writer) value[0] = (int)blockIdx.x + 1;
+  if (sync) __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = value[0];
+}
+
+at::Tensor broadcast(int64_t blocks, int64_t threads, int64_t writer, bool sync) {
+  at::Tensor out = at::empty({blocks * threads}, at::TensorOptions().dtype(at::kInt));
+  DC_LAUNCH((unsigned)blocks, (unsigned)threads, 0, nullptr, broadcast_kernel)((int)writer, sync ? 1 : 0, out.data_ptr<int>());
+  const cudaError_t error = cudaGetLastError();
+  TORCH_CHECK(error == cudaSuccess, cudaGetErrorString(error));
+  return out;
+}
+
+// Threads below `split` wait at __syncthreads while the rest of their warp waits in a
+// full-warp shuffle: neither can complete (on a GPU, a hang); the emulation must report it.
+// Returns the launch's error and the emulation's reason.
+__global__ void split_barrier_kernel(int split, int* out) {
+  if ((int)threadIdx.x < split) {
+    __syncthreads();
+  } else {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, 1);
+    __syncthreads();
+  }
+}
+
+std::string split_barrier(int64_t threads, int64_t split) {
+  std::vector<int> out(static_cast<size_t>(threads), 0);
+  DC_LAUNCH(1u, (unsigned)threads, 0, nullptr, split_barrier_kernel)((int)split, out.data());
+  const cudaError_t error = cudaGetLastError();
+  return error == cudaSuccess ? std::string("no error") : std::string(cudaGetErrorString(error)) + ": " + dc_emu::last_error_text;
+}
+
 at::Tensor early_exit(int64_t blocks, int64_t threads, int64_t stay, int64_t rounds) {
   at::Tensor out = at::full({blocks * rounds}, -1, at::TensorOptions().dtype(at::kLong));
   DC_LAUNCH((unsigned)blocks, (unsigned)threads, 0, nullptr, early_exit_kernel)((int)stay, (int)rounds, reinterpret_cast<long long*>(out.data_ptr<int64_t>()));
@@ -115,5 +154,7 @@ TORCH_LIBRARY(dc_cuda_emu, m) {
   m.def("early_exit(int blocks, int threads, int stay, int rounds) -> Tensor", &early_exit);
   m.def("float_atomics() -> int", &float_atomics);
   m.def("rsqrtf(Tensor values) -> Tensor", &rsqrtf_of);
+  m.def("broadcast(int blocks, int threads, int writer, bool sync) -> Tensor", &broadcast);
+  m.def("split_barrier(int threads, int split) -> str", &split_barrier);
   m.def("shuffles(int blocks, int threads, int delta, int mask) -> Tensor[]", &shuffles);
 }

@@ -2,11 +2,11 @@
 // host C++ compiler and run on the CPU, so CI executes the kernels without a GPU.
 //
 // What is emulated, and how:
-//   * one kernel launch runs its blocks one after another; each block's threads are real
-//     std::threads (blockDim.x of them, reused for every block of the launch);
-//   * __syncthreads is a blocking barrier over the block's live threads: a thread that returns
-//     from the kernel leaves the barrier, so the others are not deadlocked (CUDA semantics of
-//     exited threads);
+//   * one kernel launch runs its blocks one after another; each block's threads are fibers on
+//     the launching thread (blockDim.x of them; see "fibers" below), not OS threads;
+//   * __syncthreads is a barrier over the block's live threads: a thread that returns from the
+//     kernel leaves the barrier, so the others are not deadlocked (CUDA semantics of exited
+//     threads); a barrier that can never complete is a launch error instead of a hang;
 //   * warp shuffles go through a per-warp exchange (each lane publishes its value, a warp
 //     barrier, each lane reads its source lane, a second warp barrier); a shuffle from a lane that
 //     has exited, or with a mask other than the full warp, is recorded as a launch error;
@@ -26,17 +26,20 @@
 
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
 
 #define DC_CUDA_ON_CPU 1
 
@@ -86,39 +89,34 @@ inline void record_error(cudaError_t error, const std::string& text) {
   }
 }
 
-// A reusable barrier whose participant count can shrink while threads wait (a thread that
-// leaves calls drop()). Blocking (mutex + condition variable): the test machine has far fewer
-// cores than a block has threads, so spinning would starve the threads it waits for.
+// The threads of a block are fibers (ucontext coroutines) on the launching thread, not OS
+// threads: a fiber runs until it waits at a barrier or returns, then the next ready one runs.
+// With real threads, each __syncthreads of a 1024-thread block cost 1024 futex wake-ups and
+// context switches, which made up most of the emulated tests' time on a 2-core machine.
+// Execution is deterministic; the scheduler sweeps the block's fibers in ascending thread order
+// and descending order alternately, so a read of shared memory that lacks the barrier before it
+// sees the unwritten value in one of the two orders, whichever thread writes.
+
+// A reusable barrier whose participant count can shrink while fibers wait (a thread that
+// returns from the kernel calls drop()). A fiber waits for the barrier's generation to move on.
 class Barrier {
  public:
   void reset(int participants) {
-    std::lock_guard<std::mutex> lock(mutex_);
     participants_ = participants;
     arrived_ = 0;
   }
-  void arrive_and_wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const uint64_t generation = generation_;
-    if (++arrived_ >= participants_) {
-      release();
-      return;
-    }
-    cv_.wait(lock, [&] { return generation_ != generation; });
-  }
+  void arrive_and_wait();
   void drop() {
-    std::lock_guard<std::mutex> lock(mutex_);
     --participants_;
     if (arrived_ > 0 && arrived_ >= participants_) release();
   }
+  uint64_t generation() const { return generation_; }
 
  private:
   void release() {
     arrived_ = 0;
     ++generation_;
-    cv_.notify_all();
   }
-  std::mutex mutex_;
-  std::condition_variable cv_;
   int participants_ = 0;
   int arrived_ = 0;
   uint64_t generation_ = 0;
@@ -146,6 +144,60 @@ struct Block {
 
 inline Block* current_block = nullptr;
 
+// One emulated thread: its context, its stack (kept across launches, see stack_of), and what it
+// waits for (a barrier and the generation it arrived in).
+struct Fiber {
+  ucontext_t context;
+  unsigned tid = 0;
+  bool done = false;
+  const Barrier* waits_on = nullptr;
+  uint64_t generation = 0;
+  bool ready() const { return !done && (waits_on == nullptr || waits_on->generation() != generation); }
+};
+
+// 256 KiB of stack per fiber under a PROT_NONE guard page, so an overflow faults instead of
+// writing into the next fiber's stack. Mapped once per thread index and reused by every launch.
+constexpr size_t kFiberStack = 256 * 1024;
+
+inline char* stack_of(unsigned tid) {
+  static std::vector<char*> stacks;
+  if (stacks.size() <= tid) stacks.resize(tid + 1, nullptr);
+  if (stacks[tid] == nullptr) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    void* base = mmap(nullptr, kFiberStack + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) return nullptr;
+    mprotect(base, page, PROT_NONE);
+    stacks[tid] = static_cast<char*>(base) + page;
+  }
+  return stacks[tid];
+}
+
+struct Scheduler {
+  ucontext_t main;
+  Fiber* running = nullptr;
+  std::function<void(unsigned)> body;  // runs the kernel for thread `tid` of the current block
+};
+
+inline Scheduler* scheduler = nullptr;
+
+inline void fiber_main() {
+  Scheduler& s = *scheduler;
+  s.body(s.running->tid);
+  s.running->done = true;  // uc_link returns to the scheduler
+}
+
+inline void Barrier::arrive_and_wait() {
+  if (++arrived_ >= participants_) {
+    release();
+    return;
+  }
+  Fiber& self = *scheduler->running;
+  self.waits_on = this;
+  self.generation = generation_;
+  swapcontext(&self.context, &scheduler->main);
+  self.waits_on = nullptr;
+}
+
 template <typename T>
 inline T shuffle(unsigned mask, T value, int src_lane) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of a value wider than 8 bytes");
@@ -168,7 +220,9 @@ inline T shuffle(unsigned mask, T value, int src_lane) {
   return out;
 }
 
-// Launch `kernel` over grid x block threads: blocks in order, each block's threads in parallel.
+// Launch `kernel` over grid x block threads: blocks in order, each block's threads as fibers.
+// A block whose live threads all wait at barriers that can no longer complete (a __syncthreads
+// some threads never reach) is a launch error, where a GPU would hang.
 template <typename... Params>
 struct Launch {
   void (*kernel)(Params...);
@@ -183,38 +237,63 @@ struct Launch {
     std::tuple<std::decay_t<Params>...> bound(std::forward<Args>(args)...);
     Block state;
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) state.warps.emplace_back(new Warp());
-    state.reset(threads);
-    Barrier block_end;
-    block_end.reset(static_cast<int>(threads));
-    std::mutex reset_mutex;
-    int finished = 0;
+    std::vector<Fiber> fibers(threads);
+    Scheduler sched;
+    sched.body = [&](unsigned tid) {
+      threadIdx = dim3(tid);
+      std::apply(kernel, bound);  // each thread gets its own copy of the by-value params
+      // Leave the block's barriers as an exited thread does.
+      Warp& warp = *state.warps[tid >> 5];
+      warp.exited[tid & 31] = true;
+      warp.barrier.drop();
+      state.sync.drop();
+    };
+    Scheduler* const outer = scheduler;
+    scheduler = &sched;
     blockDim = block;
     gridDim = grid;
     current_block = &state;
-    auto body = [&](unsigned tid) {
-      threadIdx = dim3(tid);
-      for (unsigned b = 0; b < grid.x; ++b) {
-        blockIdx = dim3(b);
-        std::apply(kernel, bound);  // each thread gets its own copy of the by-value params
-        // Leave the block's barriers as an exited thread does.
-        Warp& warp = *state.warps[tid >> 5];
-        warp.exited[tid & 31] = true;
-        warp.barrier.drop();
-        state.sync.drop();
-        {
-          std::lock_guard<std::mutex> lock(reset_mutex);
-          if (++finished == static_cast<int>(threads)) {  // the last thread of the block
-            finished = 0;
-            state.reset(threads);
-          }
+    bool descending = false;
+    for (unsigned b = 0; b < grid.x; ++b) {
+      blockIdx = dim3(b);
+      state.reset(threads);
+      for (unsigned tid = 0; tid < threads; ++tid) {
+        Fiber& f = fibers[tid];
+        f = Fiber{};
+        f.tid = tid;
+        char* stack = stack_of(tid);
+        if (stack == nullptr || getcontext(&f.context) != 0) {
+          record_error(cudaErrorLaunchFailure, "no stack for an emulated thread");
+          scheduler = outer;
+          current_block = nullptr;
+          return;
         }
-        block_end.arrive_and_wait();
+        f.context.uc_stack.ss_sp = stack;
+        f.context.uc_stack.ss_size = kFiberStack;
+        f.context.uc_link = &sched.main;
+        makecontext(&f.context, fiber_main, 0);
       }
-    };
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (unsigned tid = 0; tid < threads; ++tid) pool.emplace_back(body, tid);
-    for (auto& thread : pool) thread.join();
+      for (unsigned live = threads; live > 0;) {
+        bool ran = false;
+        for (unsigned k = 0; k < threads; ++k) {
+          Fiber& f = fibers[descending ? threads - 1 - k : k];
+          if (!f.ready()) continue;
+          sched.running = &f;
+          threadIdx = dim3(f.tid);
+          swapcontext(&sched.main, &f.context);
+          ran = true;
+          if (f.done) --live;
+        }
+        descending = !descending;
+        if (!ran) {
+          record_error(cudaErrorLaunchFailure, "__syncthreads or a warp shuffle that some live threads never reach (a GPU hangs)");
+          scheduler = outer;
+          current_block = nullptr;
+          return;  // the waiting fibers are abandoned: their stacks hold nothing that needs freeing
+        }
+      }
+    }
+    scheduler = outer;
     current_block = nullptr;
   }
 };
