@@ -220,6 +220,44 @@ inline T shuffle(unsigned mask, T value, int src_lane) {
   return out;
 }
 
+// Every fiber of the block at the start of fiber_main; an error text, or nullptr.
+inline const char* start_fibers(std::vector<Fiber>& fibers, Scheduler& sched) {
+  for (unsigned tid = 0; tid < fibers.size(); ++tid) {
+    Fiber& f = fibers[tid];
+    f = Fiber{};
+    f.tid = tid;
+    char* stack = stack_of(tid);
+    if (stack == nullptr || getcontext(&f.context) != 0) return "no stack for an emulated thread";
+    f.context.uc_stack.ss_sp = stack;
+    f.context.uc_stack.ss_size = kFiberStack;
+    f.context.uc_link = &sched.main;
+    makecontext(&f.context, fiber_main, 0);
+  }
+  return nullptr;
+}
+
+// Sweep the block's ready fibers, alternating the direction, until all have returned; an error
+// text when some never can (the waiting fibers are abandoned: their stacks hold nothing that
+// needs freeing), else nullptr.
+inline const char* run_fibers(std::vector<Fiber>& fibers, Scheduler& sched, bool& descending) {
+  const size_t n = fibers.size();
+  for (size_t live = n; live > 0;) {
+    bool ran = false;
+    for (size_t k = 0; k < n; ++k) {
+      Fiber& f = fibers[descending ? n - 1 - k : k];
+      if (!f.ready()) continue;
+      sched.running = &f;
+      threadIdx = dim3(f.tid);
+      swapcontext(&sched.main, &f.context);
+      ran = true;
+      if (f.done) --live;
+    }
+    descending = !descending;
+    if (!ran) return "__syncthreads or a warp shuffle that some live threads never reach (a GPU hangs)";
+  }
+  return nullptr;
+}
+
 // Launch `kernel` over grid x block threads: blocks in order, each block's threads as fibers.
 // A block whose live threads all wait at barriers that can no longer complete (a __syncthreads
 // some threads never reach) is a launch error, where a GPU would hang.
@@ -240,7 +278,6 @@ struct Launch {
     std::vector<Fiber> fibers(threads);
     Scheduler sched;
     sched.body = [&](unsigned tid) {
-      threadIdx = dim3(tid);
       std::apply(kernel, bound);  // each thread gets its own copy of the by-value params
       // Leave the block's barriers as an exited thread does.
       Warp& warp = *state.warps[tid >> 5];
@@ -248,53 +285,21 @@ struct Launch {
       warp.barrier.drop();
       state.sync.drop();
     };
-    Scheduler* const outer = scheduler;
     scheduler = &sched;
     blockDim = block;
     gridDim = grid;
     current_block = &state;
+    const char* failure = nullptr;
     bool descending = false;
-    for (unsigned b = 0; b < grid.x; ++b) {
+    for (unsigned b = 0; b < grid.x && failure == nullptr; ++b) {
       blockIdx = dim3(b);
       state.reset(threads);
-      for (unsigned tid = 0; tid < threads; ++tid) {
-        Fiber& f = fibers[tid];
-        f = Fiber{};
-        f.tid = tid;
-        char* stack = stack_of(tid);
-        if (stack == nullptr || getcontext(&f.context) != 0) {
-          record_error(cudaErrorLaunchFailure, "no stack for an emulated thread");
-          scheduler = outer;
-          current_block = nullptr;
-          return;
-        }
-        f.context.uc_stack.ss_sp = stack;
-        f.context.uc_stack.ss_size = kFiberStack;
-        f.context.uc_link = &sched.main;
-        makecontext(&f.context, fiber_main, 0);
-      }
-      for (unsigned live = threads; live > 0;) {
-        bool ran = false;
-        for (unsigned k = 0; k < threads; ++k) {
-          Fiber& f = fibers[descending ? threads - 1 - k : k];
-          if (!f.ready()) continue;
-          sched.running = &f;
-          threadIdx = dim3(f.tid);
-          swapcontext(&sched.main, &f.context);
-          ran = true;
-          if (f.done) --live;
-        }
-        descending = !descending;
-        if (!ran) {
-          record_error(cudaErrorLaunchFailure, "__syncthreads or a warp shuffle that some live threads never reach (a GPU hangs)");
-          scheduler = outer;
-          current_block = nullptr;
-          return;  // the waiting fibers are abandoned: their stacks hold nothing that needs freeing
-        }
-      }
+      failure = start_fibers(fibers, sched);
+      if (failure == nullptr) failure = run_fibers(fibers, sched, descending);
     }
-    scheduler = outer;
+    scheduler = nullptr;
     current_block = nullptr;
+    if (failure != nullptr) record_error(cudaErrorLaunchFailure, failure);
   }
 };
 
