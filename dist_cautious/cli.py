@@ -334,7 +334,7 @@ def _spawn_with_restarts(config: Any, nproc: int, max_restarts: int) -> int:
 
     for attempt in range(max_restarts + 1):
         os.environ["TORCHELASTIC_RESTART_COUNT"] = str(attempt)
-        failed = multiprocessing.get_context("spawn").Event()
+        failed = multiprocessing.get_context("forkserver").Event()
         try:
             backend.spawn_local(spawned_train_rank, nproc, (config, failed))
         except ProcessException as error:

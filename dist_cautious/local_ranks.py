@@ -1,7 +1,7 @@
 """Run a function on N local CPU ranks (gloo) and collect what each returns.
 
 Used by the tests, the benchmarks and anything else that needs a few local ranks without a
-launcher. Ranks are fresh processes on a random free loopback port, joined with a hard
+launcher; ``start_processes`` also starts the ranks of ``dist-cautious train`` without a launcher. Ranks are fresh processes on a random free loopback port, joined with a hard
 deadline; on timeout or failure every child is killed and the error (with the failing rank's
 traceback) is raised in the caller. Each launch should run many cases: process start-up, not
 math, dominates.
@@ -43,18 +43,24 @@ def init_gloo(rank: int, world_size: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
 
 
-def _entry(
-    rank: int,
-    world_size: int,
-    port: int,
-    fn: Callable[..., Any],
-    payload: Any,
-    out_dir: str,
-    init: Callable[[int, int], None],
-    environ: dict[str, str],
-) -> None:
+def start_processes(entry: Callable[..., None], args: tuple, nprocs: int, join: bool) -> Any:
+    """``torch.multiprocessing.start_processes`` from the fork server (see above): each process
+    takes over the caller's environment of this moment, then runs ``entry(index, *args)``."""
+    mp.set_forkserver_preload(["torch"])
+    return mp.start_processes(
+        _in_callers_environment, args=(dict(os.environ), entry, args), nprocs=nprocs, join=join, start_method="forkserver"
+    )
+
+
+def _in_callers_environment(index: int, environ: dict[str, str], entry: Callable[..., None], args: tuple) -> None:
     os.environ.clear()
-    os.environ.update(environ)  # the caller's environment now, not the fork server's (see above)
+    os.environ.update(environ)
+    entry(index, *args)
+
+
+def _entry(
+    rank: int, world_size: int, port: int, fn: Callable[..., Any], payload: Any, out_dir: str, init: Callable[[int, int], None]
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size)
     )
@@ -82,15 +88,8 @@ def run_ranks(
     from dist_cautious.kernels import prebuild
 
     prebuild("cpu")
-    mp.set_forkserver_preload(["torch"])
     with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(
-            _entry,
-            args=(world_size, free_port(), fn, payload, out_dir, init, dict(os.environ)),
-            nprocs=world_size,
-            join=False,
-            start_method="forkserver",
-        )
+        context = start_processes(_entry, (world_size, free_port(), fn, payload, out_dir, init), world_size, join=False)
         deadline = time.monotonic() + timeout
         try:
             while not context.join(timeout=1.0):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_cautious.integrations.deepspeed_shm import release_cpu_allreduce_buffer
-from dist_cautious.local_ranks import free_port
+from dist_cautious.local_ranks import free_port, start_processes
 from dist_cautious.netif import choose_socket_interface, host_networks, master_address
 
 logger = logging.getLogger("dist_cautious")
@@ -198,17 +198,16 @@ def shutdown() -> None:
 
 def spawn_local(target: Any, nproc: int, args: tuple = ()) -> None:
     """Run ``target(*args)`` on ``nproc`` fresh local processes forming one job (loopback
-    rendezvous on a free port); raises if any rank fails. Used when no launcher started us."""
+    rendezvous on a free port); raises if any rank fails. Used when no launcher started us. The
+    processes are forked from a fork server that has imported torch (``local_ranks``)."""
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
-    import torch.multiprocessing as mp
-
     from dist_cautious.kernels import prebuild
 
     prebuild("cpu")  # CPU ranks (and the CPU offload paths of GPU ranks) then import one build
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
-    mp.start_processes(_spawned_rank, args=(nproc, target, args), nprocs=nproc, start_method="spawn", join=True)
+    start_processes(_spawned_rank, (nproc, target, args), nproc, join=True)
 
 
 def _spawned_rank(local_rank: int, nproc: int, target: Any, args: tuple) -> None:
