@@ -1,10 +1,10 @@
 """Run a function on N local CPU ranks (gloo) and collect what each returns.
 
 Used by the tests, the benchmarks and anything else that needs a few local ranks without a
-launcher; ``start_processes`` also starts the ranks of ``dist-cautious train`` without a launcher. Ranks are fresh processes on a random free loopback port, joined with a hard
-deadline; on timeout or failure every child is killed and the error (with the failing rank's
-traceback) is raised in the caller. Each launch should run many cases: process start-up, not
-math, dominates.
+launcher (``start_processes`` also starts the ranks of ``dist-cautious train`` without one).
+Ranks are fresh processes on a random free loopback port, joined with a hard deadline; on timeout
+or failure every child is killed and the error (with the failing rank's traceback) is raised in
+the caller. Each launch should run many cases: process start-up, not math, dominates.
 
 Ranks are forked from multiprocessing's fork server with torch already imported, not spawned:
 on a 2-core machine a spawned rank spends about 3 s importing torch and 1.5 s tearing the
